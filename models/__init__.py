@@ -1,0 +1,1 @@
+"""Everything that turns a checkpoint into one denoiser interface (see DESIGN.md)."""

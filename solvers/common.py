@@ -1,0 +1,38 @@
+"""Small pieces shared by every solver: the denoiser call, AFS, the ODE derivative."""
+
+import math
+
+import torch
+
+#----------------------------------------------------------------------------
+# Denoiser call. `sigma` is a float or a 0-d tensor; a tensor stays in the
+# autograd graph (AdaSDE distillation differentiates through it). The output
+# is cast to x's dtype so that solvers can run in float64 around a float32 net.
+
+
+def denoise(net, x, sigma, extra_args=None, afs=False):
+    """D(x; sigma), or with `afs` the analytical first step of AMED: D = x - sigma * x / sqrt(1 + sigma^2)."""
+    if afs:
+        return x - sigma * x / _sqrt(1 + sigma ** 2)
+    sigma = torch.as_tensor(sigma, device=x.device).to(x.dtype)
+    return net(x, sigma.expand(x.shape[0]), **(extra_args or {})).to(x.dtype)
+
+
+def to_d(x, denoised, sigma):
+    """Probability-flow ODE derivative dx/dsigma = (x - D(x; sigma)) / sigma (= the noise prediction)."""
+    return (x - denoised) / sigma
+
+
+def _sqrt(v):
+    return torch.sqrt(v) if torch.is_tensor(v) else math.sqrt(v)
+
+
+def check_sigmas(sigmas):
+    """Solvers take a decreasing 1-D schedule of at least two noise levels, all > 0."""
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f'sigmas must be a 1-D tensor of at least 2 noise levels, got shape {tuple(sigmas.shape)}')
+    if not bool((sigmas[1:] < sigmas[:-1]).all()) or float(sigmas[-1]) <= 0:
+        raise ValueError('sigmas must be strictly decreasing and positive')
+    return [float(s) for s in sigmas]
+
+#----------------------------------------------------------------------------
