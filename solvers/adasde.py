@@ -1,0 +1,227 @@
+"""AdaSDE (Wang et al., NeurIPS 2025): a single-step SDE solver with learned per-step coefficients.
+
+Each step is EDM-style noise inflation by a learned churn gamma, followed by a DPM-Solver-2-like step through
+learned intermediate point(s) (spec/solvers.md §2). The coefficients live in AdaSDEPredictor: free tables with one
+row per step, trained by solvers.distill against a DPM-Solver-2 teacher.
+"""
+
+import io
+import json
+import math
+import os
+import pickle
+
+import safetensors.torch
+import torch
+
+from .common import check_sigmas, denoise
+from .registry import register
+
+TABLES = ('r_params', 'scale_dir_params', 'scale_time_params', 'weight_params', 'gamma_params')
+FORMAT_VERSION = 1
+
+#----------------------------------------------------------------------------
+# The predictor: raw tables [num_steps - 1, num_points], mapped to the solver
+# coefficients exactly as the reference does (spec §2.1):
+#   r = sigmoid(u)                                 position of the intermediate point, in log-sigma
+#   c = 1 + min(scale_dir, 0.99) tanh(u / 2)       scale of the final direction ("c_n")
+#   a = 1 + min(scale_time, 0.99) tanh(u / 2)      scale of the noise level fed to the net ("a_n")
+#   gamma = g_min + (g_max - g_min) sigmoid((u + b) / 2), b = 2 logit(0.6)   learned churn
+#   w = softmax_j(u)                               weights of the parallel points
+
+
+class AdaSDEPredictor(torch.nn.Module):
+    def __init__(self,
+        num_steps,                  # Time points of the student schedule (num_steps - 1 steps).
+        num_points  = 1,            # Parallel intermediate points per step (K).
+        scale_dir   = 0.05,         # Half-width of the c_n range; 0 disables it (c = 1).
+        scale_time  = 0.2,          # Half-width of the a_n range; 0 disables it (a = 1).
+        gamma       = 0.02,         # Upper end of the churn range; 0 disables the noise (an ODE solver).
+        gamma_min   = 2e-4,         # Lower end of the churn range (the reference's constant).
+        fcn         = False,        # Force c = 1 on the last step.
+        settings    = None,         # Sampling settings it was trained for: schedule, AFS, model, guidance, ...
+        seed        = None,         # Seed of the N(0, 1) initialisation of the raw tables.
+    ):
+        super().__init__()
+        if num_steps < 2 or num_points < 1:
+            raise ValueError(f'need num_steps >= 2 and num_points >= 1, got {num_steps}, {num_points}')
+        if scale_dir < 0 or scale_time < 0 or gamma < 0:
+            raise ValueError('scale_dir, scale_time and gamma must be >= 0')
+        self.num_steps = int(num_steps)
+        self.num_points = int(num_points)
+        self.scale_dir = float(scale_dir)
+        self.scale_time = float(scale_time)
+        self.gamma = float(gamma)
+        self.gamma_min = float(gamma_min)
+        self.fcn = bool(fcn)
+        self.settings = dict(settings or {})
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name in TABLES:
+            table = torch.randn([self.num_steps - 1, self.num_points], generator=generator)
+            setattr(self, name, torch.nn.Parameter(table))
+
+    def hyperparams(self):
+        return dict(num_steps=self.num_steps, num_points=self.num_points, scale_dir=self.scale_dir,
+                    scale_time=self.scale_time, gamma=self.gamma, gamma_min=self.gamma_min, fcn=self.fcn)
+
+    def step_params(self, i):
+        """Mapped coefficients of step i, each a float64 tensor [num_points]: r, c, a, gamma, w."""
+        row = {name: getattr(self, name)[i].double() for name in TABLES}
+        ones = torch.ones_like(row['r_params'])
+        r = torch.sigmoid(row['r_params'])
+        c = 1 + min(self.scale_dir, 0.99) * torch.tanh(row['scale_dir_params'] / 2) if self.scale_dir > 0 else ones
+        a = 1 + min(self.scale_time, 0.99) * torch.tanh(row['scale_time_params'] / 2) if self.scale_time > 0 else ones
+        if self.gamma > 0 and i > 0:  # No churn on the first step (spec §2.1 override 1).
+            b = 2 * math.log(0.6 / 0.4)
+            gamma = self.gamma_min + (self.gamma - self.gamma_min) * torch.sigmoid((row['gamma_params'] + b) / 2)
+        else:
+            gamma = torch.zeros_like(ones)
+        if self.fcn and i == self.num_steps - 2:
+            c = ones
+        w = torch.softmax(row['weight_params'], dim=0)
+        return dict(r=r, c=c, a=a, gamma=gamma, w=w)
+
+    def check_compatible(self, **settings):
+        """Refuse sampling settings that differ from those the predictor was trained for."""
+        for key, value in settings.items():
+            trained = self.settings.get(key)
+            if value is not None and trained is not None and value != trained:
+                raise ValueError(f'this predictor was trained for {key}={trained!r}, not {value!r}')
+
+    #------------------------------------------------------------------------
+    # Safe format: one .safetensors file with the raw tables; hyperparameters and
+    # settings as JSON in its metadata. No pickled code.
+
+    def save(self, path):
+        meta = dict(format='adasde-predictor', version=str(FORMAT_VERSION),
+                    hyperparams=json.dumps(self.hyperparams()), settings=json.dumps(self.settings))
+        tensors = {name: getattr(self, name).detach().float().cpu().contiguous() for name in TABLES}
+        tmp = f'{path}.tmp{os.getpid()}'
+        safetensors.torch.save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        """Load a predictor saved by `save`, or import an official AdaSDE network-snapshot-*.pkl."""
+        if str(path).endswith('.pkl'):
+            return load_official(path)
+        try:
+            with safetensors.safe_open(str(path), framework='pt') as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (OSError, safetensors.SafetensorError) as e:
+            raise ValueError(f'cannot read AdaSDE predictor {path}: {e}') from None
+        if meta.get('format') != 'adasde-predictor' or set(tensors) != set(TABLES):
+            raise ValueError(f'{path} is not an AdaSDE predictor file')
+        predictor = cls(**json.loads(meta['hyperparams']), settings=json.loads(meta['settings']))
+        with torch.no_grad():
+            for name in TABLES:
+                getattr(predictor, name).copy_(tensors[name])
+        return predictor.requires_grad_(False).eval()
+
+#----------------------------------------------------------------------------
+# Import of the official snapshots (a pickle of persistence-decorated classes,
+# spec/formats.md §1). The embedded source is never executed: the unpickler
+# captures each persistent object's class name and state as plain data, and
+# resolves only torch's own tensor-rebuilding functions.
+
+
+class _Captured:
+    def __init__(self, meta):
+        self.class_name = meta.get('class_name')
+        self.state = meta.get('state', {})
+
+
+class _Placeholder:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _SnapshotUnpickler(pickle.Unpickler):
+    _allowed = {
+        ('torch._utils', '_rebuild_parameter'), ('torch._utils', '_rebuild_tensor_v2'),
+        ('torch._utils', '_rebuild_parameter_with_state'), ('collections', 'OrderedDict'),
+        ('torch', 'Size'), ('builtins', 'set'), ('builtins', 'frozenset'),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
+            return _Captured
+        if (module, name) == ('torch.storage', '_load_from_bytes'):
+            return lambda b: torch.load(io.BytesIO(b), map_location='cpu', weights_only=True)
+        if (module, name) in self._allowed or (module == 'torch' and name.endswith('Storage')):
+            return super().find_class(module, name)
+        return _Placeholder  # plain torch modules (Sigmoid, Softmax), solver functions, ...: not needed
+
+
+def load_official(path):
+    """Read the tables and settings of an official AdaSDE `network-snapshot-*.pkl` into an AdaSDEPredictor."""
+    try:
+        with open(path, 'rb') as f:
+            snapshot = _SnapshotUnpickler(f).load()
+        state = snapshot['model'].state
+        params = state['_parameters']
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f'cannot read an official AdaSDE snapshot from {path}: {e!r}') from None
+    settings = {key: state.get(key) for key in ('dataset_name', 'schedule_type', 'schedule_rho', 'afs',
+                                                'guidance_type', 'guidance_rate', 'M', 'sampler_tea')}
+    settings['schedule_rho'] = None if settings['schedule_rho'] is None else float(settings['schedule_rho'])
+    predictor = AdaSDEPredictor(num_steps=state['num_steps'], num_points=state['num_points'],
+                                scale_dir=state['scale_dir'], scale_time=state['scale_time'], gamma=state['gamma'],
+                                gamma_min=state.get('gamma_min', 2e-4), fcn=state.get('fcn', False),
+                                settings=settings)
+    renamed = dict(r_params='r_params', scale_dir_params='scale_dir_params', scale_time_params='scale_time_params',
+                   weight_params='weight_s', gamma_params='gamma_params')
+    with torch.no_grad():
+        for ours, theirs in renamed.items():
+            getattr(predictor, ours).copy_(params[theirs].detach().float())
+    return predictor.requires_grad_(False).eval()
+
+#----------------------------------------------------------------------------
+# One AdaSDE step (spec §2.2), differentiable with respect to the predictor:
+#   gamma_bar = sum_j w_j gamma_j;  t_hat = (1 + gamma_bar) t_cur;  x_hat = x + sqrt(t_hat^2 - t_cur^2) eps
+#   d_hat = d(x_hat, t_hat)                                     (analytical with AFS on the first step)
+#   s_j = t_next^r_j t_hat^(1 - r_j);  x_j = x_hat + (s_j - t_hat) d_hat;  d_j = (x_j - D(x_j, a_j s_j)) / s_j
+#   x_next = x_hat + (t_next - t_hat) sum_j w_j c_j d_j
+
+
+def adasde_step(net, x, t_cur, t_next, params, extra_args=None, randn_like=torch.randn_like, afs=False):
+    """Apply one AdaSDE step from t_cur to t_next with the mapped coefficients `params` (see step_params)."""
+    gamma_bar = (params['w'] * params['gamma']).sum()
+    t_hat = (1 + gamma_bar) * t_cur
+    x_hat = x
+    if bool(gamma_bar != 0):  # sqrt'(0) is infinite: skip the branch instead of zeroing NaN gradients later
+        x_hat = x + torch.sqrt(t_hat ** 2 - t_cur ** 2).to(x.dtype) * randn_like(x)
+    t_hat_x = t_hat.to(x.dtype)
+    d_hat = (x_hat - denoise(net, x_hat, t_hat_x, extra_args, afs=afs)) / t_hat_x
+    direction = 0
+    for r, c, a, w in zip(params['r'], params['c'], params['a'], params['w']):
+        s = (t_next ** r * t_hat ** (1 - r)).to(x.dtype)
+        x_mid = x_hat + (s - t_hat_x) * d_hat
+        d_mid = (x_mid - denoise(net, x_mid, a.to(x.dtype) * s, extra_args)) / s
+        direction = direction + (w * c).to(x.dtype) * d_mid
+    return x_hat + (t_next - t_hat_x) * direction
+
+
+@register('adasde', nfe=lambda num_steps, predictor=None: (1 + getattr(predictor, 'num_points', 1)) * (num_steps - 1),
+          schedule=('time_uniform', 1), stochastic=lambda predictor=None, **o: getattr(predictor, 'gamma', 0) > 0)
+@torch.no_grad()
+def sample_adasde(net, x, sigmas, extra_args=None, callback=None, randn_like=None, afs=False, *, predictor=None):
+    """AdaSDE sampler: num_steps - 1 steps of (1 + num_points) NFE each, coefficients from `predictor`."""
+    if predictor is None:
+        raise ValueError("the 'adasde' solver needs a trained predictor (predictor=...)")
+    sigmas = check_sigmas(sigmas)
+    if len(sigmas) != predictor.num_steps:
+        raise ValueError(f'this predictor was trained for num_steps={predictor.num_steps}, not {len(sigmas)}')
+    randn_like = randn_like or torch.randn_like
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        t_cur_ = torch.tensor(t_cur, dtype=torch.float64)
+        x = adasde_step(net, x, t_cur_, t_next, predictor.step_params(i), extra_args, randn_like, afs=afs and i == 0)
+        if callback is not None:
+            callback(dict(i=i, x=x, sigma=t_cur, sigma_next=t_next, denoised=None))
+    return x
+
+#----------------------------------------------------------------------------
