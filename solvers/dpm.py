@@ -1,0 +1,43 @@
+"""DPM-Solver-2, single-step (Lu et al. 2022), in the VE sigma-form of diff-sampler, with optional sub-steps."""
+
+import torch
+
+from .common import check_sigmas, denoise, to_d
+from .registry import register
+
+#----------------------------------------------------------------------------
+# With `substeps=k`, each interval [t_cur, t_next] is split into k DPM-2
+# sub-steps on an inner polynomial rho=7 grid; k=2, r=0.5 is the AdaSDE
+# teacher (spec/solvers.md §3.2). AFS replaces only the first call of the run.
+
+
+@register('dpm', nfe=lambda num_steps, r=0.5, substeps=1: 2 * substeps * (num_steps - 1), schedule=('polynomial', 7))
+@torch.no_grad()
+def sample_dpm(net, x, sigmas, extra_args=None, callback=None, randn_like=None, afs=False, *, r=0.5, substeps=1):
+    """DPM-Solver-2: Euler to t_mid = t_next^r t_cur^(1-r), then a full step along d_mid / 2r + (1 - 1 / 2r) d_cur."""
+    if not 0 < r <= 1:
+        raise ValueError(f'dpm: r must be in (0, 1], got {r}')
+    if int(substeps) != substeps or substeps < 1:
+        raise ValueError(f'dpm: substeps must be a positive integer, got {substeps}')
+    substeps = int(substeps)
+    sigmas = check_sigmas(sigmas)
+    rho = 7
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        # Inner grid, uniform in sigma^(1/rho), with exact endpoints.
+        v = [(t_cur ** (1 / rho) + j / substeps * (t_next ** (1 / rho) - t_cur ** (1 / rho))) ** rho
+             for j in range(substeps + 1)]
+        v[0], v[-1] = t_cur, t_next
+        for j, (v_cur, v_next) in enumerate(zip(v[:-1], v[1:])):
+            denoised_sub = denoise(net, x, v_cur, extra_args, afs=afs and i == 0 and j == 0)
+            if j == 0:
+                denoised = denoised_sub
+            d_cur = to_d(x, denoised_sub, v_cur)
+            t_mid = v_next ** r * v_cur ** (1 - r)
+            x_mid = x + (t_mid - v_cur) * d_cur
+            d_mid = to_d(x_mid, denoise(net, x_mid, t_mid, extra_args), t_mid)
+            x = x + (v_next - v_cur) * (1 / (2 * r) * d_mid + (1 - 1 / (2 * r)) * d_cur)
+        if callback is not None:
+            callback(dict(i=i, x=x, sigma=t_cur, sigma_next=t_next, denoised=denoised))
+    return x
+
+#----------------------------------------------------------------------------
