@@ -1,0 +1,81 @@
+"""Process setup for torchrun launches (EDM torch_utils/distributed.py), plus a plain single-process mode.
+
+Under torchrun (WORLD_SIZE > 1) init() joins the process group (NCCL with CUDA, gloo without). A plain
+`python script.py` run stays a single process and never opens a port, so two such runs cannot collide.
+"""
+
+import os
+
+import torch
+
+from . import training_stats
+
+#----------------------------------------------------------------------------
+
+
+def init():
+    """Fill the torchrun environment defaults, join the process group when there is more than one process."""
+    os.environ.setdefault('MASTER_ADDR', 'localhost')
+    os.environ.setdefault('MASTER_PORT', '29500')
+    os.environ.setdefault('RANK', '0')
+    os.environ.setdefault('LOCAL_RANK', '0')
+    os.environ.setdefault('WORLD_SIZE', '1')
+
+    multi_process = int(os.environ['WORLD_SIZE']) > 1
+    if multi_process and not torch.distributed.is_initialized():
+        backend = 'nccl' if torch.cuda.is_available() and os.name != 'nt' else 'gloo'
+        torch.distributed.init_process_group(backend=backend, init_method='env://')
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
+
+    sync_device = device() if get_world_size() > 1 else None
+    training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
+
+#----------------------------------------------------------------------------
+
+
+def get_rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def get_world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def device():
+    """The device of this process: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+    return torch.device('cpu')
+
+
+def barrier():
+    """torch.distributed.barrier() in a process group, a no-op in a single process."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce(tensor, op=None):
+    """In-place sum (or `op`) of `tensor` over all processes; returns the tensor. A no-op in a single process."""
+    if torch.distributed.is_initialized() and get_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM if op is None else op)
+    return tensor
+
+#----------------------------------------------------------------------------
+
+
+def should_stop():
+    """Hook for cluster launchers that ask a run to stop early."""
+    return False
+
+
+def update_progress(cur, total):
+    """Hook for cluster launchers that track progress."""
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only."""
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+#----------------------------------------------------------------------------
