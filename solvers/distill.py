@@ -1,0 +1,271 @@
+"""AdaSDE distillation (spec/solvers.md §3): fit the predictor tables so that the student, step by step,
+lands on the trajectory of a DPM-Solver-2 teacher run on a finer grid.
+
+Differences from the reference, on purpose (docs/deviations.md): the student grid is the exact float64 schedule
+(no per-step recomputation in float32), the teacher applies AFS nowhere and works with the discrete schedule,
+latents and noise come from per-sample generators so results do not depend on the number of processes, and the
+churn branch is skipped when gamma_bar = 0 instead of zeroing NaN gradients.
+"""
+
+import torch
+
+from torch_utils import distributed as dist
+from torch_utils.misc import StackedRandomGenerator
+
+from . import get_schedule, get_solver
+from .adasde import adasde_step
+
+#----------------------------------------------------------------------------
+# Grids. The teacher runs on (M + 1)(N - 1) + 1 points of the same schedule;
+# the student grid is every (M + 1)-th of them (true for every schedule type,
+# since each is a fixed function of i / (num_points - 1)).
+
+
+def student_and_teacher_sigmas(net, num_steps, M, schedule_type, schedule_rho):
+    args = dict(sigma_min=net.sigma_min, sigma_max=net.sigma_max, schedule_type=schedule_type,
+                schedule_rho=schedule_rho, net=net)
+    student = get_schedule(num_steps, **args)
+    teacher = get_schedule((M + 1) * (num_steps - 1) + 1, **args)
+    return student, teacher
+
+
+@torch.no_grad()
+def teacher_targets(net, x, teacher_sigmas, M, extra_args=None, substeps=2):
+    """States of the teacher (DPM-Solver-2, r = 1/2, `substeps` per interval, no AFS) at the student's sigmas[1:]."""
+    states = []
+
+    def keep(info):
+        if (info['i'] + 1) % (M + 1) == 0:
+            states.append(info['x'])
+    get_solver('dpm')(net, x, teacher_sigmas, extra_args, callback=keep, substeps=substeps)
+    return states
+
+#----------------------------------------------------------------------------
+# Conditioning drawn per sample: class labels for class-conditional models,
+# or whatever a model adapter provides (text prompts for Stable Diffusion).
+
+
+def training_conditioning(net, rnd, batch_size, device):
+    if hasattr(net, 'training_conditioning'):
+        return net.training_conditioning(rnd, batch_size)
+    if getattr(net, 'label_dim', 0):
+        labels = rnd.randint(net.label_dim, size=[batch_size], device=device)
+        return dict(class_labels=torch.eye(net.label_dim, device=device)[labels])
+    return {}
+
+#----------------------------------------------------------------------------
+# Per-step loss of the last step: the reference replaces the L2 loss there by
+# alpha * (Inception feature MSE) broadcast over the C*H*W elements of the
+# state, i.e. per sample alpha * C*H*W / D * |f(P(x)) - f(P(y))|^2 (spec §3.4).
+# P(x) = clip(127.5 x + 128, 0, 255) maps to pixels; latent models decode first.
+
+
+class FeatureLoss:
+    def __init__(self, net, detector, alpha):
+        self.net = net
+        self.detector = detector
+        self.alpha = alpha
+
+    def to_pixels(self, x):
+        if hasattr(self.net, 'decode'):
+            x = self.net.decode(x)
+        return (x * 127.5 + 128).clip(0, 255)
+
+    def __call__(self, x, y):
+        elements = x[0].numel()
+        with torch.no_grad():
+            f_y = self.detector(self.to_pixels(y))
+        f_x = self.detector(self.to_pixels(x))
+        return self.alpha * elements / f_x.shape[1] * ((f_x - f_y) ** 2).sum(1)
+
+#----------------------------------------------------------------------------
+# One distillation iteration over a global batch (spec §3.3). Each rank owns
+# a contiguous slice of the global batch; sample b of iteration `it` draws
+# its latent and noise from its own generator, seeded by (seed, it, b).
+# Gradients of sum(loss) / global_batch are summed over ranks and rounds, so
+# the update does not depend on the number of processes or rounds.
+
+
+def distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas, M, afs, it, seed,
+                      batch, batch_gpu, feature_loss=None, substeps=2, device='cpu'):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = batch // world
+    first = (seed << 24) + it * batch + rank * per_rank  # global index of this rank's first sample
+    rounds = []
+    for start in range(first, first + per_rank, batch_gpu):
+        rnd = StackedRandomGenerator(device, list(range(start, start + batch_gpu)))
+        latents = rnd.randn([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        extra_args = training_conditioning(net, rnd, batch_gpu, device)
+        x = latents.to(torch.float32) * float(student_sigmas[0])
+        targets = teacher_targets(net, x, teacher_sigmas, M, extra_args, substeps)
+        rounds.append(dict(rnd=rnd, x=x, targets=targets, extra_args=extra_args))
+
+    num_steps = len(student_sigmas)
+    losses = []
+    for s in range(num_steps - 1):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for r in rounds:
+            params = predictor.step_params(s)
+            t_cur = student_sigmas[s].to(torch.float64)
+            x = adasde_step(net, r['x'], t_cur, float(student_sigmas[s + 1]), params, r['extra_args'],
+                            r['rnd'].randn_like, afs=afs and s == 0)
+            y = r['targets'][s]
+            if s == num_steps - 2 and feature_loss is not None and feature_loss.alpha > 0:
+                per_sample = feature_loss(x, y)
+            else:
+                per_sample = ((x - y) ** 2).flatten(1).sum(1)
+            loss = per_sample.sum() / batch
+            loss.backward(retain_graph=True)  # the student state is carried, not detached: BPTT (spec §3.5)
+            step_loss += float(loss.detach())
+            r['x'] = x
+        grads = [p.grad for p in predictor.parameters() if p.grad is not None]
+        for g in grads:
+            dist.all_reduce(g)
+            torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5, out=g)
+        optimizer.step()
+        losses.append(float(dist.all_reduce(torch.tensor(step_loss, dtype=torch.float64))))
+    return losses
+
+
+#----------------------------------------------------------------------------
+# The training loop: its signature is the configuration schema, written to
+# training_options.json by train.py. Resumable: the state (tables, Adam, LR
+# schedule, iteration) is written atomically every tick; latents are a pure
+# function of (seed, iteration, sample), so a resumed run repeats exactly
+# what the uninterrupted run would have done.
+
+
+def training_loop(
+    run_dir             = '.',          # Output directory.
+    model               = 'digits',     # Zoo name, pickle or local model directory of the net (or the net).
+    model_kwargs        = None,           # Extra arguments of models.load_model (guidance, ...).
+    predictor_kwargs    = None,           # AdaSDEPredictor hyperparameters and the settings it records.
+    M                   = 3,            # Teacher intervals inserted per student interval, minus one.
+    substeps            = 2,            # DPM-Solver-2 sub-steps per teacher interval.
+    afs                 = True,         # Analytical first step (saves one NFE).
+    schedule_type       = 'time_uniform',
+    schedule_rho        = 1.0,
+    alpha               = 20.0,         # Weight of the feature loss on the last step (0: plain L2 there).
+    detector            = None,         # Feature network of that loss (models.detectors name, or the network).
+    lr                  = 0.2,          # Adam learning rate.
+    coslr               = False,        # Cosine annealing to the reference's absolute floor 0.01.
+    batch               = 32,           # Total batch size per iteration.
+    batch_gpu           = None,         # Per-process batch per round (gradient accumulation); None = all.
+    total_kimg          = 10,           # Training length in thousands of trajectories.
+    kimg_per_tick       = 1,            # Status line and state dump interval.
+    seed                = 0,            # Seed of the predictor initialisation and of every latent.
+    device              = None,         # torch device; default: this process's device.
+    resume_state        = None,         # Path of a training-state.pt to continue from.
+):
+    import json
+    import math
+    import os
+    import time
+
+    import tqdm
+
+    from torch_utils import training_stats
+
+    from .adasde import AdaSDEPredictor
+
+    if predictor_kwargs is None:
+        predictor_kwargs = {}
+    if model_kwargs is None:
+        model_kwargs = {}
+    device = torch.device(device) if device is not None else dist.device()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if batch % world:
+        raise ValueError(f'--batch={batch} is not divisible by the {world} processes')
+    batch_gpu = batch_gpu or batch // world
+    if (batch // world) % batch_gpu:
+        raise ValueError(f'--batch-gpu={batch_gpu} does not divide the per-process batch {batch // world}')
+
+    # Model, grids, teacher and loss.
+    if rank != 0:
+        dist.barrier()  # rank 0 goes first (downloads)
+    if isinstance(model, torch.nn.Module):
+        net = model
+    else:
+        from models import load_model
+        net = load_model(model, device=device, **model_kwargs)
+    if rank == 0:
+        dist.barrier()
+    net.requires_grad_(False).eval()
+    num_steps = predictor_kwargs['num_steps']
+    student_sigmas, teacher_sigmas = student_and_teacher_sigmas(net, num_steps, M, schedule_type, schedule_rho)
+    if alpha > 0 and detector is not None:
+        from models.detectors import get_detector
+        feature_net = get_detector(detector, device) if isinstance(detector, str) else detector
+        feature_loss = FeatureLoss(net, feature_net, alpha)
+    else:
+        feature_loss = None
+
+    # Predictor, optimizer, LR schedule (stepped once per iteration, as the reference).
+    predictor = AdaSDEPredictor(**predictor_kwargs, seed=seed).to(device).train()
+    optimizer = torch.optim.Adam(predictor.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    total_iters = math.ceil(total_kimg * 1000 / batch)
+    scheduler = None
+    if coslr:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total_kimg * 1000 // batch) + 1,
+                                                               eta_min=0.01)
+    cur_iter = 0
+    if resume_state is not None:
+        state = torch.load(resume_state, map_location=device, weights_only=True)
+        predictor.load_state_dict(state['predictor'])
+        optimizer.load_state_dict(state['optimizer'])
+        if scheduler is not None:
+            scheduler.load_state_dict(state['scheduler'])
+        cur_iter = int(state['cur_iter'])
+        dist.print0(f'Resuming from {resume_state} at iteration {cur_iter}.')
+
+    def save_state():
+        if rank != 0:
+            return
+        state = dict(predictor=predictor.state_dict(), optimizer=optimizer.state_dict(), cur_iter=cur_iter,
+                     scheduler=scheduler.state_dict() if scheduler is not None else {})
+        path = os.path.join(run_dir, 'training-state.pt')
+        torch.save(state, path + '.tmp')
+        os.replace(path + '.tmp', path)
+
+    def save_snapshot():
+        if rank == 0:
+            kimg = cur_iter * batch / 1000
+            predictor.save(os.path.join(run_dir, f'network-snapshot-{int(round(kimg)):06d}.safetensors'))
+
+    # Main loop.
+    iters_per_tick = max(1, math.ceil(kimg_per_tick * 1000 / batch))
+    start_time = time.time()
+    bar = tqdm.tqdm(total=total_iters, initial=cur_iter, disable=rank != 0, unit='it', dynamic_ncols=True)
+    while cur_iter < total_iters:
+        losses = distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas, M, afs, cur_iter, seed,
+                                   batch, batch_gpu, feature_loss, substeps, device)
+        if scheduler is not None:
+            scheduler.step()
+        cur_iter += 1
+        for s, loss in enumerate(losses):
+            training_stats.report0(f'Loss/step{s}', loss)
+        bar.set_postfix(loss=f'{sum(losses):.4g}', lr=f'{optimizer.param_groups[0]["lr"]:.3g}')
+        bar.update(1)
+        if cur_iter % iters_per_tick == 0 or cur_iter == total_iters:
+            save_state()
+            training_stats.default_collector.update()
+            if rank == 0:
+                fields = [f'iter {cur_iter}/{total_iters}', f'kimg {cur_iter * batch / 1000:.3f}',
+                          f'time {time.time() - start_time:.1f}s', f'loss {sum(losses):.5g}',
+                          f'lr {optimizer.param_groups[0]["lr"]:.4g}']
+                tqdm.tqdm.write(' '.join(fields))
+                with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
+                    stats = training_stats.default_collector.as_dict()
+                    f.write(json.dumps(dict(stats, iter=cur_iter, timestamp=time.time())) + '\n')
+        if dist.should_stop():  # preemption hook of cluster launchers: keep the state, stop cleanly
+            save_state()
+            bar.close()
+            return predictor.requires_grad_(False).eval()
+    bar.close()
+    save_snapshot()
+    save_state()
+    dist.barrier()
+    return predictor.requires_grad_(False).eval()
+
+#----------------------------------------------------------------------------

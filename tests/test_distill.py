@@ -1,0 +1,102 @@
+"""AdaSDE distillation: it must beat its own starting point (DPM-Solver-2) and be reproducible."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import solvers
+from models.analytic import GaussianMixture
+from solvers.adasde import AdaSDEPredictor
+from solvers.distill import student_and_teacher_sigmas, teacher_targets, training_loop
+from torch_utils.misc import StackedRandomGenerator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#----------------------------------------------------------------------------
+
+
+def mixture():
+    g = torch.Generator().manual_seed(1)
+    means = torch.randn(4, 1, 4, 4, generator=g, dtype=torch.float64) * 0.6
+    return GaussianMixture(means, torch.tensor([0.1, 0.2, 0.15, 0.3]))
+
+
+def final_error(net, predictor, num_steps, M, afs, solver):
+    """Mean L2 distance of a solver's final state to the teacher's, on held-out latents."""
+    sig_student, sig_teacher = student_and_teacher_sigmas(net, num_steps, M, 'time_uniform', 1)
+    rnd = StackedRandomGenerator('cpu', range(10**6, 10**6 + 256))
+    x = rnd.randn([256, 1, 4, 4], dtype=torch.float64) * float(sig_student[0])
+    y = teacher_targets(net, x, sig_teacher, M)[-1]
+    if solver == 'adasde':
+        out = solvers.get_solver('adasde')(net, x, sig_student, afs=afs, predictor=predictor, randn_like=rnd.randn_like)
+    else:
+        out = solvers.get_solver(solver)(net, x, sig_student, afs=afs)
+    return float(((out - y) ** 2).flatten(1).sum(1).sqrt().mean())
+
+
+@pytest.mark.parametrize('gamma', [0.0, 0.02])
+def test_distilled_student_beats_dpm_at_equal_nfe(tmp_path, gamma):
+    net = mixture()
+    predictor = training_loop(run_dir=str(tmp_path), model=net, M=3, alpha=0, lr=0.2, coslr=True, batch=64,
+                              total_kimg=1.28, kimg_per_tick=100, device='cpu',
+                              predictor_kwargs=dict(num_steps=4, gamma=gamma))
+    # Both solvers make 5 network calls: 3 steps of 2 evaluations, minus 1 for AFS.
+    assert solvers.nfe('adasde', 4, afs=True, predictor=predictor) == solvers.nfe('dpm', 4, afs=True) == 5
+    student = final_error(net, predictor, 4, 3, True, 'adasde')
+    baseline = final_error(net, None, 4, 3, True, 'dpm')
+    untrained = final_error(net, AdaSDEPredictor(4, gamma=gamma, seed=0), 4, 3, True, 'adasde')
+    assert student < 0.5 * baseline, (student, baseline)
+    assert student < untrained
+    assert os.path.isfile(tmp_path / 'network-snapshot-000001.safetensors')
+
+#----------------------------------------------------------------------------
+# Same tables for 1 and 2 processes (same total batch), and after a resume.
+
+SCRIPT = textwrap.dedent('''
+    import sys, torch
+    sys.path.insert(0, {root!r})
+    from torch_utils import distributed as dist
+    from solvers.distill import training_loop
+    from tests.test_distill import mixture
+    dist.init()
+    run_dir, total_kimg, resume, stop_after = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    resume = resume or None
+    calls = []
+    dist.should_stop = lambda: calls.append(1) or 0 < stop_after <= len(calls)  # simulated preemption
+    p = training_loop(run_dir=run_dir, model=mixture(), M=1, alpha=0, lr=0.1, coslr=True, batch=16, batch_gpu=4,
+                      total_kimg=total_kimg, kimg_per_tick=0.032, device='cpu', resume_state=resume,
+                      predictor_kwargs=dict(num_steps=3, gamma=0.02), seed=3)
+    if dist.get_rank() == 0:
+        torch.save({{k: v.clone() for k, v in p.state_dict().items()}}, run_dir + '/final.pt')
+''')
+
+
+def run_script(tmp_path, run_dir, args, nproc=1):
+    script = tmp_path / 'run.py'
+    script.write_text(SCRIPT.format(root=ROOT))
+    os.makedirs(run_dir, exist_ok=True)
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                                    f'--nproc_per_node={nproc}']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    subprocess.run(launcher + [str(script), str(run_dir)] + args, check=True, env=env, capture_output=True)
+    return torch.load(os.path.join(run_dir, 'final.pt'), weights_only=True)
+
+
+def test_two_processes_and_resume_give_the_same_tables(tmp_path):
+    one = run_script(tmp_path, tmp_path / 'one', ['0.16', '', '0'])
+    two = run_script(tmp_path, tmp_path / 'two', ['0.16', '', '0'], nproc=2)
+    # Preempted after 5 of 10 iterations, then the same run resumed to the end.
+    part = run_script(tmp_path, tmp_path / 'part', ['0.16', '', '5'])
+    state = torch.load(tmp_path / 'part' / 'training-state.pt', weights_only=True)
+    assert state['cur_iter'] == 5 and not torch.equal(part['r_params'], one['r_params'])
+    resumed = run_script(tmp_path, tmp_path / 'part', ['0.16', str(tmp_path / 'part' / 'training-state.pt'), '0'])
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5, rtol=0), name
+        assert torch.allclose(one[name], resumed[name], atol=1e-6, rtol=0), name
+    assert not torch.equal(one['r_params'], AdaSDEPredictor(3, seed=3).r_params.detach())  # it did train
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,163 @@
+"""Distill an AdaSDE predictor (per-step solver coefficients) for a pretrained diffusion model."""
+
+import json
+import os
+import re
+
+import click
+
+import solvers
+from dnnlib.util import EasyDict, Logger
+from torch_utils import distributed as dist
+
+#----------------------------------------------------------------------------
+# Run directory name of the reference (spec §3.8), with the NFE counted for
+# any number of points: <id>-<dataset>-<N>-<nfe>-adasde-dpm-<M>-<sched>[-afs]<desc>
+
+
+def schedule_tag(schedule_type, schedule_rho):
+    return dict(polynomial=f'poly{float(schedule_rho)}', logsnr='logsnr', time_uniform=f'uni{float(schedule_rho)}',
+                discrete='discrete')[schedule_type]
+
+
+def next_run_dir(outdir, desc):
+    ids = [int(m.group()) for d in (os.listdir(outdir) if os.path.isdir(outdir) else [])
+           if os.path.isdir(os.path.join(outdir, d)) and (m := re.match(r'^\d+', d))]
+    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+
+
+def find_resumable(outdir, c):
+    """The newest run in outdir with exactly these options and a training state to continue from."""
+    if not os.path.isdir(outdir):
+        return None
+    for d in sorted(os.listdir(outdir), reverse=True):
+        run_dir = os.path.join(outdir, d)
+        try:
+            with open(os.path.join(run_dir, 'training_options.json')) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if {k: v for k, v in old.items() if k != 'run_dir'} == {k: v for k, v in c.items() if k != 'run_dir'} \
+                and os.path.isfile(os.path.join(run_dir, 'training-state.pt')):
+            return run_dir
+    return None
+
+#----------------------------------------------------------------------------
+
+
+@click.command(context_settings=dict(show_default=True, max_content_width=120))
+# Main options.
+@click.option('--dataset_name', help='Pretrained model from the zoo (e.g. digits, cifar10, ms_coco)', type=str,
+              default='digits')
+@click.option('--model_path', help='Or: a network pickle, URL or local model directory (overrides the zoo path). '
+              'Loading a pickle runs code stored in it: only load files you trust.', type=str, default=None)
+@click.option('--outdir', help='Where to put the run directories', type=str, default='./exps')
+@click.option('--desc', help='String appended to the run directory name', type=str, default='')
+@click.option('--num_steps', help='Time points of the student (num_steps - 1 steps)', type=click.IntRange(min=2),
+              default=4)
+@click.option('--num_points', help='Parallel intermediate points per step (K)', type=click.IntRange(min=1), default=1)
+@click.option('--sampler_stu', help='Student solver', type=click.Choice(['adasde']), default='adasde')
+@click.option('--sampler_tea', help='Teacher solver (DPM-Solver-2 with 2 sub-steps per interval)',
+              type=click.Choice(['dpm']), default='dpm')
+@click.option('--M', 'M', help='Teacher intervals inserted per student interval', type=click.IntRange(min=0),
+              default=3)
+@click.option('--afs', help='Analytical first step (saves one NFE)', type=bool, default=True)
+@click.option('--schedule_type', help='Time discretization', type=click.Choice(list(solvers.SCHEDULES)),
+              default='time_uniform')
+@click.option('--schedule_rho', help='Exponent of the schedule', type=float, default=1.0)
+# AdaSDE hyperparameters.
+@click.option('--scale_dir', help='Half-width of the c_n range [1-s, 1+s] (0: off)', type=click.FloatRange(min=0),
+              default=0.05)
+@click.option('--scale_time', help='Half-width of the a_n range [1-s, 1+s] (0: off)',
+              type=click.FloatRange(min=0), default=0.2)
+@click.option('--gamma', help='Upper end of the learned churn range (0: an ODE solver)', type=click.FloatRange(min=0),
+              default=0.02)
+@click.option('--fcn', help='Fix c_n = 1 on the last step', is_flag=True)
+@click.option('--alpha', help='Weight of the feature loss on the last step (0: L2 there too)',
+              type=click.FloatRange(min=0), default=20.0)
+@click.option('--detector', help='Feature network of that loss [default: the model\'s own, else inception]',
+              type=str, default=None)
+# Guidance (guided models).
+@click.option('--guidance_type', help='Guidance of the model', type=click.Choice(['cg', 'cfg', 'uncond']),
+              default=None)
+@click.option('--guidance_rate', help='Guidance strength', type=float, default=None)
+# Optimisation.
+@click.option('--lr', help='Adam learning rate', type=click.FloatRange(min=0, min_open=True), default=0.2)
+@click.option('--coslr', help='Cosine learning-rate decay (to the reference\'s absolute floor 0.01)', is_flag=True)
+@click.option('--batch', help='Total batch size', type=click.IntRange(min=1), default=32)
+@click.option('--batch-gpu', 'batch_gpu', help='Per-process batch per round (gradient accumulation)',
+              type=click.IntRange(min=1), default=None)
+@click.option('--total_kimg', help='Training length in thousands of trajectories', type=click.FloatRange(min=0,
+              min_open=True), default=10)
+@click.option('--seed', help='Random seed', type=click.IntRange(min=0), default=0)
+@click.option('--device', help='torch device [default: cuda if available, else cpu]', type=str, default=None)
+@click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
+@click.option('--resume', help='Continue the newest run with identical options from its last state', is_flag=True)
+def main(**kwargs):
+    """Distill an AdaSDE predictor against a DPM-Solver-2 teacher.
+
+    \b
+    Examples:
+    # Embedded digits model, 5 NFE (num_steps=4 with AFS), on the CPU:
+    python train.py --dataset_name=digits --num_steps=4 --batch=32 --total_kimg=1
+    # CIFAR-10 as in the paper, 2 GPUs:
+    torchrun --standalone --nproc_per_node=2 train.py --dataset_name=cifar10 --num_steps=4 --M=3 \\
+        --schedule_type=time_uniform --schedule_rho=1 --gamma=0.02 --lr=0.2 --coslr --batch=64 --total_kimg=10
+    """
+    opts = EasyDict(kwargs)
+    dist.init()
+    from models.zoo import ZOO
+    if opts.model_path is None and opts.dataset_name not in ZOO:
+        raise click.BadParameter(f'unknown dataset {opts.dataset_name!r}; choose from {", ".join(sorted(ZOO))} '
+                                 'or give --model_path', param_hint='--dataset_name')
+    model = opts.model_path or opts.dataset_name
+    detector = opts.detector or getattr(ZOO.get(opts.dataset_name), 'detector', None) or 'inception'
+    nfe = solvers.nfe('adasde', opts.num_steps, afs=opts.afs, predictor=EasyDict(num_points=opts.num_points))
+
+    # Configuration: click -> EasyDict -> training_options.json -> training_loop.
+    settings = dict(dataset_name=opts.dataset_name, model=model, schedule_type=opts.schedule_type,
+                    schedule_rho=opts.schedule_rho, afs=opts.afs, guidance_type=opts.guidance_type,
+                    guidance_rate=opts.guidance_rate, M=opts.M, sampler_tea=opts.sampler_tea, nfe=nfe)
+    c = EasyDict(
+        model=model, M=opts.M, afs=opts.afs, schedule_type=opts.schedule_type, schedule_rho=opts.schedule_rho,
+        model_kwargs={k: opts[k] for k in ('guidance_type', 'guidance_rate') if opts[k] is not None},
+        predictor_kwargs=dict(num_steps=opts.num_steps, num_points=opts.num_points, scale_dir=opts.scale_dir,
+                              scale_time=opts.scale_time, gamma=opts.gamma, fcn=opts.fcn, settings=settings),
+        alpha=opts.alpha, detector=detector if opts.alpha > 0 else None, lr=opts.lr, coslr=opts.coslr,
+        batch=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.total_kimg, seed=opts.seed, device=opts.device)
+    desc = (f'{opts.dataset_name}-{opts.num_steps}-{nfe}-{opts.sampler_stu}-{opts.sampler_tea}-{opts.M}-'
+            f'{schedule_tag(opts.schedule_type, opts.schedule_rho)}{"-afs" if opts.afs else ""}{opts.desc}')
+
+    resume_dir = find_resumable(opts.outdir, c) if opts.resume else None
+    if opts.resume and resume_dir is None:
+        dist.print0('No run with these options to resume; starting a new one.')
+    c.run_dir = resume_dir or next_run_dir(opts.outdir, desc)
+
+    dist.print0(json.dumps(c, indent=2))
+    dist.print0(f'Student: adasde, {opts.num_steps} time points, {nfe} NFE; teacher: dpm on '
+                f'{(opts.M + 1) * (opts.num_steps - 1) + 1} points.')
+    dist.print0(f'Output directory: {c.run_dir}')
+    if opts.dry_run:
+        dist.print0('Dry run; exiting.')
+        return
+
+    # Create the run directory and go.
+    if dist.get_rank() == 0:
+        os.makedirs(c.run_dir, exist_ok=True)
+        with open(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
+            json.dump(c, f, indent=2)
+        Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+    dist.barrier()
+    from solvers.distill import training_loop
+    state = os.path.join(c.run_dir, 'training-state.pt')
+    try:
+        training_loop(**c, resume_state=state if resume_dir else None)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    dist.print0('Done.')
+
+#----------------------------------------------------------------------------
+
+
+if __name__ == '__main__':
+    main()
