@@ -14,7 +14,7 @@ def denoise(net, x, sigma, extra_args=None, afs=False):
     """D(x; sigma), or with `afs` the analytical first step of AMED: D = x - sigma * x / sqrt(1 + sigma^2)."""
     if afs:
         return x - sigma * x / _sqrt(1 + sigma ** 2)
-    sigma = torch.as_tensor(sigma, device=x.device).to(x.dtype)
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     return net(x, sigma.expand(x.shape[0]), **(extra_args or {})).to(x.dtype)
 
 
