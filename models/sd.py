@@ -1,0 +1,249 @@
+"""Stable Diffusion through diffusers: a discrete-time VP eps-model with classifier-free guidance,
+adapted to the EDM "VE" denoiser D(x; sigma) (AdaSDE's CFGPrecond, spec/formats.md §5.3).
+
+The continuous time of the discrete DDPM schedule is DPM-Solver's: log sqrt(alphas_cumprod[n]) sits at
+t_n = (n + 1) / M and is interpolated linearly in t; the UNet sees the continuous index M t - 1.
+"""
+
+import csv
+import os
+
+import torch
+
+SD_DEFAULT = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
+SINGLE_FILE_SUFFIXES = ('.ckpt', '.safetensors')
+
+#----------------------------------------------------------------------------
+# Piecewise-linear interpolation with linear extrapolation from the two
+# outermost knots (xp increasing). Differentiable in x.
+
+
+def _float(v):
+    """A floating tensor: float64 unless v already is a floating tensor (whose dtype is kept)."""
+    return v if torch.is_tensor(v) and v.is_floating_point() else torch.as_tensor(v, dtype=torch.float64)
+
+
+def _interp(x, xp, fp):
+    idx = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, len(xp) - 1)
+    x_lo, x_hi, f_lo, f_hi = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    return f_lo + (f_hi - f_lo) / (x_hi - x_lo) * (x - x_lo)
+
+#----------------------------------------------------------------------------
+# The adapter. `condition` / `unconditional_condition` are CLIP text embeddings
+# [B, 77, D] (or [1, 77, D], shared by the batch) from `encode_prompts`.
+
+
+class SDDenoiser(torch.nn.Module):
+    guidance_type = 'classifier-free'
+    label_dim = 0  # no class labels: conditioning is text, passed as `condition=...`
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod, guidance_rate=7.5, epsilon_t=1e-3,
+                 prediction_type='epsilon'):
+        super().__init__()
+        if prediction_type not in ('epsilon', 'v_prediction'):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        self.prediction_type = prediction_type
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.guidance_rate = float(guidance_rate)
+        self.epsilon_t = float(epsilon_t)
+        self.img_channels = int(unet.config.in_channels)
+        self.img_resolution = int(unet.config.sample_size)
+        self.decoded_resolution = self.img_resolution * 2 ** (len(vae.config.block_out_channels) - 1)
+        self.context_dim = int(text_encoder.config.hidden_size)
+        alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
+        self.M = len(alphas_cumprod)
+        # The float64 tables are plain tensors, not buffers, so that net.half() or net.to(dtype) keeps them exact.
+        self.t_array = torch.arange(1, self.M + 1, dtype=torch.float64) / self.M
+        self.log_alpha_array = 0.5 * torch.log(alphas_cumprod)
+        self._tables_on = {}
+        self.sigma_min = float(self.sigma(self.epsilon_t))
+        self.sigma_max = float(self.sigma(1.0))
+        self._empty_condition = None
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def dtype(self):
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def _tables(self, like):
+        if like.device not in self._tables_on:
+            self._tables_on[like.device] = (self.t_array.to(like.device), self.log_alpha_array.to(like.device))
+        return self._tables_on[like.device]
+
+    def sigma(self, t):
+        """sigma(t) = sqrt(1 - alpha_t^2) / alpha_t, log alpha_t interpolated in t (computed in float64)."""
+        t = _float(t)
+        t_array, log_alpha_array = self._tables(t)
+        log_alpha = _interp(t.double(), t_array, log_alpha_array)
+        return torch.sqrt(torch.expm1(-2 * log_alpha)).to(t.dtype)
+
+    def sigma_inv(self, sigma):
+        """The inverse of sigma(t): log alpha = -log(1 + sigma^2) / 2, then the inverse interpolation."""
+        sigma = _float(sigma)
+        t_array, log_alpha_array = self._tables(sigma)
+        log_alpha = -0.5 * torch.log1p(sigma.double() ** 2)
+        return _interp(log_alpha, log_alpha_array.flip(0), t_array.flip(0)).to(sigma.dtype)
+
+    def forward(self, x, sigma, condition=None, unconditional_condition=None, class_labels=None):
+        if class_labels is not None:
+            raise ValueError('Stable Diffusion takes text conditioning (condition=...), not class_labels')
+        if condition is None:
+            raise ValueError('Stable Diffusion needs condition=encode_prompts(prompts)')
+        batch = x.shape[0]
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(batch)
+        c_in = 1 / torch.sqrt(1 + sigma.double() ** 2)
+        c_noise = self.M * self.sigma_inv(sigma.double()) - 1  # continuous DDPM index in [0, M - 1]
+        c_in = c_in.to(x.dtype).reshape(-1, 1, 1, 1)
+        x_vp = x * c_in
+        condition = self._batch(condition, batch)
+        if self.guidance_rate != 1:
+            if unconditional_condition is None:
+                unconditional_condition = self.empty_condition()
+            context = torch.cat([self._batch(unconditional_condition, batch), condition])
+            out_u, out_c = self._unet(x_vp.repeat(2, 1, 1, 1), c_noise.repeat(2), context).to(x.dtype).chunk(2)
+            out = out_u + self.guidance_rate * (out_c - out_u)
+        else:
+            out = self._unet(x_vp, c_noise, condition).to(x.dtype)
+        sigma = sigma.to(x.dtype).reshape(-1, 1, 1, 1)
+        # v-prediction: v = alpha (eps - sigma x0) with alpha = c_in, hence eps = alpha (v + sigma x_vp).
+        eps = c_in * (out + sigma * x_vp) if self.prediction_type == 'v_prediction' else out
+        return x - sigma * eps
+
+    def _unet(self, x_vp, t, context):
+        return self.unet(x_vp.to(self.dtype), t.float(), encoder_hidden_states=context.to(self.dtype),
+                         return_dict=False)[0]
+
+    @staticmethod
+    def _batch(c, batch):
+        if c.shape[0] == batch:
+            return c
+        if c.shape[0] == 1:
+            return c.expand(batch, *c.shape[1:])
+        raise ValueError(f'conditioning has batch size {c.shape[0]}, expected 1 or {batch}')
+
+    #------------------------------------------------------------------------
+    # Text in, images out.
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts):
+        """CLIP text embeddings [B, 77, D] of a list of prompts (SD's last hidden state, padded to max length)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        tokens = self.tokenizer(list(prompts), padding='max_length', max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors='pt')
+        return self.text_encoder(tokens.input_ids.to(self.device), return_dict=False)[0].to(self.dtype)
+
+    def empty_condition(self):
+        """The unconditional embedding: the empty prompt, encoded once."""
+        if self._empty_condition is None or self._empty_condition.device != self.device:
+            self._empty_condition = self.encode_prompts([''])
+        return self._empty_condition
+
+    def prompt_args(self, prompts):
+        """extra_args for the solvers: dict(condition=c, unconditional_condition=uc), uc only when guided."""
+        args = dict(condition=self.encode_prompts(prompts))
+        if self.guidance_rate != 1:
+            args['unconditional_condition'] = self.empty_condition().expand_as(args['condition'])
+        return args
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """VAE decode of final latents (divided by the VAE's scaling factor), as float32 images in [-1, 1]."""
+        z = latents.to(self.device, self.dtype) / self.vae.config.scaling_factor
+        if getattr(self.vae.config, 'shift_factor', None) is not None:
+            z = z + self.vae.config.shift_factor
+        return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+
+#----------------------------------------------------------------------------
+# NFE honesty. A solver's NFE counts network calls; with guidance each call
+# runs the UNet on a doubled batch, so "model evaluations" are twice that.
+
+
+def cfg_nfe_factor(net):
+    """Model evaluations per network call: 2 for a guided classifier-free denoiser, else 1."""
+    guided = getattr(net, 'guidance_type', None) == 'classifier-free' and getattr(net, 'guidance_rate', 1) != 1
+    return 2 if guided else 1
+
+#----------------------------------------------------------------------------
+# Loading: a diffusers directory or hub id (from_pretrained), or a single
+# original checkpoint (.ckpt / .safetensors, from_single_file).
+
+
+def load_sd(path_or_id=SD_DEFAULT, device='cpu', guidance_rate=7.5, dtype=None, epsilon_t=1e-3, **kwargs):
+    """Load Stable Diffusion as an SDDenoiser. dtype defaults to float16 on CUDA and float32 elsewhere;
+    extra kwargs go to diffusers (e.g. local_files_only=True, config=<dir> for single files, variant='fp16')."""
+    from diffusers import StableDiffusionPipeline
+
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == 'cuda' else torch.float32
+    path = os.fspath(path_or_id)
+    looks_local = os.path.isabs(path) or path.startswith('.') or path.endswith(SINGLE_FILE_SUFFIXES)
+    if looks_local and not os.path.exists(path):
+        raise ValueError(f'no Stable Diffusion model at {path}')
+    try:
+        if os.path.isfile(path):
+            if not path.endswith(SINGLE_FILE_SUFFIXES):
+                raise ValueError(f'{path}: expected a diffusers directory, a hub id, or a .ckpt/.safetensors file')
+            pipe = StableDiffusionPipeline.from_single_file(path, **kwargs)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None,
+                                                           requires_safety_checker=False, **kwargs)
+    except (OSError, KeyError, TypeError) as e:
+        raise ValueError(f'cannot load Stable Diffusion from {path}: {str(e).splitlines()[0]}') from e
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.to(device, dtype)  # cast after loading: diffusers renamed its dtype argument across versions
+    net = SDDenoiser(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler.alphas_cumprod,
+                     guidance_rate=guidance_rate, epsilon_t=epsilon_t,
+                     prediction_type=pipe.scheduler.config.get('prediction_type', 'epsilon'))
+    return net
+
+
+def is_sd_path(path):
+    """Whether a local path holds a diffusers Stable Diffusion pipeline or a single SD checkpoint file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, 'model_index.json')) and os.path.isdir(os.path.join(path, 'unet'))
+    return os.path.isfile(path) and path.endswith(SINGLE_FILE_SUFFIXES)
+
+#----------------------------------------------------------------------------
+# MS-COCO prompts (spec/formats.md §4, `prompts`): the 30k val2014 captions,
+# column `text`; the caption of seed s is prompts[s].
+
+
+def load_prompts(path):
+    """The captions of a CSV file with a `text` column, in file order."""
+    if not os.path.isfile(path):
+        raise ValueError(f'prompt file not found: {path}')
+    with open(path, newline='', encoding='utf-8') as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or 'text' not in reader.fieldnames:
+            raise ValueError(f'{path}: expected a CSV with a "text" column, got columns {reader.fieldnames}')
+        prompts = [row['text'] for row in reader]
+    if not prompts:
+        raise ValueError(f'{path}: no prompts')
+    return prompts
+
+
+def prompts_for_seeds(prompts, seeds):
+    """The prompt of each seed (caption index = seed), so a sample depends on its seed only."""
+    seeds = [int(s) for s in seeds]
+    bad = [s for s in seeds if not 0 <= s < len(prompts)]
+    if bad:
+        raise ValueError(f'seed {bad[0]} has no prompt: {len(prompts)} prompts cover seeds 0-{len(prompts) - 1}')
+    return [prompts[s] for s in seeds]
+
+__all__ = ['SDDenoiser', 'load_sd', 'is_sd_path', 'cfg_nfe_factor', 'load_prompts', 'prompts_for_seeds', 'SD_DEFAULT']
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,392 @@
+"""Stable Diffusion adapter (models/sd.py) and CLIP score on tiny random diffusers models built offline."""
+
+import json
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+pytest.importorskip('diffusers')
+pytest.importorskip('transformers')
+
+import solvers  # noqa: E402
+from models.sd import cfg_nfe_factor, is_sd_path, load_prompts, load_sd, prompts_for_seeds  # noqa: E402
+
+PROMPTS = ['a photo of a cat', 'two dogs on a red sofa']
+
+#----------------------------------------------------------------------------
+# A tiny byte-level CLIP tokenizer: every byte is a token (no merges).
+
+
+def _bytes_to_unicode():
+    """GPT-2's reversible byte -> printable character map, which CLIP's BPE works on."""
+    bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    cs = bs + [256 + n for n in range(256 - len(bs))]
+    bs = bs + [b for b in range(256) if b not in bs]
+    return [chr(c) for _b, c in sorted(zip(bs, cs))]
+
+
+def make_tokenizer(path):
+    from transformers import CLIPTokenizer
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + '</w>' for c in chars] + ['<|startoftext|>', '<|endoftext|>']
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, 'vocab.json'), 'w') as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(os.path.join(path, 'merges.txt'), 'w') as f:
+        f.write('#version: 0.2\n')
+    return CLIPTokenizer(os.path.join(path, 'vocab.json'), os.path.join(path, 'merges.txt'), model_max_length=77)
+
+
+def text_config(vocab_size):
+    return dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                pad_token_id=vocab_size - 1)
+
+#----------------------------------------------------------------------------
+# A tiny random StableDiffusionPipeline with SD's own schedule (scaled_linear
+# betas 0.00085..0.012, 1000 steps): latents 4x8x8, images 16x16.
+
+
+@pytest.fixture(scope='module')
+def sd_dir(tmp_path_factory):
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    root = tmp_path_factory.mktemp('sd')
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer(str(root / 'tok'))
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
+                                up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'), cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+                        down_block_types=('DownEncoderBlock2D',) * 2, up_block_types=('UpDecoderBlock2D',) * 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(len(tokenizer))))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear', skip_prk_steps=True,
+                              steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(root / 'tiny-sd'))
+    return str(root / 'tiny-sd')
+
+
+@pytest.fixture(scope='module')
+def net(sd_dir):
+    return load_sd(sd_dir, guidance_rate=7.5)
+
+
+@pytest.fixture(scope='module')
+def scheduler_config(sd_dir):
+    with open(os.path.join(sd_dir, 'scheduler', 'scheduler_config.json')) as f:
+        return json.load(f)
+
+
+def table_sigmas(net):
+    """The DDPM table's own noise levels sqrt((1 - acp) / acp), float64."""
+    acp = torch.exp(2 * net.log_alpha_array)
+    return torch.sqrt((1 - acp) / acp)
+
+#----------------------------------------------------------------------------
+# Loading and attributes.
+
+
+def test_attributes(net, sd_dir):
+    assert is_sd_path(sd_dir) and not is_sd_path(os.path.dirname(sd_dir))
+    assert (net.img_channels, net.img_resolution, net.decoded_resolution, net.label_dim) == (4, 8, 16, 0)
+    assert net.guidance_type == 'classifier-free' and net.guidance_rate == 7.5 and net.M == 1000
+    assert net.dtype == torch.float32 and net.prediction_type == 'epsilon'
+    # SD v1's schedule range (spec/formats.md §5.3): sigma(1e-3) and sigma(1).
+    assert net.sigma_min == pytest.approx(0.029168, abs=2e-6)
+    assert net.sigma_max == pytest.approx(14.6146, abs=2e-4)
+    assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_load_errors(tmp_path, sd_dir):
+    with pytest.raises(ValueError, match='no Stable Diffusion model at'):
+        load_sd(str(tmp_path / 'missing'))
+    with pytest.raises(ValueError, match='no Stable Diffusion model at'):
+        load_sd(str(tmp_path / 'missing.ckpt'))
+    (tmp_path / 'notes.txt').write_text('x')
+    with pytest.raises(ValueError, match='expected a diffusers directory'):
+        load_sd(str(tmp_path / 'notes.txt'))
+    with pytest.raises(ValueError, match='cannot load Stable Diffusion'):
+        load_sd(str(tmp_path))
+
+
+def test_call_errors(net):
+    x = torch.zeros(2, 4, 8, 8)
+    with pytest.raises(ValueError, match='needs condition'):
+        net(x, 1.0)
+    c = net.encode_prompts(PROMPTS)
+    with pytest.raises(ValueError, match='not class_labels'):
+        net(x, 1.0, condition=c, class_labels=torch.zeros(2))
+    with pytest.raises(ValueError, match='batch size 2, expected 1 or 3'):
+        net(torch.zeros(3, 4, 8, 8), 1.0, condition=c)
+
+#----------------------------------------------------------------------------
+# (a) D(x; sigma) = x - sigma * eps, eps the guided UNet output at the DDPM
+# index of sigma and input x / sqrt(1 + sigma^2); one UNet call per evaluation.
+
+
+def _count_unet_calls(net):
+    calls = []
+    handle = net.unet.register_forward_hook(lambda module, args, kwargs_out: calls.append(args[0].shape[0]))
+    return calls, handle
+
+
+@pytest.mark.parametrize('guidance_rate', [1.0, 7.5])
+def test_denoiser_matches_hand_computation(net, guidance_rate):
+    # Batch 8 == latent width: a [B]-shaped c_in would broadcast silently along the width (the reference's bug).
+    batch = 8
+    index = torch.tensor([0, 13, 140, 333, 500, 720, 901, 999])
+    sigma = table_sigmas(net)[index]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, 8, 8, generator=gen) * sigma.float().reshape(-1, 1, 1, 1)
+    prompts = [PROMPTS[i % 2] for i in range(batch)]
+    c, uc = net.encode_prompts(prompts), net.encode_prompts([''] * batch)
+    with torch.no_grad():
+        x_vp = torch.stack([x[i] / float(np.sqrt(1 + float(sigma[i]) ** 2)) for i in range(batch)])
+        eps_c = net.unet(x_vp, index.float(), encoder_hidden_states=c).sample
+        eps_u = net.unet(x_vp, index.float(), encoder_hidden_states=uc).sample
+        eps = eps_u + guidance_rate * (eps_c - eps_u)
+        expected = torch.stack([x[i] - float(sigma[i]) * eps[i] for i in range(batch)])
+        net.guidance_rate = guidance_rate
+        calls, handle = _count_unet_calls(net)
+        try:
+            denoised = net(x, sigma.float(), condition=c, unconditional_condition=uc)
+            denoised_default_uc = net(x, sigma.float(), condition=c)
+        finally:
+            handle.remove()
+            net.guidance_rate = 7.5
+    assert denoised.shape == x.shape and denoised.dtype == x.dtype
+    torch.testing.assert_close(denoised, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(denoised_default_uc, denoised, rtol=0, atol=0)  # uc defaults to the empty prompt
+    assert calls == ([batch] * 2 if guidance_rate == 1 else [2 * batch] * 2)
+
+
+def test_v_prediction(net):
+    # SD 2.x-style v-prediction: x0 = alpha x_vp - sqrt(1 - alpha^2) v in VP terms.
+    sigma = torch.tensor([0.5, 3.0])
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 2
+    c = net.encode_prompts(PROMPTS)
+    try:
+        net.guidance_rate, net.prediction_type = 1.0, 'v_prediction'
+        with torch.no_grad():
+            denoised = net(x, sigma, condition=c)
+            alpha = 1 / torch.sqrt(1 + sigma ** 2).reshape(-1, 1, 1, 1)
+            t = 1000 * net.sigma_inv(sigma.double()) - 1
+            v = net.unet(x * alpha, t.float(), encoder_hidden_states=c).sample
+    finally:
+        net.guidance_rate, net.prediction_type = 7.5, 'epsilon'
+    expected = alpha * (x * alpha) - torch.sqrt(1 - alpha ** 2) * v
+    torch.testing.assert_close(denoised, expected, rtol=1e-5, atol=1e-5)
+
+#----------------------------------------------------------------------------
+# (b) sigma(t) at the DDPM knots t_n = (n + 1) / 1000 is the scheduler's sigma_n;
+# sigma_inv inverts sigma, also outside the table (linear extrapolation).
+
+
+def test_sigma_matches_scheduler(net, scheduler_config):
+    from diffusers import EulerDiscreteScheduler
+    scheduler = EulerDiscreteScheduler.from_config(scheduler_config)
+    acp = scheduler.alphas_cumprod.double()
+    n = torch.arange(1000, dtype=torch.float64)
+    sigma = net.sigma((n + 1) / 1000)
+    assert sigma.dtype == torch.float64
+    torch.testing.assert_close(sigma, ((1 - acp) / acp) ** 0.5, rtol=1e-12, atol=0)
+    # EulerDiscreteScheduler keeps its (ascending-index) table in float32.
+    torch.testing.assert_close(sigma.flip(0).float(), scheduler.sigmas[:-1], rtol=2e-6, atol=0)
+    torch.testing.assert_close(1000 * net.sigma_inv(sigma) - 1, n, rtol=0, atol=1e-9)
+    t = torch.linspace(2e-4, 1.2, 997, dtype=torch.float64)
+    torch.testing.assert_close(net.sigma_inv(net.sigma(t)), t, rtol=0, atol=1e-10)
+    # Between knots log(alpha) is linear in t.
+    log_alpha = lambda t: -0.5 * torch.log1p(net.sigma(t) ** 2)  # noqa: E731
+    mid = log_alpha(torch.tensor(0.1005, dtype=torch.float64))
+    ends = log_alpha(torch.tensor([0.100, 0.101], dtype=torch.float64))
+    assert float(mid) == pytest.approx(float(ends.mean()), rel=1e-12)
+    # float32 in, float32 out; Python floats are float64.
+    assert net.sigma(torch.tensor([0.5])).dtype == torch.float32 and net.sigma(0.5).dtype == torch.float64
+
+#----------------------------------------------------------------------------
+# (c) Our Euler solver on the adapter reproduces diffusers' Euler loop.
+
+
+def _diffusers_euler(net, scheduler, latents, c, uc, num_steps):
+    """The StableDiffusionPipeline loop around EulerDiscreteScheduler, with classifier-free guidance; also
+    returns the state at the last non-zero sigma, before the final step to sigma = 0."""
+    scheduler.set_timesteps(num_steps)
+    x, before_last = latents.clone(), None
+    for i, t in enumerate(scheduler.timesteps):
+        if i == len(scheduler.timesteps) - 1:
+            before_last = x.clone()
+        x_in = scheduler.scale_model_input(torch.cat([x, x]), t)
+        eps_u, eps_c = net.unet(x_in, t, encoder_hidden_states=torch.cat([uc, c])).sample.chunk(2)
+        x = scheduler.step(eps_u + net.guidance_rate * (eps_c - eps_u), t, x).prev_sample
+    return before_last, x
+
+
+@pytest.mark.parametrize('spacing', ['trailing', 'leading'])
+def test_euler_matches_diffusers(net, scheduler_config, spacing):
+    from diffusers import EulerDiscreteScheduler
+    scheduler = EulerDiscreteScheduler.from_config(scheduler_config, timestep_spacing=spacing)
+    num_steps = 6
+    scheduler.set_timesteps(num_steps)
+    sigmas = scheduler.sigmas[:-1].double()  # drop the final 0: our schedules end at sigma_min > 0
+    assert scheduler.sigmas[-1] == 0 and len(sigmas) == num_steps
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 4, 8, 8, generator=gen) * float(sigmas[0])
+    args = net.prompt_args(PROMPTS)
+    with torch.no_grad():
+        before_last, final = _diffusers_euler(net, scheduler, latents, args['condition'],
+                                              args['unconditional_condition'], num_steps)
+        ours = solvers.get_solver('euler')(net, latents, sigmas, extra_args=args)
+        # diffusers' last step goes to sigma = 0, i.e. it returns D(x; sigma_last): do the same on our side.
+        ours_final = net(ours, float(sigmas[-1]), **args)
+    torch.testing.assert_close(ours, before_last, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours_final, final, rtol=1e-4, atol=1e-4)
+    assert float((final - latents).abs().max()) > 1  # the loop did move the latents
+
+#----------------------------------------------------------------------------
+# (d) The discrete schedule with rho = 1 is uniform in DDPM index.
+
+
+def test_discrete_schedule_uniform_in_ddpm_index(net):
+    sigmas = solvers.get_schedule(10, net.sigma_min, net.sigma_max, 'discrete', 1, net=net)
+    index = 1000 * net.sigma_inv(sigmas) - 1
+    torch.testing.assert_close(index, torch.arange(999, -1, -111, dtype=torch.float64), rtol=0, atol=1e-8)
+    torch.testing.assert_close(sigmas, table_sigmas(net)[torch.arange(999, -1, -111)], rtol=1e-12, atol=0)
+
+#----------------------------------------------------------------------------
+# Conditioning, decoding, NFE.
+
+
+def test_encode_decode(net):
+    c = net.encode_prompts(PROMPTS)
+    assert c.shape == (2, 77, 32)
+    torch.testing.assert_close(net.encode_prompts(PROMPTS[1]), c[1:])
+    args = net.prompt_args(PROMPTS)
+    assert set(args) == {'condition', 'unconditional_condition'}
+    torch.testing.assert_close(args['unconditional_condition'], net.encode_prompts(['', '']))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    images = net.decode(latents)
+    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.float32
+    assert float(images.min()) >= -1 and float(images.max()) <= 1
+    with torch.no_grad():
+        raw = net.vae.decode(latents / 0.18215).sample
+    torch.testing.assert_close(images, raw.clamp(-1, 1))
+
+
+def test_nfe_factor(net):
+    assert cfg_nfe_factor(net) == 2
+    net.guidance_rate = 1.0
+    try:
+        assert cfg_nfe_factor(net) == 1 and set(net.prompt_args(PROMPTS)) == {'condition'}
+    finally:
+        net.guidance_rate = 7.5
+    assert cfg_nfe_factor(torch.nn.Identity()) == 1
+    assert solvers.nfe('euler', 6) * cfg_nfe_factor(net) == 10
+
+#----------------------------------------------------------------------------
+# Prompts: caption index = seed.
+
+
+def test_prompts(tmp_path):
+    path = tmp_path / 'captions.csv'
+    path.write_text('image_id,id,text\n9,1,"A cat, sitting."\n25,2,a dog\n30,3,"two ""quoted"" birds"\n')
+    prompts = load_prompts(str(path))
+    assert prompts == ['A cat, sitting.', 'a dog', 'two "quoted" birds']
+    assert prompts_for_seeds(prompts, [2, 0]) == ['two "quoted" birds', 'A cat, sitting.']
+    with pytest.raises(ValueError, match='seed 3 has no prompt: 3 prompts cover seeds 0-2'):
+        prompts_for_seeds(prompts, [1, 3])
+    (tmp_path / 'bad.csv').write_text('caption\nx\n')
+    with pytest.raises(ValueError, match='expected a CSV with a "text" column'):
+        load_prompts(str(tmp_path / 'bad.csv'))
+    with pytest.raises(ValueError, match='prompt file not found'):
+        load_prompts(str(tmp_path / 'none.csv'))
+
+#----------------------------------------------------------------------------
+# (e) CLIP score on a tiny random CLIPModel: the formula, determinism, the CLI.
+
+
+@pytest.fixture(scope='module')
+def clip_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    root = tmp_path_factory.mktemp('clip')
+    tokenizer = make_tokenizer(str(root / 'tok'))
+    torch.manual_seed(1)
+    vision = dict(hidden_size=32, image_size=16, patch_size=4, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=37)
+    model = CLIPModel(CLIPConfig(text_config=text_config(len(tokenizer)), vision_config=vision, projection_dim=16))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={'shortest_edge': 16},
+                                                                 crop_size={'height': 16, 'width': 16}),
+                              tokenizer=tokenizer)
+    model.save_pretrained(str(root / 'clip'))
+    processor.save_pretrained(str(root / 'clip'))
+    return str(root / 'clip')
+
+
+def _images(n):
+    """Noise images, then black and white ones, of a size the processor must resize and crop."""
+    rng = np.random.RandomState(5)
+    images = [PIL.Image.fromarray(rng.randint(0, 256, (20, 24, 3), dtype=np.uint8)) for _ in range(max(n - 2, 1))]
+    return (images + [PIL.Image.new('RGB', (24, 20), color) for color in ('black', 'white')])[:n]
+
+
+def test_clip_score(clip_dir):
+    from clip_score import clip_score, clip_scores, load_clip
+    model, processor = load_clip(clip_dir)
+    images, prompts = _images(4), ['a cat', 'a dog on a mat', 'x' * 300, '']
+    scores = clip_scores(model, processor, images, prompts, batch_size=3)
+    # By hand: cosine of the projected CLIP embeddings, times 100, clamped at 0.
+    inputs = processor(text=prompts, images=images, return_tensors='pt', padding=True, truncation=True, max_length=77)
+    with torch.no_grad():
+        img = model.visual_projection(model.vision_model(pixel_values=inputs['pixel_values']).pooler_output)
+        txt = model.text_projection(model.text_model(input_ids=inputs['input_ids'],
+                                                     attention_mask=inputs['attention_mask']).pooler_output)
+    cos = torch.nn.functional.cosine_similarity(img.double(), txt.double()).numpy()
+    np.testing.assert_allclose(scores, 100 * np.maximum(cos, 0), rtol=1e-5, atol=1e-5)
+    # Flipping the image projection flips every cosine: the clamp keeps the positive side only.
+    with torch.no_grad():
+        model.visual_projection.weight.neg_()
+        flipped = clip_scores(model, processor, images, prompts)
+        model.visual_projection.weight.neg_()
+    np.testing.assert_allclose(scores + flipped, 100 * np.abs(cos), rtol=1e-5, atol=1e-5)
+    assert (scores * flipped == 0).all() and (scores + flipped > 0).all()
+    # Deterministic, batch-size independent.
+    again = clip_score(model, processor, images, prompts, batch_size=1)
+    assert again == pytest.approx(float(scores.mean()), rel=1e-5)
+    assert clip_score(model, processor, images, prompts, batch_size=1) == again
+    with pytest.raises(ValueError, match='4 images but 3 prompts'):
+        clip_scores(model, processor, images, prompts[:3])
+
+
+def test_clip_score_cli(clip_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from clip_score import clip_score, load_clip, main
+    outdir = tmp_path / 'out' / '000000'
+    outdir.mkdir(parents=True)
+    images = _images(3)
+    for seed, image in zip([0, 2, 1], images):
+        image.save(outdir / f'{seed:06d}.png')
+    (tmp_path / 'captions.csv').write_text('text\na cat\na dog\na bird\n')
+    result = CliRunner().invoke(main, [f'--images={tmp_path / "out"}', f'--prompts={tmp_path / "captions.csv"}',
+                                       f'--clip={clip_dir}', '--device=cpu'])
+    assert result.exit_code == 0, result.output
+    model, processor = load_clip(clip_dir)
+    expected = clip_score(model, processor, [images[0], images[2], images[1]], ['a cat', 'a dog', 'a bird'])
+    assert f'CLIP score: {expected:.4f}' in result.output and '3 images' in result.output
+    # Bad input: one clear line.
+    result = CliRunner().invoke(main, [f'--images={tmp_path / "none"}', '--prompt=x', f'--clip={clip_dir}'])
+    assert result.exit_code == 1 and 'image folder not found' in result.output
+    result = CliRunner().invoke(main, [f'--images={tmp_path / "out"}', f'--clip={clip_dir}'])
+    assert result.exit_code == 2 and 'exactly one of --prompts and --prompt' in result.output
+    (outdir / '000007.png').write_bytes((outdir / '000000.png').read_bytes())
+    result = CliRunner().invoke(main, [f'--images={tmp_path / "out"}', f'--prompts={tmp_path / "captions.csv"}',
+                                       f'--clip={clip_dir}'])
+    assert result.exit_code == 1 and 'seed 7 has no prompt' in result.output
+
+#----------------------------------------------------------------------------
