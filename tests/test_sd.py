@@ -390,3 +390,23 @@ def test_clip_score_cli(clip_dir, tmp_path):
     assert result.exit_code == 1 and 'seed 7 has no prompt' in result.output
 
 #----------------------------------------------------------------------------
+# Reduced precision: the UNet, VAE and text encoder are cast; the float64 schedule is not.
+
+
+def test_reduced_precision(sd_dir, net):
+    half = load_sd(sd_dir, dtype=torch.bfloat16, guidance_rate=7.5)
+    assert half.dtype == torch.bfloat16 and half.encode_prompts(PROMPTS).dtype == torch.bfloat16
+    assert (half.sigma_min, half.sigma_max) == (net.sigma_min, net.sigma_max)
+    half.half()  # casting the module again keeps the float64 tables exact
+    assert half.log_alpha_array.dtype == torch.float64 and half.sigma(1.0) == net.sigma(1.0)
+    half.to(torch.bfloat16)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6)) * 3
+    sigma = torch.tensor([3.0, 0.4])
+    with torch.no_grad():
+        denoised = half(x, sigma, **half.prompt_args(PROMPTS))
+        reference = net(x, sigma, **net.prompt_args(PROMPTS))
+    assert denoised.dtype == torch.float32
+    assert 0 < float((denoised - reference).abs().max()) < 0.1 * float(reference.abs().max())
+    assert half.decode(x).dtype == torch.float32
+
+#----------------------------------------------------------------------------
