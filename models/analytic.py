@@ -1,6 +1,7 @@
 """Exact denoisers: ground truth for tests and benchmarks (no training, no files).
 
-Both follow the Denoiser contract of DESIGN.md: net(x, sigma, class_labels=None) -> D(x; sigma) = E[x_0 | x_0 + sigma n = x].
+Both follow the Denoiser contract of DESIGN.md:
+net(x, sigma, class_labels=None) -> D(x; sigma) = E[x_0 | x_0 + sigma n = x].
 """
 
 import torch
@@ -38,7 +39,8 @@ class GaussianMixture(_Analytic):
         means = torch.as_tensor(means, dtype=torch.float64)  # [K, *shape]
         super().__init__(means.shape[1:], sigma_min, sigma_max)
         stds = torch.as_tensor(stds, dtype=torch.float64)
-        stds = stds.reshape(stds.shape + (1,) * (means.ndim - stds.ndim)).expand_as(means)  # scalar per component or full
+        # One std per component, or one per coordinate.
+        stds = stds.reshape(stds.shape + (1,) * (means.ndim - stds.ndim)).expand_as(means)
         weights = torch.ones(len(means), dtype=torch.float64) if weights is None else torch.as_tensor(weights)
         self.register_buffer('means', means)
         self.register_buffer('stds', stds.clone())
