@@ -180,14 +180,18 @@ def cfg_nfe_factor(net):
 # original checkpoint (.ckpt / .safetensors, from_single_file).
 
 
-def load_sd(path_or_id=SD_DEFAULT, device='cpu', guidance_rate=7.5, dtype=None, epsilon_t=1e-3, **kwargs):
-    """Load Stable Diffusion as an SDDenoiser. dtype defaults to float16 on CUDA and float32 elsewhere;
-    extra kwargs go to diffusers (e.g. local_files_only=True, config=<dir> for single files, variant='fp16')."""
+def load_sd(path_or_id=SD_DEFAULT, device='cpu', guidance_rate=7.5, dtype=None, epsilon_t=1e-3,
+            guidance_type='classifier-free', **kwargs):
+    """Load Stable Diffusion as an SDDenoiser. dtype (torch dtype or name) defaults to float16 on CUDA and float32
+    elsewhere; extra kwargs go to diffusers (e.g. local_files_only=True, config=<dir> for single files)."""
     from diffusers import StableDiffusionPipeline
 
+    if guidance_type not in ('classifier-free', 'cfg'):
+        raise ValueError(f"Stable Diffusion uses classifier-free guidance (guidance_type 'cfg'), not {guidance_type!r}")
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == 'cuda' else torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     path = os.fspath(path_or_id)
     looks_local = os.path.isabs(path) or path.startswith('.') or path.endswith(SINGLE_FILE_SUFFIXES)
     if looks_local and not os.path.exists(path):

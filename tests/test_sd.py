@@ -114,6 +114,10 @@ def test_load_errors(tmp_path, sd_dir):
         load_sd(str(tmp_path / 'notes.txt'))
     with pytest.raises(ValueError, match='cannot load Stable Diffusion'):
         load_sd(str(tmp_path))
+    with pytest.raises(ValueError, match='cannot load Stable Diffusion from no-such/model'):
+        load_sd('no-such/model', local_files_only=True)
+    with pytest.raises(ValueError, match="classifier-free guidance .guidance_type 'cfg'., not 'cg'"):
+        load_sd(sd_dir, guidance_type='cg')
 
 
 def test_call_errors(net):
@@ -394,7 +398,7 @@ def test_clip_score_cli(clip_dir, tmp_path):
 
 
 def test_reduced_precision(sd_dir, net):
-    half = load_sd(sd_dir, dtype=torch.bfloat16, guidance_rate=7.5)
+    half = load_sd(sd_dir, dtype='bfloat16', guidance_rate=7.5, guidance_type='cfg')
     assert half.dtype == torch.bfloat16 and half.encode_prompts(PROMPTS).dtype == torch.bfloat16
     assert (half.sigma_min, half.sigma_max) == (net.sigma_min, net.sigma_max)
     half.half()  # casting the module again keeps the float64 tables exact
