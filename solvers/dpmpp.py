@@ -28,8 +28,10 @@ def dpmpp_update(x, m_hist, t_hist, t_next, order, predict_x0=True):
         return x_next - 0.5 * phi_1 * D1_0 if predict_x0 else x_next - 0.5 * t_next * phi_1 * D1_0
     r_1 = math.log(t_hist[-3] / t_hist[-2]) / h
     D1_1 = (m_hist[-2] - m_hist[-3]) / r_1
-    D1 = D1_0 + r_0 / (r_0 + r_1) * (D1_0 - D1_1)  # ~ h m'(lambda_s)
-    D2 = 2 * (D1_0 - D1_1) / (r_0 + r_1)  # ~ h^2 m''; the reference drops the 2 (see docs/deviations.md)
+    # D1 ~ h m'(lambda_s) but D2 ~ h^2 m''/2, so the h^2 m'' Taylor term gets half its weight, as in the
+    # reference (copied there from the official DPM-Solver code): globally second order (kept, docs/deviations.md).
+    D1 = D1_0 + r_0 / (r_0 + r_1) * (D1_0 - D1_1)
+    D2 = (D1_0 - D1_1) / (r_0 + r_1)
     phi_2 = phi_1 / h + 1 if predict_x0 else phi_1 / h - 1
     phi_3 = phi_2 / h - 0.5
     if predict_x0:
