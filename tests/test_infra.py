@@ -379,7 +379,6 @@ def test_load_network_pickle_maps_cuda_storages_to_cpu(tmp_path):
 def test_distributed_single_process(monkeypatch):
     for key in ['MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE']:
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(training_stats, '_sync_called', False)
     dist.init()
     assert not torch.distributed.is_initialized()
     assert os.environ['WORLD_SIZE'] == '1' and os.environ['MASTER_PORT'] == '29500'

@@ -26,9 +26,9 @@ _cumulative = dict()            # Cumulative counters on the CPU, updated by _sy
 
 
 def init_multiprocessing(rank, sync_device):
-    """Set the rank and the all_reduce device (None for a single process); call before the first Collector.update()."""
+    """Set the rank and the all_reduce device (None for a single process); they cannot change after a sync."""
     global _rank, _sync_device
-    assert not _sync_called
+    assert not _sync_called or (rank, sync_device) == (_rank, _sync_device)
     _rank = rank
     _sync_device = sync_device
 

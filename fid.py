@@ -1,0 +1,434 @@
+"""Frechet distance (FID) between a set of images and reference statistics, compatible with EDM's fid.py.
+
+Features come from a detector (models.detectors: 'inception' as in EDM, 'digits' for the embedded 8x8 model).
+Statistics are the mean and the unbiased covariance of the features, accumulated in float64 across processes.
+Also a library: frechet_distance(), FeatureStats, compute_image_stats(), load_stats(), save_stats().
+"""
+
+import functools
+import os
+import re
+import uuid
+import zipfile
+
+import click
+import numpy as np
+import PIL.Image
+import scipy.linalg
+import torch
+import tqdm
+
+import dnnlib
+from torch_utils import distributed as dist
+
+#----------------------------------------------------------------------------
+# Reference statistics published with EDM, by dataset name (--ref=cifar10 etc.).
+
+_ref_base = 'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/'
+REF_URLS = dict(
+    cifar10     = _ref_base + 'cifar10-32x32.npz',
+    ffhq        = _ref_base + 'ffhq-64x64.npz',
+    afhqv2      = _ref_base + 'afhqv2-64x64.npz',
+    imagenet64  = _ref_base + 'imagenet-64x64.npz',
+)
+
+
+class FIDInputError(ValueError):
+    """Bad input (images, statistics, detector); the CLI prints its message as one line."""
+
+#----------------------------------------------------------------------------
+# Frechet distance between two Gaussians.
+
+
+def frechet_distance(mu, sigma, mu_ref, sigma_ref):
+    """||mu - mu_ref||^2 + Tr(sigma + sigma_ref - 2 sqrtm(sigma sigma_ref)), in float64 (EDM fid.py)."""
+    mu, mu_ref = np.asarray(mu, dtype=np.float64), np.asarray(mu_ref, dtype=np.float64)
+    sigma, sigma_ref = np.asarray(sigma, dtype=np.float64), np.asarray(sigma_ref, dtype=np.float64)
+    if mu.shape != mu_ref.shape or sigma.shape != sigma_ref.shape or sigma.shape != mu.shape * 2:
+        raise FIDInputError(f'Statistics of different shapes: mu {mu.shape}, sigma {sigma.shape} '
+            f'vs. mu {mu_ref.shape}, sigma {sigma_ref.shape}')
+    m = np.square(mu - mu_ref).sum()
+    s = scipy.linalg.sqrtm(np.dot(sigma, sigma_ref))
+    if isinstance(s, tuple): # SciPy < 1.16 with disp=False returned (sqrtm, errest).
+        s = s[0]
+    fid = m + np.trace(sigma + sigma_ref - s * 2)
+    return float(np.real(fid))
+
+#----------------------------------------------------------------------------
+# Streaming feature statistics: float64 sums of f and f^T f, summed over processes.
+
+
+class FeatureStats:
+    """Accumulates the mean and the unbiased covariance of feature vectors [N, feature_dim]."""
+
+    def __init__(self, feature_dim, device='cpu'):
+        self.feature_dim = feature_dim
+        self.num = 0
+        self.sum = torch.zeros([feature_dim], dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros([feature_dim, feature_dim], dtype=torch.float64, device=device)
+
+    def append(self, features):
+        features = torch.as_tensor(features).to(device=self.sum.device, dtype=torch.float64)
+        if features.ndim != 2 or features.shape[1] != self.feature_dim:
+            raise FIDInputError(f'Expected features of shape [N, {self.feature_dim}], got {list(features.shape)}')
+        self.num += features.shape[0]
+        self.sum += features.sum(0)
+        self.sum_sq += features.T @ features
+
+    def get(self, all_reduce=True):
+        """(mu, sigma) as float64 NumPy arrays; with `all_reduce`, over the features of all processes."""
+        num = torch.as_tensor(float(self.num), dtype=torch.float64, device=self.sum.device)
+        mu, sigma = self.sum.clone(), self.sum_sq.clone()
+        if all_reduce:
+            for t in [num, mu, sigma]:
+                dist.all_reduce(t)
+        num = int(num)
+        if num < 2:
+            raise FIDInputError(f'Statistics need at least 2 images, got {num}')
+        mu /= num
+        sigma -= mu.outer(mu) * num
+        sigma /= num - 1
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def feature_stats(features):
+    """(mu, sigma) of a local [N, D] feature array, float64, unbiased covariance (no reduction over processes)."""
+    features = torch.as_tensor(features)
+    stats = FeatureStats(features.shape[-1], features.device)
+    stats.append(features)
+    return stats.get(all_reduce=False)
+
+#----------------------------------------------------------------------------
+# Reference statistics files: np.savez with mu, sigma and, for this project's own files, the detector name.
+
+
+def load_stats(ref):
+    """Statistics from a .npz path, URL or EDM dataset name -> dict(mu, sigma, detector or None)."""
+    url = REF_URLS.get(ref, ref)
+    if not dnnlib.util.is_url(url, allow_file_urls=True) and not os.path.isfile(url):
+        raise FIDInputError(f'Reference statistics not found: {ref}')
+    try:
+        with dnnlib.util.open_url(url, verbose=(dist.get_rank() == 0)) as f:
+            data = dict(np.load(f))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise FIDInputError(f'Cannot read reference statistics {ref}: {_one_line(err)}') from err
+    if 'mu' not in data or 'sigma' not in data:
+        raise FIDInputError(f'Reference statistics {ref} lack "mu" and "sigma" (keys: {", ".join(data)})')
+    mu, sigma = data['mu'].astype(np.float64), data['sigma'].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise FIDInputError(f'Reference statistics {ref} have mismatched shapes: mu {mu.shape}, sigma {sigma.shape}')
+    detector = str(data['detector']) if 'detector' in data else None
+    return dict(mu=mu, sigma=sigma, detector=detector)
+
+
+def save_stats(path, mu, sigma, detector=None):
+    """Write mu, sigma (and the detector name) to `path` through a temporary file and an atomic rename."""
+    arrays = dict(mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
+    if detector is not None:
+        arrays['detector'] = np.array(str(detector))
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp_path = os.path.join(os.path.dirname(path), f'.tmp_{uuid.uuid4().hex}_{os.path.basename(path)}')
+    try:
+        with open(temp_path, 'wb') as f:
+            np.savez(f, **arrays)
+        os.replace(temp_path, path)
+    finally:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+
+#----------------------------------------------------------------------------
+# Detectors.
+
+
+def default_detector_name(image_shape):
+    """The embedded digits classifier for 1x8x8 images, Inception (as EDM) for everything else."""
+    return 'digits' if tuple(image_shape) == (1, 8, 8) else 'inception'
+
+
+def load_detector(name, device):
+    """models.detectors.get_detector(name, device); a dotted name 'module.factory' calls factory(device=device)."""
+    try:
+        if '.' in name:
+            return dnnlib.util.get_obj_by_name(name)(device=device)
+        from models.detectors import get_detector
+        return get_detector(name, device)
+    except ImportError as err:
+        raise FIDInputError(f'Unknown detector "{name}": {_one_line(err)}') from err
+    except (ValueError, OSError, RuntimeError) as err:
+        raise FIDInputError(f'Cannot load detector "{name}": {_one_line(err)}') from err
+
+
+def _load_detector_rank0_first(name, device):
+    # Rank 0 downloads into the cache first; the other ranks then find it there.
+    if dist.get_rank() != 0:
+        dist.barrier()
+    detector = load_detector(name, device)
+    if dist.get_rank() == 0:
+        dist.barrier()
+    return detector
+
+
+def check_compatible(ref, detector, ref_name='the reference statistics'):
+    """Reject statistics made with another detector or of another feature dimension."""
+    if ref['detector'] is not None and ref['detector'] != detector.name:
+        raise FIDInputError(f'{ref_name} were made with detector "{ref["detector"]}", not "{detector.name}"')
+    if ref['mu'].shape[0] != detector.feature_dim:
+        raise FIDInputError(f'{ref_name} have {ref["mu"].shape[0]} features, but detector "{detector.name}" '
+            f'gives {detector.feature_dim}')
+
+#----------------------------------------------------------------------------
+# Images of a folder (walked recursively) or a zip, read like EDM's ImageFolderDataset: sorted by relative
+# path, uint8 CHW (grayscale keeps 1 channel), an optional random subset chosen by seed.
+
+
+class ImageFolder:
+    """uint8 [C, H, W] arrays of the images under `path` (folder or .zip); `max_size` picks a seeded subset."""
+
+    def __init__(self, path, max_size=None, random_seed=0):
+        self.path = path
+        self._zip = None
+        PIL.Image.init()
+        if os.path.isdir(path):
+            names = [os.path.relpath(os.path.join(root, fname), start=path)
+                for root, _dirs, files in os.walk(path) for fname in files]
+        elif os.path.isfile(path) and path.lower().endswith('.zip'):
+            try:
+                self._zip = zipfile.ZipFile(path)
+            except (OSError, zipfile.BadZipFile) as err:
+                raise FIDInputError(f'Cannot read zip file {path}: {_one_line(err)}') from err
+            names = self._zip.namelist()
+        elif os.path.exists(path):
+            raise FIDInputError(f'Image path must be a folder or a .zip file: {path}')
+        else:
+            raise FIDInputError(f'Image path not found: {path}')
+        self.names = sorted(name for name in names if os.path.splitext(name)[1].lower() in PIL.Image.EXTENSION)
+        if len(self.names) == 0:
+            raise FIDInputError(f'No images found in {path}')
+        self.num_found = len(self.names)
+
+        # Random subset, as EDM: shuffle all indices with the seed, keep the first max_size, sorted.
+        self.indices = np.arange(self.num_found, dtype=np.int64)
+        if max_size is not None and self.indices.size > max_size:
+            np.random.RandomState(random_seed % (1 << 31)).shuffle(self.indices)
+            self.indices = np.sort(self.indices[:max_size])
+        self.image_shape = self._load(self.names[self.indices[0]]).shape
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, idx):
+        name = self.names[self.indices[idx]]
+        image = self._load(name)
+        if image.shape != self.image_shape:
+            raise FIDInputError(f'Images of mixed sizes: {name} is {_shape_str(image.shape)}, but '
+                f'{self.names[self.indices[0]]} is {_shape_str(self.image_shape)}')
+        return image
+
+    def _load(self, name):
+        try:
+            if self._zip is not None:
+                with self._zip.open(name, 'r') as f:
+                    image = np.array(PIL.Image.open(f))
+            else:
+                with open(os.path.join(self.path, name), 'rb') as f:
+                    image = np.array(PIL.Image.open(f))
+        except Exception as err: # PIL raises OSError, SyntaxError, ValueError, ... on damaged files.
+            raise FIDInputError(f'Cannot read image {name}: {_one_line(err)}') from err
+        if image.dtype != np.uint8:
+            raise FIDInputError(f'Image {name} is not 8-bit ({image.dtype}); expected grayscale or RGB')
+        if image.ndim == 2:
+            image = image[:, :, np.newaxis] # HW => HWC
+        return image.transpose(2, 0, 1) # HWC => CHW
+
+#----------------------------------------------------------------------------
+# Statistics of images: a folder/zip split over processes, or an in-memory batch.
+
+
+def rank_batches(num_items, max_batch, rank=None, world_size=None):
+    """EDM's split: the same number of batches on every rank (some may be empty), rank r takes every world-th."""
+    rank = dist.get_rank() if rank is None else rank
+    world_size = dist.get_world_size() if world_size is None else world_size
+    num_batches = ((num_items - 1) // (max_batch * world_size) + 1) * world_size
+    return torch.arange(num_items).tensor_split(num_batches)[rank :: world_size]
+
+
+def _detector_device(detector, default):
+    return torch.device(getattr(detector, 'device', default))
+
+
+def _features(detector, images):
+    # A detector rejects images it cannot take (e.g. the wrong channel count) with a ValueError.
+    try:
+        return detector(images)
+    except FIDInputError:
+        raise
+    except ValueError as err:
+        raise FIDInputError(f'Detector "{detector.name}" cannot take these images: {_one_line(err)}') from err
+
+
+def compute_dataset_stats(dataset, detector, max_batch=64, device=None):
+    """(mu, sigma) of the detector features of `dataset` (ImageFolder), split over all processes."""
+    device = _detector_device(detector, dist.device() if device is None else device)
+    stats = FeatureStats(detector.feature_dim, device)
+    for idx in tqdm.tqdm(rank_batches(len(dataset), max_batch), unit='batch', disable=(dist.get_rank() != 0)):
+        if len(idx) == 0:
+            continue
+        images = torch.from_numpy(np.stack([dataset[int(i)] for i in idx])).to(device)
+        stats.append(_features(detector, images))
+    return stats.get(all_reduce=True)
+
+
+def compute_image_stats(images, detector, batch=64, all_reduce=False):
+    """(mu, sigma) of the detector features of an image tensor [N, C, H, W] (uint8 or float, 0..255).
+
+    With `all_reduce`, every process passes its own images and gets the statistics of all of them.
+    """
+    device = _detector_device(detector, images.device)
+    stats = FeatureStats(detector.feature_dim, device)
+    for start in range(0, images.shape[0], batch):
+        stats.append(_features(detector, images[start : start + batch].to(device)))
+    return stats.get(all_reduce=all_reduce)
+
+
+def fid_from_images(images, ref, detector=None, batch=64):
+    """FID of an in-memory image tensor [N, C, H, W] (0..255) against stats (path, URL, name or a loaded dict).
+
+    `detector` is a detector object or name; by default the one recorded in the statistics.
+    """
+    if not isinstance(ref, dict):
+        ref = load_stats(ref)
+    if detector is None or isinstance(detector, str):
+        name = detector or ref.get('detector') or default_detector_name(images.shape[1:])
+        detector = load_detector(name, images.device)
+    check_compatible(ref, detector)
+    mu, sigma = compute_image_stats(images, detector, batch=batch)
+    return frechet_distance(mu, sigma, ref['mu'], ref['sigma'])
+
+#----------------------------------------------------------------------------
+# Small helpers.
+
+
+def _one_line(err):
+    text = str(err).strip() or type(err).__name__
+    return re.sub(r'\s*\n\s*', ' ', text)
+
+
+def _shape_str(shape):
+    return f'{shape[1]}x{shape[2]} with {shape[0]} channel{"s" if shape[0] != 1 else ""}'
+
+
+def _click_errors(fn):
+    """Turn FIDInputError into a one-line click error."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FIDInputError as err:
+            raise click.ClickException(str(err)) from err
+    return wrapper
+
+#----------------------------------------------------------------------------
+
+
+@click.group()
+def main():
+    """Calculate Frechet Inception Distance (FID).
+
+    Examples:
+
+    \b
+    # Generate 50000 images and save them as fid-tmp/*/*.png
+    torchrun --standalone --nproc_per_node=1 sample.py --outdir=fid-tmp --seeds=0-49999 --subdirs ...
+
+    \b
+    # Calculate FID against the EDM reference statistics of CIFAR-10
+    torchrun --standalone --nproc_per_node=1 fid.py calc --images=fid-tmp --ref=cifar10
+
+    \b
+    # Compute dataset reference statistics
+    python fid.py ref --data=datasets/my-dataset.zip --dest=fid-refs/my-dataset.npz
+    """
+
+#----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option('--images', 'image_path', help='Path to the images', metavar='PATH|ZIP', type=str, required=True)
+@click.option('--ref', 'ref_path', help='Reference statistics, or cifar10|ffhq|afhqv2|imagenet64', metavar='NPZ|URL',
+              type=str, required=True)
+@click.option('--num', 'num_expected', help='Number of images to use  [default: all]', metavar='INT',
+              type=click.IntRange(min=2), default=None)
+@click.option('--seed', help='Random seed for selecting the images', metavar='INT', type=int, default=0,
+              show_default=True)
+@click.option('--batch', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64,
+              show_default=True)
+@click.option('--detector', help='Feature detector  [default: the one recorded in the statistics]', metavar='NAME',
+              type=str, default=None)
+@_click_errors
+def calc(image_path, ref_path, num_expected, seed, batch, detector):
+    """Calculate FID for a given set of images."""
+    dist.init()
+
+    # Rank 0 loads (and downloads) the statistics first.
+    dist.print0(f'Loading dataset reference statistics from "{ref_path}"...')
+    if dist.get_rank() != 0:
+        dist.barrier()
+    ref = load_stats(ref_path)
+    if dist.get_rank() == 0:
+        dist.barrier()
+
+    dist.print0(f'Loading images from "{image_path}"...')
+    dataset = ImageFolder(image_path, max_size=num_expected, random_seed=seed)
+    if num_expected is not None and len(dataset) < num_expected:
+        raise FIDInputError(f'Found {len(dataset)} images in {image_path}, but expected at least {num_expected}')
+    if len(dataset) < 2:
+        raise FIDInputError(f'Found {len(dataset)} image in {image_path}, but need at least 2')
+
+    detector_name = detector or ref['detector'] or default_detector_name(dataset.image_shape)
+    det = _load_detector_rank0_first(detector_name, dist.device())
+    check_compatible(ref, det, ref_name=f'Reference statistics {ref_path}')
+
+    dist.print0(f'Calculating statistics for {len(dataset)} images with detector "{det.name}"...')
+    mu, sigma = compute_dataset_stats(dataset, det, max_batch=batch)
+    dist.print0('Calculating FID...')
+    if dist.get_rank() == 0:
+        fid = frechet_distance(mu, sigma, ref['mu'], ref['sigma'])
+        print(f'{fid:g}')
+    dist.barrier()
+
+#----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option('--data', 'dataset_path', help='Path to the dataset', metavar='PATH|ZIP', type=str, required=True)
+@click.option('--dest', 'dest_path', help='Destination .npz file', metavar='NPZ', type=str, required=True)
+@click.option('--batch', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64,
+              show_default=True)
+@click.option('--detector', help='Feature detector  [default: digits for 1x8x8 images, else inception]',
+              metavar='NAME', type=str, default=None)
+@_click_errors
+def ref(dataset_path, dest_path, batch, detector):
+    """Calculate dataset reference statistics needed by 'calc'."""
+    dist.init()
+
+    dist.print0(f'Loading images from "{dataset_path}"...')
+    dataset = ImageFolder(dataset_path)
+    if len(dataset) < 2:
+        raise FIDInputError(f'Found {len(dataset)} image in {dataset_path}, but need at least 2')
+    det = _load_detector_rank0_first(detector or default_detector_name(dataset.image_shape), dist.device())
+
+    dist.print0(f'Calculating statistics for {len(dataset)} images with detector "{det.name}"...')
+    mu, sigma = compute_dataset_stats(dataset, det, max_batch=batch)
+    dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')
+    if dist.get_rank() == 0:
+        save_stats(dest_path, mu, sigma, detector=det.name)
+    dist.barrier()
+    dist.print0('Done.')
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()
+
+#----------------------------------------------------------------------------
