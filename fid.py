@@ -107,17 +107,24 @@ def load_stats(ref):
     url = REF_URLS.get(ref, ref)
     if not dnnlib.util.is_url(url, allow_file_urls=True) and not os.path.isfile(url):
         raise FIDInputError(f'Reference statistics not found: {ref}')
+    # Read only the arrays needed: some published files (ADM reference batches) also hold images.
     try:
         with dnnlib.util.open_url(url, verbose=(dist.get_rank() == 0)) as f:
-            data = dict(np.load(f))
+            data = np.load(f)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise FIDInputError(f'Reference statistics {ref} are not an .npz file')
+            with data:
+                keys = list(data.files)
+                if 'mu' not in keys or 'sigma' not in keys:
+                    raise FIDInputError(f'Reference statistics {ref} lack "mu" and "sigma" (keys: {", ".join(keys)})')
+                mu, sigma = data['mu'].astype(np.float64), data['sigma'].astype(np.float64)
+                detector = str(data['detector']) if 'detector' in keys else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        if isinstance(err, FIDInputError):
+            raise
         raise FIDInputError(f'Cannot read reference statistics {ref}: {_one_line(err)}') from err
-    if 'mu' not in data or 'sigma' not in data:
-        raise FIDInputError(f'Reference statistics {ref} lack "mu" and "sigma" (keys: {", ".join(data)})')
-    mu, sigma = data['mu'].astype(np.float64), data['sigma'].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
         raise FIDInputError(f'Reference statistics {ref} have mismatched shapes: mu {mu.shape}, sigma {sigma.shape}')
-    detector = str(data['detector']) if 'detector' in data else None
     return dict(mu=mu, sigma=sigma, detector=detector)
 
 

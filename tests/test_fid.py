@@ -168,6 +168,16 @@ def test_save_load_stats_round_trip(tmp_path):
     loaded = fid.load_stats((tmp_path / 'edm.npz').as_uri())
     assert loaded['detector'] is None and loaded['mu'].dtype == np.float64
 
+    # Extra arrays (even pickled ones) are not read; files without mu/sigma or not .npz are refused.
+    np.savez(str(tmp_path / 'extra.npz'), mu=mu, sigma=sigma, images=np.array([{'a': 1}], dtype=object))
+    assert np.array_equal(fid.load_stats(str(tmp_path / 'extra.npz'))['sigma'], sigma)
+    np.savez(str(tmp_path / 'keys.npz'), a=mu)
+    with pytest.raises(ValueError, match=r'lack "mu" and "sigma" \(keys: a\)'):
+        fid.load_stats(str(tmp_path / 'keys.npz'))
+    np.save(str(tmp_path / 'plain.npy'), mu)
+    with pytest.raises(ValueError, match='are not an .npz file'):
+        fid.load_stats(str(tmp_path / 'plain.npy'))
+
 
 def test_ref_shorthand_uses_dnnlib_cache(tmp_path, monkeypatch):
     url = 'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz'
