@@ -206,8 +206,10 @@ def load_sd(path_or_id=SD_DEFAULT, device='cpu', guidance_rate=7.5, dtype=None, 
                                                            requires_safety_checker=False, **kwargs)
     except (OSError, KeyError, TypeError) as e:
         raise ValueError(f'cannot load Stable Diffusion from {path}: {str(e).splitlines()[0]}') from e
+    # Cast after loading, as plain torch modules: diffusers renamed its dtype argument across versions, and its own
+    # .to() warns on every cast (SD v1/v2 have no modules that must stay in float32).
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.to(device, dtype)  # cast after loading: diffusers renamed its dtype argument across versions
+        torch.nn.Module.to(module, device=device, dtype=dtype)
     net = SDDenoiser(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler.alphas_cumprod,
                      guidance_rate=guidance_rate, epsilon_t=epsilon_t,
                      prediction_type=pipe.scheduler.config.get('prediction_type', 'epsilon'))
