@@ -58,13 +58,18 @@ def images(tmp_path):
     return _write_images(str(tmp_path / 'images'), 37)
 
 
+def _runner():
+    # dist.init() fills the torchrun variables; the runner removes them again afterwards.
+    return CliRunner(env={key: None for key in ['MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE']})
+
+
 def _invoke(*args):
-    result = CliRunner().invoke(fid.main, list(args), catch_exceptions=False)
+    result = _runner().invoke(fid.main, list(args), catch_exceptions=False)
     return result.exit_code, result.stdout
 
 
 def _assert_one_line_error(args, message):
-    result = CliRunner().invoke(fid.main, args, catch_exceptions=False)
+    result = _runner().invoke(fid.main, args, catch_exceptions=False)
     assert result.exit_code == 1 and 'Traceback' not in result.output, result.output
     lines = result.stderr.strip().splitlines() # Progress bars may come first.
     assert lines[-1].startswith('Error: ') and message in lines[-1], result.output

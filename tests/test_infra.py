@@ -378,7 +378,8 @@ def test_load_network_pickle_maps_cuda_storages_to_cpu(tmp_path):
 
 def test_distributed_single_process(monkeypatch):
     for key in ['MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE']:
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, '') # Recorded, so the values init() fills in are removed after the test.
+        monkeypatch.delenv(key)
     dist.init()
     assert not torch.distributed.is_initialized()
     assert os.environ['WORLD_SIZE'] == '1' and os.environ['MASTER_PORT'] == '29500'
