@@ -364,8 +364,9 @@ def main():
 @click.option('--images', 'image_path', help='Path to the images', metavar='PATH|ZIP', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics, or cifar10|ffhq|afhqv2|imagenet64', metavar='NPZ|URL',
               type=str, required=True)
-@click.option('--num', 'num_expected', help='Number of images to use  [default: all]', metavar='INT',
-              type=click.IntRange(min=2), default=None)
+@click.option('--num', '--num_images', 'num_expected', metavar='INT', type=click.IntRange(min=2), default=None,
+              help='Number of images to use (under torchrun write --num_images: torchrun takes --num for its '
+                   '--numa-binding)  [default: all]')
 @click.option('--seed', help='Random seed for selecting the images', metavar='INT', type=int, default=0,
               show_default=True)
 @click.option('--batch', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64,

@@ -262,19 +262,27 @@ def test_compute_image_stats_equals_folder_stats(images):
 
 
 def test_torchrun_two_processes_match_one(tmp_path, images):
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
     one, two = str(tmp_path / 'one.npz'), str(tmp_path / 'two.npz')
     args = [f'--data={images}', '--batch=8', f'--detector={STANDIN}']
-    for cmd in [[sys.executable, 'fid.py', 'ref', f'--dest={one}'] + args,
-                [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                 'fid.py', 'ref', f'--dest={two}'] + args]:
-        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stdout + res.stderr
-        assert res.stdout.count('Done.') == 1 # Rank 0 prints.
+    assert _invoke('ref', f'--dest={one}', *args)[0] == 0
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'fid.py']
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
+    res = subprocess.run(torchrun + ['ref', f'--dest={two}'] + args, cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count('Done.') == 1 # Rank 0 prints.
     a, b = fid.load_stats(one), fid.load_stats(two)
     assert a['detector'] == b['detector'] == STANDIN
     np.testing.assert_allclose(b['mu'], a['mu'], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(b['sigma'], a['sigma'], rtol=1e-10, atol=1e-12)
+
+    # calc under torchrun: a subset (--num_images, since torchrun itself claims --num) gives one process's FID.
+    res = subprocess.run(torchrun + ['calc', f'--images={images}', f'--ref={one}', '--num_images=20', '--seed=3',
+        '--batch=3'], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    exit_code, output = _invoke('calc', f'--images={images}', f'--ref={one}', '--num=20', '--seed=3')
+    assert exit_code == 0 and float(res.stdout.strip().splitlines()[-1]) > 1e-3
+    assert float(res.stdout.strip().splitlines()[-1]) == pytest.approx(float(output.strip().splitlines()[-1]), 1e-5)
 
 #----------------------------------------------------------------------------
 # Bad input: one line, no traceback.
