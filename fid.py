@@ -148,8 +148,13 @@ def save_stats(path, mu, sigma, detector=None):
 # Detectors.
 
 
-def default_detector_name(image_shape):
-    """The embedded digits classifier for 1x8x8 images, Inception (as EDM) for everything else."""
+def default_detector_name(image_shape, ref=None):
+    """The detector recorded in `ref`; else Inception for 2048-d (EDM) statistics or for any image but the
+    1x8x8 digits, which get the embedded digits classifier."""
+    if ref is not None and ref['detector'] is not None:
+        return ref['detector']
+    if ref is not None and ref['mu'].shape[0] == 2048:
+        return 'inception'
     return 'digits' if tuple(image_shape) == (1, 8, 8) else 'inception'
 
 
@@ -306,7 +311,7 @@ def fid_from_images(images, ref, detector=None, batch=64):
     if not isinstance(ref, dict):
         ref = load_stats(ref)
     if detector is None or isinstance(detector, str):
-        name = detector or ref.get('detector') or default_detector_name(images.shape[1:])
+        name = detector or default_detector_name(images.shape[1:], ref)
         detector = load_detector(name, images.device)
     check_compatible(ref, detector)
     mu, sigma = compute_image_stats(images, detector, batch=batch)
@@ -393,7 +398,7 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector):
     if len(dataset) < 2:
         raise FIDInputError(f'Found {len(dataset)} image in {image_path}, but need at least 2')
 
-    detector_name = detector or ref['detector'] or default_detector_name(dataset.image_shape)
+    detector_name = detector or default_detector_name(dataset.image_shape, ref)
     det = _load_detector_rank0_first(detector_name, dist.device())
     check_compatible(ref, det, ref_name=f'Reference statistics {ref_path}')
 

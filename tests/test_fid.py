@@ -194,6 +194,15 @@ def test_ref_shorthand_uses_dnnlib_cache(tmp_path, monkeypatch):
     loaded = fid.load_stats('cifar10')
     assert np.array_equal(loaded['sigma'], np.eye(3)) and loaded['detector'] is None
 
+def test_default_detector():
+    edm = dict(mu=np.zeros(2048), sigma=np.eye(2048), detector=None)
+    assert fid.default_detector_name((1, 8, 8)) == 'digits'
+    assert fid.default_detector_name((3, 8, 8)) == 'inception'
+    assert fid.default_detector_name((1, 8, 8), edm) == 'inception'
+    assert fid.default_detector_name((3, 32, 32), dict(edm, mu=np.zeros(128))) == 'inception'
+    assert fid.default_detector_name((1, 8, 8), dict(edm, mu=np.zeros(128))) == 'digits'
+    assert fid.default_detector_name((3, 32, 32), dict(edm, detector=STANDIN)) == STANDIN
+
 #----------------------------------------------------------------------------
 # Image loading.
 
