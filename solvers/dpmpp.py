@@ -15,7 +15,7 @@ from .registry import register
 # at the noise levels `t_hist`, most recent last.
 
 
-def dpmpp_update(x, m_hist, t_hist, t_next, order, predict_x0=True):
+def dpmpp_update(x, m_hist, t_hist, t_next, order, predict_x0=True, exact_third_order=False):
     t_cur, m_cur = t_hist[-1], m_hist[-1]
     h = math.log(t_cur / t_next)
     phi_1 = math.expm1(-h) if predict_x0 else math.expm1(h)
@@ -28,10 +28,11 @@ def dpmpp_update(x, m_hist, t_hist, t_next, order, predict_x0=True):
         return x_next - 0.5 * phi_1 * D1_0 if predict_x0 else x_next - 0.5 * t_next * phi_1 * D1_0
     r_1 = math.log(t_hist[-3] / t_hist[-2]) / h
     D1_1 = (m_hist[-2] - m_hist[-3]) / r_1
-    # D1 ~ h m'(lambda_s) but D2 ~ h^2 m''/2, so the h^2 m'' Taylor term gets half its weight, as in the
-    # reference (copied there from the official DPM-Solver code): globally second order (kept, docs/deviations.md).
+    # D1 ~ h m'(lambda_s) but D2 ~ h^2 m''/2, so the published update (the reference, copied there from the
+    # official DPM-Solver code) gives the h^2 m'' Taylor term half its weight and is globally second order. It is
+    # the default, for parity with published baselines; exact_third_order doubles D2 (docs/deviations.md).
     D1 = D1_0 + r_0 / (r_0 + r_1) * (D1_0 - D1_1)
-    D2 = (D1_0 - D1_1) / (r_0 + r_1)
+    D2 = (D1_0 - D1_1) / (r_0 + r_1) * (2 if exact_third_order else 1)
     phi_2 = phi_1 / h + 1 if predict_x0 else phi_1 / h - 1
     phi_3 = phi_2 / h - 0.5
     if predict_x0:
@@ -55,9 +56,10 @@ def check_dpmpp_options(solver, max_order, predict_x0, lower_order_final, thresh
 @register('dpmpp', nfe=lambda num_steps, **options: num_steps - 1, schedule=('logsnr', 1))
 @torch.no_grad()
 def sample_dpmpp(net, x, sigmas, extra_args=None, callback=None, randn_like=None, afs=False, *,
-                 max_order=3, predict_x0=True, lower_order_final=True, thresholding=False):
+                 max_order=3, predict_x0=True, lower_order_final=True, thresholding=False, exact_third_order=False):
     """DPM-Solver++(max_order M): 1 NFE per step; lower_order_final lowers the order on the last steps."""
     check_dpmpp_options('dpmpp', max_order, predict_x0, lower_order_final, thresholding)
+    check_flag('dpmpp', 'exact_third_order', exact_third_order)
     sigmas = check_sigmas(sigmas)
     num_steps = len(sigmas)
     m_hist, t_hist = [], []
@@ -71,7 +73,7 @@ def sample_dpmpp(net, x, sigmas, extra_args=None, callback=None, randn_like=None
             order = i + 1 if i + 1 < max_order else min(max_order, num_steps - 1 - i)
         else:
             order = min(max_order, i + 1)
-        x = dpmpp_update(x, m_hist, t_hist, t_next, order, predict_x0)
+        x = dpmpp_update(x, m_hist, t_hist, t_next, order, predict_x0, exact_third_order)
         if callback is not None:
             callback(dict(i=i, x=x, sigma=t_cur, sigma_next=t_next, denoised=denoised))
     return x

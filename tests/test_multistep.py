@@ -284,6 +284,9 @@ ORDER_CASES = [
     ('dpmpp', dict(max_order=2, predict_x0=False), 2),
     ('dpmpp', dict(max_order=3, lower_order_final=False), 2),
     ('dpmpp', dict(max_order=3, predict_x0=False, lower_order_final=False), 2),
+    # With the h^2 m'' term at its full weight, 3M is third order (data and noise prediction).
+    ('dpmpp', dict(max_order=3, lower_order_final=False, exact_third_order=True), 3),
+    ('dpmpp', dict(max_order=3, predict_x0=False, lower_order_final=False, exact_third_order=True), 3),
     # UniPC-p with its corrector is order p + 1 (paper, Thm 3.3), bh1 and bh2 alike: measured 2.05, 3.05, 3.02,
     # 3.03 (noise prediction) and 4.00 for p = 3.
     ('unipc', dict(max_order=1, variant='bh1'), 2),

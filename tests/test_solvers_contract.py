@@ -26,7 +26,7 @@ CONFIGS = [
     ('dpm', {}), ('dpm', dict(r=0.3)), ('dpm', dict(substeps=2)),
     *[('dpmpp', dict(max_order=o, predict_x0=p, lower_order_final=l))
       for o, p, l in itertools.product([1, 2, 3], [True, False], [True, False])],
-    ('dpmpp', dict(thresholding=True)),
+    ('dpmpp', dict(thresholding=True)), ('dpmpp', dict(exact_third_order=True)),
     *[('ipndm', dict(max_order=o)) for o in [1, 2, 3, 4]],
     *[('ipndm_v', dict(max_order=o)) for o in [1, 2, 3, 4]],
     *[('unipc', dict(max_order=o, variant=v, predict_x0=p))
