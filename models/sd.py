@@ -38,7 +38,7 @@ class SDDenoiser(torch.nn.Module):
     label_dim = 0  # no class labels: conditioning is text, passed as `condition=...`
 
     def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod, guidance_rate=7.5, epsilon_t=1e-3,
-                 prediction_type='epsilon'):
+                 prediction_type='epsilon', prompts=None):
         super().__init__()
         if prediction_type not in ('epsilon', 'v_prediction'):
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
@@ -61,6 +61,7 @@ class SDDenoiser(torch.nn.Module):
         self._tables_on = {}
         self.sigma_min = float(self.sigma(self.epsilon_t))
         self.sigma_max = float(self.sigma(1.0))
+        self.prompts = prompts  # the captions distillation draws from (training_conditioning)
         self._empty_condition = None
         self.requires_grad_(False)
         self.eval()
@@ -101,7 +102,7 @@ class SDDenoiser(torch.nn.Module):
         if condition is None:
             raise ValueError('Stable Diffusion needs condition=encode_prompts(prompts)')
         batch = x.shape[0]
-        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(batch)
+        sigma = _float(sigma).to(x.device).reshape(-1).expand(batch)
         c_in = 1 / torch.sqrt(1 + sigma.double() ** 2)
         c_noise = self.M * self.sigma_inv(sigma.double()) - 1  # continuous DDPM index in [0, M - 1]
         c_in = c_in.to(x.dtype).reshape(-1, 1, 1, 1)
@@ -157,9 +158,17 @@ class SDDenoiser(torch.nn.Module):
             args['unconditional_condition'] = self.empty_condition().expand_as(args['condition'])
         return args
 
-    @torch.no_grad()
+    def training_conditioning(self, rnd, batch_size):
+        """extra_args for AdaSDE distillation: a caption of self.prompts per sample, drawn from its own generator."""
+        if not self.prompts:
+            raise ValueError('Stable Diffusion distillation draws captions from net.prompts: set it to '
+                             'models.sd.load_prompts(<csv>)')
+        index = rnd.randint(len(self.prompts), size=[batch_size], device=self.device)
+        return self.prompt_args([self.prompts[i] for i in index.tolist()])
+
     def decode(self, latents):
-        """VAE decode of final latents (divided by the VAE's scaling factor), as float32 images in [-1, 1]."""
+        """VAE decode of final latents (divided by the VAE's scaling factor), as float32 images in [-1, 1].
+        Differentiable: AdaSDE's final-step feature loss backpropagates through the decoder."""
         z = latents.to(self.device, self.dtype) / self.vae.config.scaling_factor
         if getattr(self.vae.config, 'shift_factor', None) is not None:
             z = z + self.vae.config.shift_factor
@@ -181,7 +190,7 @@ def cfg_nfe_factor(net):
 
 
 def load_sd(path_or_id=SD_DEFAULT, device='cpu', guidance_rate=7.5, dtype=None, epsilon_t=1e-3,
-            guidance_type='classifier-free', **kwargs):
+            guidance_type='classifier-free', prompts=None, **kwargs):
     """Load Stable Diffusion as an SDDenoiser. dtype (torch dtype or name) defaults to float16 on CUDA and float32
     elsewhere; extra kwargs go to diffusers (e.g. local_files_only=True, config=<dir> for single files)."""
     from diffusers import StableDiffusionPipeline
@@ -212,7 +221,7 @@ def load_sd(path_or_id=SD_DEFAULT, device='cpu', guidance_rate=7.5, dtype=None, 
         torch.nn.Module.to(module, device=device, dtype=dtype)
     net = SDDenoiser(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler.alphas_cumprod,
                      guidance_rate=guidance_rate, epsilon_t=epsilon_t,
-                     prediction_type=pipe.scheduler.config.get('prediction_type', 'epsilon'))
+                     prediction_type=pipe.scheduler.config.get('prediction_type', 'epsilon'), prompts=prompts)
     return net
 
 

@@ -315,6 +315,34 @@ def test_nfe_factor(net):
     assert solvers.nfe('euler', 6) * cfg_nfe_factor(net) == 10
 
 #----------------------------------------------------------------------------
+# Distillation: prompts drawn per sample from its own generator; the decoder
+# passes gradients (the final-step feature loss backpropagates through it).
+
+
+def test_training_conditioning(net):
+    from solvers.distill import training_conditioning
+    from torch_utils.misc import StackedRandomGenerator
+    captions = [f'caption number {i}' for i in range(50)]
+    with pytest.raises(ValueError, match='set it to models.sd.load_prompts'):
+        training_conditioning(net, StackedRandomGenerator('cpu', [0]), 1, 'cpu')
+    net.prompts = captions
+    try:
+        both = training_conditioning(net, StackedRandomGenerator('cpu', [11, 12]), 2, 'cpu')
+        alone = training_conditioning(net, StackedRandomGenerator('cpu', [12]), 1, 'cpu')
+    finally:
+        net.prompts = None
+    index = int(torch.randint(50, size=[], generator=torch.Generator().manual_seed(12)))
+    torch.testing.assert_close(alone['condition'], net.encode_prompts([captions[index]]))
+    torch.testing.assert_close(both['condition'][1:], alone['condition'])
+    assert set(both) == {'condition', 'unconditional_condition'}
+
+
+def test_decode_is_differentiable(net):
+    latents = (0.3 * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(8))).requires_grad_()
+    (grad,) = torch.autograd.grad(net.decode(latents).sum(), [latents])
+    assert grad.shape == latents.shape and float(grad.abs().sum()) > 0
+
+#----------------------------------------------------------------------------
 # Prompts: caption index = seed.
 
 
