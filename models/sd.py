@@ -14,12 +14,12 @@ SD_DEFAULT = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
 SINGLE_FILE_SUFFIXES = ('.ckpt', '.safetensors')
 
 #----------------------------------------------------------------------------
-# Piecewise-linear interpolation with linear extrapolation from the two
-# outermost knots (xp increasing). Differentiable in x.
+# Helpers of the schedule: times and noise levels as float64 unless given as
+# floating tensors; piecewise-linear interpolation with linear extrapolation
+# from the two outermost knots (xp increasing), differentiable in x.
 
 
 def _float(v):
-    """A floating tensor: float64 unless v already is a floating tensor (whose dtype is kept)."""
     return v if torch.is_tensor(v) and v.is_floating_point() else torch.as_tensor(v, dtype=torch.float64)
 
 
@@ -103,9 +103,8 @@ class SDDenoiser(torch.nn.Module):
             raise ValueError('Stable Diffusion needs condition=encode_prompts(prompts)')
         batch = x.shape[0]
         sigma = _float(sigma).to(x.device).reshape(-1).expand(batch)
-        c_in = 1 / torch.sqrt(1 + sigma.double() ** 2)
+        c_in = (1 / torch.sqrt(1 + sigma.double() ** 2)).to(x.dtype).reshape(-1, 1, 1, 1)
         c_noise = self.M * self.sigma_inv(sigma.double()) - 1  # continuous DDPM index in [0, M - 1]
-        c_in = c_in.to(x.dtype).reshape(-1, 1, 1, 1)
         x_vp = x * c_in
         condition = self._batch(condition, batch)
         if self.guidance_rate != 1:
@@ -147,7 +146,8 @@ class SDDenoiser(torch.nn.Module):
 
     def empty_condition(self):
         """The unconditional embedding: the empty prompt, encoded once."""
-        if self._empty_condition is None or self._empty_condition.device != self.device:
+        cached = self._empty_condition
+        if cached is None or cached.device != self.device or cached.dtype != self.dtype:
             self._empty_condition = self.encode_prompts([''])
         return self._empty_condition
 
