@@ -1,0 +1,447 @@
+"""Generate images with a few-step diffusion solver (AdaSDE or a baseline), one PNG per seed.
+
+EDM generate.py style: click options -> a validated config -> generate_images(), which benchmarks call too.
+Every random number of a sample (latent, label, the noise of each stochastic step) comes from its own seed's
+generator, and the network sees fixed-size chunks, so a sample's bytes depend on its seed only: not on --batch,
+the number of processes, or where an interrupted run was resumed.
+"""
+
+import glob
+import math
+import os
+import re
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+
+import dnnlib
+import models
+import models.sd
+import solvers
+from torch_utils import distributed as dist
+from torch_utils.misc import StackedRandomGenerator, parse_int_list
+
+# Solver options that have a CLI flag, with their click types.
+SOLVER_OPTIONS = dict(max_order=int, predict_x0=bool, lower_order_final=bool, thresholding=bool, variant=str,
+                      r=float, substeps=int, S_churn=float, S_min=float, S_max=float, S_noise=float, order=int,
+                      noise_fn=int)
+
+# Sampling settings an AdaSDE predictor fixes; giving a different value on the command line is an error.
+PREDICTOR_SETTINGS = ('num_steps', 'afs', 'schedule_type', 'schedule_rho', 'guidance_type', 'guidance_rate')
+
+#----------------------------------------------------------------------------
+# Batch-invariant network evaluation. On the CPU, matrix products and
+# convolutions take different code paths for different batch sizes (a batch
+# of 1 runs a matrix-vector product), so the same image can come out ~3e-8
+# apart in a batch of 1 and in a batch of 64: enough to flip a rounded pixel
+# now and then. Feeding the network only chunks of exactly `size` images (the
+# last one padded with copies of its final image) runs every image through the
+# same kernels, whatever the batch around it.
+
+
+class FixedBatchDenoiser:
+    """Call `net` on chunks of exactly `size` rows; tensors in the call whose first dimension is the batch follow."""
+
+    def __init__(self, net, size):
+        self.net = net
+        self.size = int(size)
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def __call__(self, x, sigma, **kwargs):
+        batch = x.shape[0]
+        if self.size <= 0 or batch == self.size:
+            return self.net(x, sigma, **kwargs)
+        sigma = torch.as_tensor(sigma, device=x.device)
+        sigma = sigma.reshape(-1).expand(batch) if sigma.numel() in (1, batch) else sigma
+        args = dict(x=x, sigma=sigma, **kwargs)
+        outputs = []
+        for start in range(0, batch, self.size):
+            chunk = {k: self._rows(v, batch, start) for k, v in args.items()}
+            outputs.append(self.net(**chunk)[:min(self.size, batch - start)])
+        return torch.cat(outputs)
+
+    def _rows(self, value, batch, start):
+        if not torch.is_tensor(value) or value.ndim == 0 or value.shape[0] != batch:
+            return value
+        rows = value[start:start + self.size]
+        pad = self.size - rows.shape[0]
+        return torch.cat([rows, rows[-1:].expand(pad, *rows.shape[1:])]) if pad else rows
+
+#----------------------------------------------------------------------------
+# Files: <outdir>[/<seed - seed % 1000:06d>]/<seed:06d>.png, written to a
+# temporary name in the same folder and renamed, so a PNG is whole or absent.
+
+
+def image_path(outdir, seed, subdirs=True):
+    name = f'{seed:06d}.png'
+    return os.path.join(outdir, f'{seed - seed % 1000:06d}', name) if subdirs else os.path.join(outdir, name)
+
+
+def to_uint8(images):
+    """[-1, 1] NCHW floats -> NHWC uint8 (x * 127.5 + 128, clipped, truncated: round to nearest)."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_image(array, path):
+    """Write one HWC uint8 image as PNG ('L' for 1 channel, 'RGB' for 3) through a temporary file."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    image = PIL.Image.fromarray(array[:, :, 0], 'L') if array.shape[2] == 1 else PIL.Image.fromarray(array, 'RGB')
+    tmp = f'{path}.{os.getpid()}.tmp'
+    image.save(tmp, format='PNG')
+    os.replace(tmp, path)
+
+
+def save_grid(paths, grid_path):
+    """Tile the given PNGs (all the same size) into one image, int(sqrt(n)) per row, black where none is left."""
+    images = [np.asarray(PIL.Image.open(p)) for p in paths]
+    per_row = max(int(math.sqrt(len(images))), 1)
+    num_rows = (len(images) - 1) // per_row + 1
+    h, w = images[0].shape[:2]
+    grid = np.zeros([num_rows * h, per_row * w, *images[0].shape[2:]], dtype=np.uint8)
+    for i, image in enumerate(images):
+        row, col = divmod(i, per_row)
+        grid[row * h:(row + 1) * h, col * w:(col + 1) * w] = image
+    save_image(grid if grid.ndim == 3 else grid[:, :, None], grid_path)
+
+#----------------------------------------------------------------------------
+# Work split of EDM generate.py: num_batches = ceil(n / (batch * world)) * world
+# near-equal batches, rank r takes every world-th one starting at r.
+
+
+def split_seeds(seeds, max_batch_size, world_size=1):
+    """All batches, one list per rank: result[r] is the list of batches (lists of seeds) of rank r."""
+    if not seeds:
+        return [[] for _ in range(world_size)]
+    num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
+    all_batches = [b.tolist() for b in torch.as_tensor(seeds, dtype=torch.int64).tensor_split(num_batches)]
+    return [all_batches[r::world_size] for r in range(world_size)]
+
+#----------------------------------------------------------------------------
+# One batch. Draw order per seed: latent, then (class-conditional models) the
+# label, then every noise of the stochastic solver -- all from that seed's
+# generator, so a sample depends on its seed only.
+
+
+def sample_batch(net, seeds, solver, sigmas, options=None, *, afs=False, class_idx=None, extra_args=None,
+                 dtype=torch.float32, device=None):
+    """Run `solver` from the latents of `seeds` down the schedule `sigmas`; returns the final state [B, C, R, R]."""
+    device = torch.device('cpu') if device is None else torch.device(device)
+    rnd = StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    extra_args = dict(extra_args or {})
+    if net.label_dim:
+        labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[len(seeds)], device=device)]
+        if class_idx is not None:
+            labels = torch.zeros_like(labels)
+            labels[:, class_idx] = 1
+        extra_args['class_labels'] = labels
+    x = latents.to(dtype) * float(sigmas[0])
+    return solvers.get_solver(solver)(net, x, sigmas, extra_args=extra_args, randn_like=rnd.randn_like, afs=afs,
+                                      **(options or {}))
+
+
+def generate_images(net, seeds, solver='dpmpp', options=None, *, num_steps=6, afs=False, schedule_type=None,
+                    schedule_rho=None, max_batch_size=64, net_batch=64, class_idx=None, condition_fn=None,
+                    dtype=torch.float32, device=None, rank=0, world_size=1):
+    """Yield (batch_seeds, images) for the batches of `seeds` that fall to `rank`; images are NCHW floats in
+    about [-1, 1] (decoded when the model is latent). condition_fn(batch_seeds) -> extra_args (text prompts)."""
+    info = solvers.solver_info(solver)
+    schedule_type = schedule_type or info.schedule[0]
+    schedule_rho = info.schedule[1] if schedule_rho is None else schedule_rho
+    sigmas = solvers.get_schedule(num_steps, net.sigma_min, net.sigma_max, schedule_type, schedule_rho, net=net)
+    evaluator = FixedBatchDenoiser(net, net_batch)
+    for batch_seeds in split_seeds(list(seeds), max_batch_size, world_size)[rank]:
+        if not batch_seeds:
+            continue
+        extra_args = condition_fn(batch_seeds) if condition_fn is not None else None
+        x = sample_batch(evaluator, batch_seeds, solver, sigmas, options, afs=afs, class_idx=class_idx,
+                         extra_args=extra_args, dtype=dtype, device=device)
+        yield batch_seeds, (net.decode(x) if hasattr(net, 'decode') else x)
+
+#----------------------------------------------------------------------------
+# Predictors: a file, a folder of snapshots, or an experiment number looked up
+# as ./exps/<num:05d>-*/ (runs of train.py) and ./exp/<num:05d>-*/ (shipped).
+
+
+def _snapshot_key(path):
+    numbers = re.findall(r'\d+', os.path.basename(path))
+    return (int(numbers[-1]) if numbers else -1, os.path.basename(path))
+
+
+def newest_snapshot(folder):
+    files = [p for p in glob.glob(os.path.join(folder, '*')) if p.endswith(('.safetensors', '.pkl'))]
+    snapshots = [p for p in files if 'snapshot' in os.path.basename(p)] or files
+    return max(snapshots, key=_snapshot_key) if snapshots else None
+
+
+def resolve_predictor_path(path):
+    """The predictor file that --predictor_path names; raises click.UsageError when there is none."""
+    if re.fullmatch(r'\d+', path):
+        repo_exp = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'exp')
+        for root in ('exps', 'exp', repo_exp):
+            for folder in sorted(glob.glob(os.path.join(root, f'{int(path):05d}-*')), reverse=True):
+                snapshot = newest_snapshot(folder)
+                if snapshot is not None:
+                    return snapshot
+        raise click.UsageError(f'--predictor_path={path}: no experiment {int(path):05d}-* with a snapshot '
+                               'under ./exps or ./exp')
+    if os.path.isdir(path):
+        snapshot = newest_snapshot(path)
+        if snapshot is None:
+            raise click.UsageError(f'--predictor_path={path}: no predictor snapshot in this folder')
+        return snapshot
+    if not os.path.isfile(path):
+        raise click.UsageError(f'--predictor_path={path}: no such file')
+    return path
+
+
+def predictor_config(c, given):
+    """Fill the sampling settings of `c` from its AdaSDE predictor; refuse explicit options that contradict it."""
+    c.predictor_file = resolve_predictor_path(c.predictor_path)
+    try:
+        predictor = solvers.adasde.AdaSDEPredictor.load(c.predictor_file)
+    except ValueError as e:
+        raise click.UsageError(f'--predictor_path: {e}') from None
+    settings = dict(predictor.settings, num_steps=predictor.num_steps)
+    trained = [m for m in (settings.get('model'), settings.get('dataset_name')) if m]
+    requested_model = c.dataset_name or c.model_path
+    if requested_model and trained and not any(_same_model(requested_model, m) for m in trained):
+        raise click.UsageError(f'this predictor was trained for model {trained[0]!r}, not {requested_model!r}')
+    for key in PREDICTOR_SETTINGS:
+        if key in given and settings.get(key) is not None and c[key] != settings[key]:
+            raise click.UsageError(f'this predictor was trained for {key}={settings[key]!r}, not {c[key]!r}')
+        if settings.get(key) is not None:
+            c[key] = settings[key]
+    if c.solver not in (None, 'adasde'):
+        raise click.UsageError(f'--predictor_path runs the adasde solver, not --solver={c.solver}')
+    if not requested_model:
+        if not trained:
+            raise click.UsageError('the predictor does not name its model; give --dataset_name or --model_path')
+        c.model_path = trained[0]
+    c.solver = 'adasde'
+    c.options = dict(predictor=predictor)
+
+
+def _same_model(a, b):
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+#----------------------------------------------------------------------------
+# Validation of the solver options before any image is made: the chosen
+# solver must have every option given, and must accept their values (one run
+# of it on a 1-pixel dummy denoiser, which raises what the real run would).
+
+
+def solver_config(c, given):
+    try:
+        solvers.solver_info(c.solver)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    explicit = {k: c[k] for k in SOLVER_OPTIONS if k in given}
+    if c.solver == 'adasde' and 'predictor' not in c.options:
+        raise click.UsageError('the adasde solver needs a trained predictor: give --predictor_path')
+    try:
+        c.options = {k: v for k, v in solvers.check_options(c.solver, {**c.options, **explicit}).items()
+                     if k in explicit or k in c.options}
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def check_solver_runs(c, sigmas):
+    dummy = lambda x, sigma, **kwargs: x * 0  # noqa: E731
+    x = torch.ones([1, 1, 1, 1], dtype=torch.float64) * float(sigmas[0])
+    try:
+        solvers.get_solver(c.solver)(dummy, x, sigmas, afs=c.afs, **c.options)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+#----------------------------------------------------------------------------
+# The model: a zoo dataset name or a path/URL, loaded by rank 0 first so that
+# only rank 0 downloads into the cache.
+
+
+def load_net(c, device):
+    kwargs = {k: c[k] for k in ('guidance_type', 'guidance_rate') if c[k] is not None}
+    if dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        net = models.load_model(c.model_path or c.dataset_name, device=device, **kwargs)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(f'cannot load model {c.model_path or c.dataset_name!r}: {e}') from None
+    finally:
+        if dist.get_rank() == 0:
+            dist.barrier()
+    return net
+
+
+def condition_fn_for(net, prompt):
+    """extra_args per batch for text-conditioned models: one prompt for all, or a CSV of prompts (index = seed)."""
+    if not hasattr(net, 'prompt_args'):
+        if prompt is not None:
+            raise click.UsageError('--prompt is only for text-conditioned models')
+        return None
+    if prompt is None:
+        raise click.UsageError('this model is text-conditioned: give --prompt (a text, or a .csv with a "text" column)')
+    if prompt.endswith('.csv') and os.path.isfile(prompt):
+        try:
+            prompts = models.sd.load_prompts(prompt)
+        except ValueError as e:
+            raise click.UsageError(f'--prompt: {e}') from None
+        return lambda seeds: net.prompt_args(models.sd.prompts_for_seeds(prompts, seeds))
+    return lambda seeds: net.prompt_args([prompt] * len(seeds))
+
+#----------------------------------------------------------------------------
+
+
+def _dataset_label(c):
+    name = c.dataset_name or c.model_path
+    return os.path.splitext(os.path.basename(os.path.normpath(name)))[0] or 'model'
+
+
+@click.command()
+# Model and solver.
+@click.option('--dataset_name', help='Model zoo name (e.g. digits, cifar10)', metavar='STR', type=str)
+@click.option('--model_path', help='Zoo name, pickle path/URL or model folder', metavar='PATH|URL', type=str)
+@click.option('--predictor_path', help='AdaSDE predictor (file, folder, experiment number); sets every sampling '
+              'setting', metavar='PATH|INT', type=str)
+@click.option('--solver', help='Solver  [default: dpmpp]', metavar='NAME', type=str)
+@click.option('--num_steps', help='Time points  [default: 6]', metavar='INT', type=click.IntRange(min=2))
+@click.option('--afs', help='Analytical first step  [default: False]', metavar='BOOL', type=bool)
+@click.option('--schedule_type', help="Time schedule  [default: the solver's]", type=click.Choice(solvers.SCHEDULES))
+@click.option('--schedule_rho', help="Schedule exponent  [default: the solver's]", metavar='FLOAT', type=float)
+# Solver options (each only for the solvers that have it).
+@click.option('--max_order', help='Order (dpmpp, unipc, ipndm, ipndm_v, deis)', metavar='INT', type=int)
+@click.option('--predict_x0', help='Data prediction (dpmpp, unipc)', metavar='BOOL', type=bool)
+@click.option('--lower_order_final', help='Lower order at the end (dpmpp, unipc)', metavar='BOOL', type=bool)
+@click.option('--thresholding', help='Dynamic thresholding (dpmpp, unipc)', metavar='BOOL', type=bool)
+@click.option('--variant', help='bh1 or bh2 (unipc)', metavar='STR', type=str)
+@click.option('--r', help='Intermediate point (dpm)', metavar='FLOAT', type=float)
+@click.option('--substeps', help='Sub-steps per step (dpm)', metavar='INT', type=int)
+@click.option('--S_churn', 'S_churn', help='Stochasticity strength (edm)', metavar='FLOAT', type=float)
+@click.option('--S_min', 'S_min', help='Stochasticity min noise level (edm)', metavar='FLOAT', type=float)
+@click.option('--S_max', 'S_max', help='Stochasticity max noise level (edm)', metavar='FLOAT', type=float)
+@click.option('--S_noise', 'S_noise', help='Stochasticity noise inflation (edm)', metavar='FLOAT', type=float)
+@click.option('--order', help='Order 1-3 (er_sde)', metavar='INT', type=int)
+@click.option('--noise_fn', help='Noise-scale function 1-7 (er_sde)', metavar='INT', type=int)
+# Conditioning.
+@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0))
+@click.option('--guidance_type', help='Guidance of guided models', metavar='STR', type=str)
+@click.option('--guidance_rate', help='Guidance scale of guided models', metavar='FLOAT', type=float)
+@click.option('--prompt', help='Text, or a .csv of prompts (row = seed)', metavar='STR|PATH', type=str)
+# Output and runtime.
+@click.option('--seeds', help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=str, default='0-63',
+              show_default=True)
+@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1),
+              default=64, show_default=True)
+@click.option('--net_batch', help='Fixed network chunk size, 0 = the whole batch', metavar='INT',
+              type=click.IntRange(min=0), default=64, show_default=True)
+@click.option('--outdir', help='Where to save the images  [default: samples/<dataset>/<solver>_nfe<NFE>]',
+              metavar='DIR', type=str)
+@click.option('--subdirs/--no-subdirs', help='One folder per 1000 seeds', default=True, show_default=True)
+@click.option('--grid', help='Also write grid.png of the first 64 seeds', is_flag=True)
+@click.option('--resume/--no-resume', help='Skip seeds whose PNG exists', default=True, show_default=True)
+@click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str)
+@click.option('--dtype', help='Solver state  [default: float64 on cpu, float32 on cuda]',
+              type=click.Choice(['float32', 'float64']))
+def main(**kwargs):
+    """Generate images with AdaSDE or a baseline solver, one PNG per seed.
+
+    \b
+    # 64 digits with DPM-Solver++(3M), 5 NFE
+    python sample.py --dataset_name=digits --solver=dpmpp --num_steps=6
+    \b
+    # AdaSDE from a trained predictor (experiment 0 under ./exps), 50k images on 2 GPUs
+    torchrun --standalone --nproc_per_node=2 sample.py --predictor_path=0 --seeds=0-49999
+    """
+    given = {k for k, v in kwargs.items() if v is not None}
+    c = dnnlib.EasyDict(kwargs)
+    c.options = {}
+    dist.init()
+
+    # Settings: from the predictor, or from the options and the solver's defaults.
+    if c.predictor_path is not None:
+        predictor_config(c, given)
+    elif c.dataset_name is None and c.model_path is None:
+        raise click.UsageError('give --dataset_name, --model_path or --predictor_path')
+    if c.dataset_name is not None and c.model_path is not None and c.predictor_path is None:
+        raise click.UsageError('give --dataset_name or --model_path, not both')
+    c.solver = c.solver or 'dpmpp'
+    c.num_steps = c.num_steps or 6
+    c.afs = bool(c.afs)
+    solver_config(c, given)
+    try:
+        seeds = parse_int_list(c.seeds)
+    except ValueError as e:
+        raise click.UsageError(f'--seeds: {e}') from None
+    if len(set(seeds)) != len(seeds):
+        raise click.UsageError('--seeds: a seed appears twice')
+    device = torch.device(c.device) if c.device else dist.device()
+    if device.type == 'cuda' and device.index is None:
+        device = dist.device()  # cuda:LOCAL_RANK under torchrun
+    dtype = getattr(torch, c.dtype) if c.dtype else (torch.float64 if device.type == 'cpu' else torch.float32)
+    info = solvers.solver_info(c.solver)
+    schedule_type = c.schedule_type or info.schedule[0]
+    schedule_rho = info.schedule[1] if c.schedule_rho is None else c.schedule_rho
+    num_nfe = solvers.nfe(c.solver, c.num_steps, afs=c.afs, **c.options)
+
+    # Model, schedule and a dry run of the solver.
+    net = load_net(c, device)
+    if c.class_idx is not None and not 0 <= c.class_idx < net.label_dim:
+        raise click.UsageError(f'--class={c.class_idx}: the model has {net.label_dim} classes')
+    condition_fn = condition_fn_for(net, c.prompt)
+    try:
+        sigmas = solvers.get_schedule(c.num_steps, net.sigma_min, net.sigma_max, schedule_type, schedule_rho, net=net)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    check_solver_runs(c, sigmas)
+    outdir = c.outdir or os.path.join('samples', _dataset_label(c), f'{c.solver}_nfe{num_nfe}')
+
+    # Seeds still to do. Every rank looks before any rank writes.
+    todo = [s for s in seeds if not (c.resume and os.path.isfile(image_path(outdir, s, c.subdirs)))]
+    dist.barrier()
+    shown = {k: v for k, v in solvers.check_options(c.solver, c.options).items() if k != 'predictor'}
+    guidance = models.sd.cfg_nfe_factor(net)
+    dist.print0(f'Model:    {c.model_path or c.dataset_name} ({net.img_channels}x{net.img_resolution}x'
+                f'{net.img_resolution}, {net.label_dim} classes, sigma {net.sigma_min:g}-{net.sigma_max:g})')
+    dist.print0(f'Solver:   {c.solver} {shown}' + (f' predictor={c.predictor_file}' if c.predictor_path else '')
+                + f' afs={c.afs}')
+    dist.print0(f'Schedule: {schedule_type} rho={schedule_rho:g}, {c.num_steps} points: '
+                + ' '.join(f'{float(s):.4g}' for s in sigmas))
+    dist.print0(f'NFE:      {num_nfe}' + (f' ({num_nfe * guidance} model evaluations with guidance)'
+                                          if guidance > 1 else ''))
+    dist.print0(f'Seeds:    {len(seeds)} ({len(seeds) - len(todo)} already done) -> {outdir}, '
+                f'{dist.get_world_size()} process(es), {device}, {str(dtype).removeprefix("torch.")}')
+
+    # Generate, rank by rank, with one barrier per batch as EDM does.
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    per_rank = split_seeds(todo, c.max_batch_size, world_size)
+    images_per_step = [sum(len(b[i]) for b in per_rank) for i in range(len(per_rank[0]))]
+    batches = generate_images(net, todo, c.solver, c.options, num_steps=c.num_steps, afs=c.afs,
+                              schedule_type=schedule_type, schedule_rho=schedule_rho,
+                              max_batch_size=c.max_batch_size, net_batch=c.net_batch, class_idx=c.class_idx,
+                              condition_fn=condition_fn, dtype=dtype, device=device, rank=rank,
+                              world_size=world_size)
+    with tqdm.tqdm(total=len(todo), unit='img', disable=rank != 0 or not todo) as bar:
+        for step, batch_size in enumerate(images_per_step):
+            dist.barrier()
+            if per_rank[rank][step]:
+                batch_seeds, images = next(batches)
+                for seed, array in zip(batch_seeds, to_uint8(images)):
+                    save_image(array, image_path(outdir, seed, c.subdirs))
+            bar.update(batch_size)
+    dist.barrier()
+    if c.grid and rank == 0 and seeds:
+        save_grid([image_path(outdir, s, c.subdirs) for s in seeds[:64]], os.path.join(outdir, 'grid.png'))
+    dist.barrier()
+    dist.print0('Done.')
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()
+
+#----------------------------------------------------------------------------

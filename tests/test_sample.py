@@ -1,0 +1,307 @@
+"""sample.py: a sample's bytes depend on its seed only (batch size, process count, resume), file layout, errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import models
+import sample
+from models.edm import EDMPrecond, save_model
+from solvers.adasde import AdaSDEPredictor
+
+# The CLI tests load the model through models.load_model.
+needs_loader = pytest.mark.skipif(not hasattr(models, 'load_model'), reason='models.load_model has not landed yet')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOLVER_ARGS = {  # one ODE and one SDE solver
+    'dpmpp': ['--solver=dpmpp', '--num_steps=5'],
+    'er_sde': ['--solver=er_sde', '--num_steps=5'],
+}
+
+#----------------------------------------------------------------------------
+# A small EDM network with random weights (the digits model's shape, fewer
+# channels), saved as a local model folder.
+
+
+def _tiny_net(label_dim=0, seed=0):
+    torch.manual_seed(seed)
+    net = EDMPrecond(8, 1, label_dim=label_dim, model_channels=16, channel_mult=(1, 2), num_blocks=1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)
+    return net.eval()
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('model') / 'tiny')
+    save_model(_tiny_net(), path)
+    return path
+
+
+def _run(*args):
+    result = CliRunner().invoke(sample.main, [str(a) for a in args])
+    return result
+
+
+def _ok(*args):
+    result = _run(*args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def _pngs(outdir):
+    """{relative path: bytes} of every PNG under outdir."""
+    files = {}
+    for root, _, names in os.walk(outdir):
+        for name in names:
+            if name.endswith('.png'):
+                path = os.path.join(root, name)
+                with open(path, 'rb') as f:
+                    files[os.path.relpath(path, outdir)] = f.read()
+    return files
+
+#----------------------------------------------------------------------------
+# Pieces.
+
+
+def test_split_seeds_matches_edm():
+    batches = sample.split_seeds(list(range(50000)), 64)[0]
+    sizes = [len(b) for b in batches]
+    assert len(batches) == 782 and sizes.count(64) == 734 and sizes.count(63) == 48
+    assert sum(batches, []) == list(range(50000))
+    per_rank = sample.split_seeds(list(range(10)), 4, world_size=2)
+    assert per_rank == [[[0, 1, 2], [6, 7]], [[3, 4, 5], [8, 9]]]
+    assert sample.split_seeds([], 4, world_size=2) == [[], []]
+
+
+def test_image_conversion_and_paths():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 3.0]).reshape(1, 1, 1, 7)
+    # round(127.5 x + 127.5): -1 -> 0, -0.999 -> 0.1275 -> 0, 0 -> 127.5 -> 128, 0.5 -> 191.25 -> 191, 1 -> 255.
+    assert sample.to_uint8(x).reshape(-1).tolist() == [0, 0, 128, 191, 255, 255, 255]
+    assert sample.image_path('out', 49999) == os.path.join('out', '049000', '049999.png')
+    assert sample.image_path('out', 7, subdirs=False) == os.path.join('out', '000007.png')
+
+
+def test_fixed_batch_denoiser_is_batch_invariant():
+    net = _tiny_net(label_dim=3)
+    fixed = sample.FixedBatchDenoiser(net, 16)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn([40, 1, 8, 8], generator=g) * 5
+    sigma = torch.rand([40], generator=g) * 10 + 0.01
+    labels = torch.eye(3)[torch.randint(3, [40], generator=g)]
+    with torch.no_grad():
+        whole = fixed(x, sigma, class_labels=labels)
+        assert whole.shape == x.shape
+        for rows in ([7], [0, 39], list(range(5, 21)), list(range(39, 3, -3))):
+            part = fixed(x[rows], sigma[rows], class_labels=labels[rows])
+            assert torch.equal(part, whole[rows])
+        # A scalar sigma and labels shared by the batch are broadcast, then chunked like x.
+        shared = fixed(x[:20], torch.tensor(2.0), class_labels=labels[:1])
+        assert torch.equal(shared[3:4], fixed(x[3:4], torch.tensor([2.0]), class_labels=labels[:1]))
+
+#----------------------------------------------------------------------------
+# Seed-only dependence through the CLI.
+
+
+@needs_loader
+@pytest.mark.parametrize('solver', SOLVER_ARGS)
+def test_batch_size_does_not_change_bytes(model_dir, tmp_path, solver):
+    common = ['--model_path', model_dir, '--seeds=0-11', '--net_batch=8', *SOLVER_ARGS[solver]]
+    _ok(*common, '--batch=1', '--outdir', tmp_path / 'b1')
+    _ok(*common, '--batch=64', '--outdir', tmp_path / 'b64')
+    _ok(*common, '--batch=5', '--outdir', tmp_path / 'b5')
+    ref = _pngs(tmp_path / 'b64')
+    assert sorted(ref) == [os.path.join('000000', f'{s:06d}.png') for s in range(12)]
+    assert _pngs(tmp_path / 'b1') == ref and _pngs(tmp_path / 'b5') == ref
+    assert len(set(ref.values())) == 12  # every seed its own image
+
+
+@needs_loader
+def test_sde_samples_depend_on_their_own_noise(model_dir, tmp_path):
+    # er_sde draws fresh noise per step; the same seeds with the ODE variant (noise_fn=1) must differ.
+    common = ['--model_path', model_dir, '--seeds=0-3', '--solver=er_sde', '--num_steps=5']
+    _ok(*common, '--outdir', tmp_path / 'sde')
+    _ok(*common, '--noise_fn=1', '--outdir', tmp_path / 'ode')
+    assert _pngs(tmp_path / 'sde').keys() == _pngs(tmp_path / 'ode').keys()
+    assert all(a != b for a, b in zip(_pngs(tmp_path / 'sde').values(), _pngs(tmp_path / 'ode').values()))
+
+
+@needs_loader
+@pytest.mark.parametrize('solver', SOLVER_ARGS)
+def test_two_processes_match_one(model_dir, tmp_path, solver):
+    common = ['--model_path', model_dir, '--seeds=0-9', '--batch=3', *SOLVER_ARGS[solver]]
+    _ok(*common, '--outdir', tmp_path / 'one')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(REPO, 'sample.py'), *common, '--outdir', str(tmp_path / 'two')]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert '2 process(es)' in proc.stdout and proc.stdout.count('Done.') == 1
+    assert _pngs(tmp_path / 'two') == _pngs(tmp_path / 'one')
+
+
+@needs_loader
+@pytest.mark.parametrize('solver', SOLVER_ARGS)
+def test_interrupted_run_resumes_to_the_same_bytes(model_dir, tmp_path, monkeypatch, solver):
+    common = ['--model_path', model_dir, '--seeds=0-13', '--batch=4', *SOLVER_ARGS[solver]]
+    _ok(*common, '--outdir', tmp_path / 'full')
+
+    # Kill the run after 6 images, in its second batch.
+    class Killed(Exception):
+        pass
+    save_image, saved = sample.save_image, []
+
+    def save_then_die(array, path):
+        if len(saved) == 6:
+            raise Killed
+        save_image(array, path)
+        saved.append(path)
+    monkeypatch.setattr(sample, 'save_image', save_then_die)
+    assert isinstance(_run(*common, '--outdir', tmp_path / 'cut').exception, Killed)
+    monkeypatch.setattr(sample, 'save_image', save_image)
+    assert len(_pngs(tmp_path / 'cut')) == 6
+
+    # Also lose two images of the first batch. The same command finishes the job without touching the rest.
+    for seed in (1, 2):
+        os.remove(sample.image_path(str(tmp_path / 'cut'), seed))
+    kept = {p: os.stat(p) for p in saved if os.path.exists(p)}
+    result = _ok(*common, '--outdir', tmp_path / 'cut')
+    assert '(4 already done)' in result.output
+    assert _pngs(tmp_path / 'cut') == _pngs(tmp_path / 'full')
+    for path, st in kept.items():
+        assert (os.stat(path).st_mtime_ns, os.stat(path).st_ino) == (st.st_mtime_ns, st.st_ino)
+    assert not [n for _, _, names in os.walk(tmp_path / 'cut') for n in names if not n.endswith('.png')]
+
+
+@needs_loader
+def test_no_resume_rewrites(model_dir, tmp_path):
+    common = ['--model_path', model_dir, '--seeds=0-1', '--num_steps=3', '--outdir', tmp_path]
+    _ok(*common)
+    result = _ok(*common, '--no-resume')
+    assert '(0 already done)' in result.output
+
+#----------------------------------------------------------------------------
+# Output layout, printout, grid, predictor.
+
+
+@needs_loader
+def test_layout_printout_and_grid(model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _ok('--model_path', model_dir, '--seeds=998-1001,5', '--grid', '--solver=euler', '--num_steps=4')
+    outdir = os.path.join('samples', 'tiny', 'euler_nfe3')  # default: samples/<model>/<solver>_nfe<NFE>
+    expected = [os.path.join(d, f'{s:06d}.png') for d, s in [('000000', 5), ('000000', 998), ('000000', 999),
+                                                              ('001000', 1000), ('001000', 1001)]]
+    assert sorted(_pngs(outdir)) == sorted(expected + ['grid.png'])
+    lines = result.output.splitlines()
+    assert lines[0].startswith('Model:') and '1x8x8' in lines[0]
+    assert lines[1].startswith('Solver:   euler')
+    assert lines[2].startswith('Schedule: polynomial rho=7, 4 points: 80 ') and lines[2].endswith(' 0.002')
+    assert lines[3] == 'NFE:      3'
+    # Grid of 5 images: 2 per row, 3 rows, in seed order, black where none is left.
+    grid = np.asarray(PIL.Image.open(os.path.join(outdir, 'grid.png')))
+    assert grid.shape == (24, 16)
+    first = np.asarray(PIL.Image.open(sample.image_path(outdir, 998)))
+    assert PIL.Image.open(sample.image_path(outdir, 998)).mode == 'L'
+    assert np.array_equal(grid[:8, :8], first) and not grid[16:, 8:].any()
+
+
+@needs_loader
+def test_no_subdirs(model_dir, tmp_path):
+    _ok('--model_path', model_dir, '--seeds=1,1500', '--num_steps=3', '--no-subdirs', '--outdir', tmp_path)
+    assert sorted(_pngs(tmp_path)) == ['000001.png', '001500.png']
+
+
+@needs_loader
+def test_class_labels(tmp_path):
+    save_model(_tiny_net(label_dim=3), str(tmp_path / 'cond'))
+    common = ['--model_path', tmp_path / 'cond', '--seeds=0-5', '--num_steps=3']
+    _ok(*common, '--outdir', tmp_path / 'random')
+    _ok(*common, '--class=2', '--outdir', tmp_path / 'c2')
+    _ok(*common, '--class=2', '--batch=1', '--outdir', tmp_path / 'c2b1')
+    assert _pngs(tmp_path / 'c2') == _pngs(tmp_path / 'c2b1') != _pngs(tmp_path / 'random')
+    result = _run(*common, '--class=3', '--outdir', tmp_path / 'c3')
+    assert result.exit_code == 2 and '--class=3: the model has 3 classes' in result.output
+
+
+def _save_predictor(path, model, num_steps=4, gamma=0.02):
+    predictor = AdaSDEPredictor(num_steps=num_steps, gamma=gamma, seed=0,
+                                settings=dict(dataset_name=None, model=model, schedule_type='time_uniform',
+                                              schedule_rho=1.0, afs=True))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    predictor.save(path)
+
+
+@needs_loader
+def test_predictor_sets_every_setting(model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = os.path.join('exps', '00003-tiny-4-5-adasde-dpm-3')
+    _save_predictor(os.path.join(run, 'network-snapshot-000002.safetensors'), model_dir)
+    _save_predictor(os.path.join(run, 'network-snapshot-000010.safetensors'), model_dir, gamma=0.01)
+    _save_predictor(os.path.join(run, 'network-snapshot-000005.safetensors'), model_dir)
+    result = _ok('--predictor_path=3', '--seeds=0-5', '--batch=4', '--outdir', 'a')
+    assert 'network-snapshot-000010.safetensors' in result.output  # the newest snapshot
+    assert 'Schedule: time_uniform rho=1, 4 points' in result.output and 'NFE:      5' in result.output
+    _ok('--predictor_path', run, '--seeds=0-5', '--batch=1', '--dataset_name', model_dir, '--outdir', 'b')
+    assert _pngs('a') == _pngs('b') and len(_pngs('a')) == 6
+
+#----------------------------------------------------------------------------
+# Bad input: one line, no traceback.
+
+
+def _assert_error(message, *args):
+    result = _run(*args)
+    assert isinstance(result.exception, SystemExit) and result.exit_code in (1, 2), result.output
+    assert 'Traceback' not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith('Error:')] == [f'Error: {message}']
+
+
+@needs_loader
+def test_bad_input(model_dir, tmp_path):
+    m = ['--model_path', model_dir, '--outdir', tmp_path]
+    _assert_error("unknown solver 'rk45'; choose from adasde, deis, dpm, dpmpp, edm, er_sde, euler, heun, ipndm, "
+                  'ipndm_v, unipc', *m, '--solver=rk45')
+    _assert_error("solver 'dpmpp' has no option S_churn; its options: max_order, predict_x0, lower_order_final, "
+                  'thresholding', *m, '--S_churn=10')
+    _assert_error('--seeds: Invalid range "5-2" in \'5-2\': the end is smaller than the start', *m, '--seeds=5-2')
+    _assert_error('--seeds: Invalid item "x" in \'x\': expected a non-negative integer or a range "a-b"',
+                  *m, '--seeds=x')
+    _assert_error('give --dataset_name, --model_path or --predictor_path', '--seeds=1')
+    missing = str(tmp_path / 'missing.pkl')
+    result = _run('--model_path', missing, '--outdir', tmp_path)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit) and 'Traceback' not in result.output
+    assert result.output.startswith(f"Error: cannot load model '{missing}'") and result.output.count('\n') == 1
+    result = _run('--dataset_name=no_such_dataset', '--outdir', tmp_path)
+    assert result.exit_code == 1 and "Error: cannot load model 'no_such_dataset'" in result.output
+    assert 'no_such_dataset' in result.output.splitlines()[-1] and 'Traceback' not in result.output
+
+
+@needs_loader
+def test_bad_solver_option_values_fail_before_sampling(model_dir, tmp_path):
+    m = ['--model_path', model_dir, '--outdir', tmp_path]
+    result = _run(*m, '--solver=er_sde', '--noise_fn=9')
+    assert result.exit_code == 2
+    assert 'Error: er_sde: noise_fn must be one of 1, 2, 3, 4, 5, 6, 7, got 9' in result.output
+    assert not _pngs(tmp_path)
+
+
+@needs_loader
+def test_predictor_conflicts(model_dir, tmp_path):
+    path = str(tmp_path / 'p.safetensors')
+    _save_predictor(path, model_dir)
+    _assert_error(f"this predictor was trained for model '{model_dir}', not 'cifar10'",
+                  '--predictor_path', path, '--dataset_name=cifar10')
+    _assert_error('this predictor was trained for num_steps=4, not 6', '--predictor_path', path, '--num_steps=6')
+    _assert_error('--predictor_path runs the adasde solver, not --solver=euler', '--predictor_path', path,
+                  '--solver=euler')
+    _assert_error(f'--predictor_path={tmp_path / "none.safetensors"}: no such file',
+                  '--predictor_path', tmp_path / 'none.safetensors')
+    _assert_error('--predictor_path=12: no experiment 00012-* with a snapshot under ./exps or ./exp',
+                  '--predictor_path=12')
+
+#----------------------------------------------------------------------------
