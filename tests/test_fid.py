@@ -293,6 +293,29 @@ def test_torchrun_two_processes_match_one(tmp_path, images):
     assert exit_code == 0 and float(res.stdout.strip().splitlines()[-1]) > 1e-3
     assert float(res.stdout.strip().splitlines()[-1]) == pytest.approx(float(output.strip().splitlines()[-1]), 1e-5)
 
+DIGITS_ZIP = os.path.join(REPO, 'src', 'digits', 'digits-8x8.zip')
+DIGITS_DETECTOR = os.path.join(REPO, 'src', 'digits', 'detector.safetensors')
+
+
+@pytest.mark.skipif(not (os.path.isfile(DIGITS_ZIP) and os.path.isfile(DIGITS_DETECTOR)),
+    reason='the embedded digits data and detector are not in src/digits')
+def test_digits_detector_end_to_end(tmp_path):
+    dest = str(tmp_path / 'digits.npz')
+    exit_code, output = _invoke('ref', f'--data={DIGITS_ZIP}', f'--dest={dest}', '--batch=500')
+    assert exit_code == 0, output
+    ref = fid.load_stats(dest)
+    assert ref['detector'] == 'digits' and ref['mu'].shape == (128,) # Chosen for 1x8x8 images.
+    exit_code, output = _invoke('calc', f'--images={DIGITS_ZIP}', f'--ref={dest}', '--batch=500')
+    assert exit_code == 0 and abs(float(output.strip().splitlines()[-1])) < 1e-6, output
+
+    # A random half of the digits is far closer to the reference than the same images with pixel noise.
+    dataset = fid.ImageFolder(DIGITS_ZIP, max_size=900, random_seed=1)
+    images = torch.from_numpy(np.stack([dataset[i] for i in range(len(dataset))]))
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0)) * 40
+    noisy = (images.float() + noise).clip(0, 255)
+    clean_fid, noisy_fid = fid.fid_from_images(images, ref), fid.fid_from_images(noisy, ref)
+    assert 0 < clean_fid < noisy_fid / 5, (clean_fid, noisy_fid)
+
 #----------------------------------------------------------------------------
 # Bad input: one line, no traceback.
 
