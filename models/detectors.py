@@ -1,0 +1,143 @@
+"""FID feature networks behind one interface: get_detector(name, device) -> detector with .name, .feature_dim
+and __call__(images) -> float32 features [N, D], for images [N, C, H, W] in 0..255 (uint8 or float).
+
+'inception': the Inception-v3 pool_3 features of EDM's fid.py (Heusel et al. 2017; StyleGAN3 translation of the
+TF graph, downloaded once). 'digits': the penultimate features of a small CNN classifier of the 8x8 digits,
+shipped in src/digits/ (trained by train_digits.py detector). For float input both are differentiable.
+"""
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn.functional import silu
+
+INCEPTION_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
+                 'inception-2015-12-05.pkl')
+DIGITS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'src', 'digits')
+DIGITS_WEIGHTS = 'detector.safetensors'
+DIGITS_JSON = 'detector.json'
+
+#----------------------------------------------------------------------------
+# Digits classifier: three 3x3 convolutions on 8x8 inputs, global average
+# pooling to a 128-d feature vector, and a linear layer over 10 classes.
+
+
+class DigitsClassifier(torch.nn.Module):
+    def __init__(self, channels=(32, 64, 128), num_classes=10):
+        super().__init__()
+        self.channels = tuple(channels)
+        self.conv0 = torch.nn.Conv2d(1, channels[0], 3, padding=1)
+        self.conv1 = torch.nn.Conv2d(channels[0], channels[1], 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(channels[1], channels[2], 3, padding=1)
+        self.fc = torch.nn.Linear(channels[2], num_classes)
+        self.feature_dim = channels[2]
+
+    def features(self, images):
+        """Images [N, 1, 8, 8] in 0..255 -> features [N, 128] (float32)."""
+        x = images.to(torch.float32) / 127.5 - 1
+        x = silu(self.conv0(x))
+        x = torch.nn.functional.avg_pool2d(silu(self.conv1(x)), 2)
+        x = silu(self.conv2(x))
+        return x.mean(dim=(2, 3))
+
+    def classify(self, images):
+        return self.fc(self.features(images))
+
+
+def save_digits_detector(net, dirname, **extra):
+    """Write a DigitsClassifier as detector.safetensors + detector.json (atomically)."""
+    from .edm import _atomic_write
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    config = dict(format=1, kind='digits_classifier', channels=list(net.channels), feature_dim=net.feature_dim, **extra)
+    _atomic_write(os.path.join(dirname, DIGITS_WEIGHTS), lambda tmp: save_file(state, tmp))
+
+    def write_json(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(config, f, indent=2)
+            f.write('\n')
+    _atomic_write(os.path.join(dirname, DIGITS_JSON), write_json)
+
+
+def load_digits_classifier(dirname=DIGITS_DIR):
+    json_path, weights_path = os.path.join(dirname, DIGITS_JSON), os.path.join(dirname, DIGITS_WEIGHTS)
+    if not (os.path.isfile(json_path) and os.path.isfile(weights_path)):
+        raise RuntimeError(f'digits detector not found: expected {DIGITS_WEIGHTS} and {DIGITS_JSON} in {dirname} '
+                           f'(train it with: python train_digits.py detector --outdir={dirname})')
+    with open(json_path) as f:
+        config = json.load(f)
+    net = DigitsClassifier(channels=config['channels'])
+    net.load_state_dict(load_file(weights_path))
+    return net.eval().requires_grad_(False)
+
+#----------------------------------------------------------------------------
+# The common interface.
+
+
+class Detector:
+    def __init__(self, name, feature_dim, fn, channels=None):
+        self.name = name
+        self.feature_dim = feature_dim
+        self.channels = channels  # channels the network takes (1-channel input is repeated for 3)
+        self._fn = fn
+
+    def __call__(self, images):
+        if images.ndim != 4:
+            raise ValueError(f'{self.name} detector: images must be [N, C, H, W], got shape {tuple(images.shape)}')
+        if self.channels == 3 and images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        if self.channels is not None and images.shape[1] != self.channels:
+            raise ValueError(f'{self.name} detector: expected {self.channels} channels, got {images.shape[1]}')
+        if not images.is_floating_point():
+            images = images.to(torch.float32)
+        return self._fn(images).to(torch.float32)
+
+
+def _digits_detector(device):
+    net = load_digits_classifier().to(device)
+    return Detector('digits', net.feature_dim, net.features, channels=1)
+
+
+def _inception_detector(device):
+    import pickle
+
+    import dnnlib
+    from torch_utils import persistence  # noqa: F401  (the pickle names torch_utils.persistence)
+    try:
+        with dnnlib.util.open_url(INCEPTION_URL, verbose=False) as f:
+            net = _load_detector_pickle(f)
+    except (OSError, pickle.UnpicklingError, ValueError) as err:
+        raise RuntimeError(f'cannot load the Inception detector from {INCEPTION_URL}: {err}') from err
+    net = net.to(device).eval().requires_grad_(False)
+    return Detector('inception', 2048, lambda x: net(x, return_features=True), channels=3)
+
+
+def _load_detector_pickle(f):
+    from torch_utils import persistence
+    load = getattr(persistence, 'load_network_pickle', None)
+    if load is not None:
+        return load(f)
+    import pickle
+    return pickle.load(f)
+
+
+DETECTORS = {'digits': _digits_detector, 'inception': _inception_detector}
+_cache = {}
+
+
+def get_detector(name, device='cpu'):
+    """The FID feature network `name` ('inception' or 'digits') on `device`, built once per (name, device)."""
+    if name not in DETECTORS:
+        raise ValueError(f'unknown detector {name!r}; choose from {", ".join(DETECTORS)}')
+    key = (name, str(torch.device(device)))
+    if key not in _cache:
+        _cache[key] = DETECTORS[name](torch.device(device))
+    return _cache[key]
+
+
+def default_detector(dataset_name):
+    """The detector FID uses for a dataset: the digits classifier for 'digits', Inception otherwise."""
+    return 'digits' if dataset_name == 'digits' else 'inception'
+
+#----------------------------------------------------------------------------

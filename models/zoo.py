@@ -1,0 +1,154 @@
+"""The model zoo: ONE table from dataset name to where the pretrained model comes from and what it is
+(AdaSDE's download table, spec/formats.md §4), and the file fetching behind models.load_model.
+
+Downloaded files live in <src>/<name>/<file>, where <src> is $ADASDE_SRC_DIR or ./src (as in AdaSDE); a file
+already there, or in the dnnlib cache (<md5(url)>_*), is used without network access. `digits` is embedded in
+the repository (src/digits/) and never downloaded.
+"""
+
+import dataclasses
+import glob
+import hashlib
+import os
+
+REPO_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'src')
+_EDM = 'https://nvlabs-fi-cdn.nvidia.com/edm/'
+_OPENAI = 'https://openaipublic.blob.core.windows.net/'
+
+#----------------------------------------------------------------------------
+
+
+class ModelError(ValueError):
+    """A model cannot be loaded (unknown name, missing file, no network, adapter not built). One-line message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    kind: str                       # adapter: 'embedded', 'edm', 'cm', 'adm', 'ldm', 'sd', 'file'
+    url: str = None                 # source of the file (None: shipped with the repository)
+    file: str = None                # name of the stored file in <src>/<name>/
+    storage: str = 'src'            # 'src': <src>/<name>/; 'repo': the repository's src/<name>/; 'hub': diffusers
+    resolution: int = None          # sampling space (latent resolution for latent models)
+    channels: int = None
+    label_kind: str = 'none'        # 'none', 'onehot' (float [B, label_dim]), 'index' (int64 [B]), 'text'
+    label_dim: int = 0
+    sigma_min: float = None
+    sigma_max: float = None
+    guidance_type: str = None       # default guidance of the adapter ('cg', 'cfg', 'uncond')
+    guidance_rate: float = None
+    detector: str = 'inception'     # FID feature network (models.detectors)
+    fid_ref: str = None             # FID reference statistics
+    extra: tuple = ()               # other files: ((url, file), ...)
+    missing: str = None             # set while the adapter is not built: what is missing, in one line
+    description: str = ''
+
+
+ZOO = {e.name: e for e in [
+    ZooEntry('digits', 'embedded', file='model.json', storage='repo', resolution=8, channels=1,
+             sigma_min=0.002, sigma_max=80.0, detector='digits',
+             fid_ref=os.path.join(REPO_SRC, 'digits', 'fid-ref.npz'),
+             description='EDM-preconditioned U-Net on the 8x8 scikit-learn digits (embedded, train_digits.py)'),
+    ZooEntry('cifar10', 'edm', _EDM + 'pretrained/edm-cifar10-32x32-uncond-vp.pkl', 'edm-cifar10-32x32-uncond-vp.pkl',
+             resolution=32, channels=3, sigma_min=0.002, sigma_max=80.0, fid_ref=_EDM + 'fid-refs/cifar10-32x32.npz',
+             description='EDM CIFAR-10 32x32 unconditional (VP, DDPM++)'),
+    ZooEntry('ffhq', 'edm', _EDM + 'pretrained/edm-ffhq-64x64-uncond-vp.pkl', 'edm-ffhq-64x64-uncond-vp.pkl',
+             resolution=64, channels=3, sigma_min=0.002, sigma_max=80.0, fid_ref=_EDM + 'fid-refs/ffhq-64x64.npz',
+             description='EDM FFHQ 64x64 unconditional (VP, DDPM++)'),
+    ZooEntry('afhqv2', 'edm', _EDM + 'pretrained/edm-afhqv2-64x64-uncond-vp.pkl', 'edm-afhqv2-64x64-uncond-vp.pkl',
+             resolution=64, channels=3, sigma_min=0.002, sigma_max=80.0, fid_ref=_EDM + 'fid-refs/afhqv2-64x64.npz',
+             description='EDM AFHQv2 64x64 unconditional (VP, DDPM++)'),
+    ZooEntry('imagenet64', 'edm', _EDM + 'pretrained/edm-imagenet-64x64-cond-adm.pkl',
+             'edm-imagenet-64x64-cond-adm.pkl', resolution=64, channels=3, label_kind='onehot', label_dim=1000,
+             sigma_min=0.002, sigma_max=80.0, fid_ref=_EDM + 'fid-refs/imagenet-64x64.npz',
+             description='EDM ImageNet 64x64 class-conditional (ADM, fp16)'),
+    ZooEntry('lsun_bedroom', 'cm', _OPENAI + 'consistency/edm_bedroom256_ema.pt', 'edm_bedroom256_ema.pt',
+             resolution=256, channels=3, sigma_min=0.002, sigma_max=80.0,
+             missing='the Consistency-Models UNet and CMPrecond adapter (models/cm.py) are not built yet',
+             description='Consistency Models EDM-trained LSUN Bedroom 256 (CMPrecond)'),
+    ZooEntry('imagenet256', 'adm', _OPENAI + 'diffusion/jul-2021/256x256_diffusion.pt', '256x256_diffusion.pt',
+             resolution=256, channels=3, label_kind='index', label_dim=1000, sigma_min=0.010486, sigma_max=152.167,
+             guidance_type='cg', guidance_rate=1.0,
+             extra=((_OPENAI + 'diffusion/jul-2021/256x256_classifier.pt', '256x256_classifier.pt'),),
+             missing='the guided-diffusion UNet, its classifier and the CGPrecond adapter (models/adm.py) are not '
+                     'built yet',
+             description='guided-diffusion ImageNet 256 with classifier guidance (CGPrecond)'),
+    ZooEntry('lsun_bedroom_ldm', 'ldm', 'https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip', 'model.ckpt',
+             resolution=64, channels=3, sigma_min=0.038759, sigma_max=83.82, guidance_type='uncond',
+             guidance_rate=1.0, extra=(('https://ommer-lab.com/files/latent-diffusion/vq-f4.zip', 'vq-f4/model.ckpt'),),
+             missing='the latent-diffusion LSUN Bedroom adapter (LDM + VQ-f4 first stage, CFGPrecond) is not built yet',
+             description='latent diffusion LSUN Bedroom (VQ-f4 latents 3x64x64)'),
+    ZooEntry('ms_coco', 'sd', 'https://huggingface.co/runwayml/stable-diffusion-v1-5/resolve/main/'
+             'v1-5-pruned-emaonly.ckpt', 'v1-5-pruned-emaonly.ckpt', storage='hub', resolution=64, channels=4,
+             label_kind='text', label_dim=1, sigma_min=0.029168, sigma_max=14.6146, guidance_type='cfg',
+             guidance_rate=7.5, description='Stable Diffusion v1.5, text-to-image (CFG 7.5), MS-COCO prompts'),
+    ZooEntry('prompts', 'file', 'https://github.com/boomb0om/text2image-benchmark/releases/download/v0.0.1/'
+             'MS-COCO_val2014_30k_captions.csv', 'MS-COCO_val2014_30k_captions.csv',
+             description='the 30k MS-COCO val2014 captions (column "text"; caption index = seed)'),
+]}
+
+#----------------------------------------------------------------------------
+# Files: <src>/<name>/<file> if present, else the dnnlib cache, else a
+# download (through dnnlib.util.open_url) saved atomically to <src>/<name>/.
+
+
+def src_dir():
+    """Root of the download storage: $ADASDE_SRC_DIR, else ./src."""
+    return os.environ.get('ADASDE_SRC_DIR') or os.path.join('.', 'src')
+
+
+def get_entry(name):
+    if name not in ZOO:
+        raise ModelError(f'unknown model {name!r}: not a zoo name ({", ".join(ZOO)}), file, directory or URL')
+    return ZOO[name]
+
+
+def local_path(entry, file=None):
+    folder = os.path.join(REPO_SRC if entry.storage == 'repo' else src_dir(), entry.name)
+    return os.path.join(folder, file or entry.file)
+
+
+def cached_path(url):
+    """The dnnlib download-cache file of `url` (<md5>_*), or None."""
+    import dnnlib
+    pattern = os.path.join(glob.escape(dnnlib.make_cache_dir_path('downloads')),
+                           hashlib.md5(url.encode('utf-8')).hexdigest() + '_*')
+    files = glob.glob(pattern)
+    return files[0] if len(files) == 1 else None
+
+
+def fetch(name, file=None, url=None, verbose=True):
+    """Path of a zoo entry's file (its main file, or one of `extra`), downloading it on first use."""
+    entry = get_entry(name)
+    url, file = (url, file) if file is not None else (entry.url, entry.file)
+    path = local_path(entry, file)
+    if os.path.isfile(path):
+        return path
+    if url is None:
+        raise ModelError(f'{name}: {path} is missing from the repository')
+    cached = cached_path(url)
+    if cached is not None:
+        return cached
+    import dnnlib
+
+    from .edm import _atomic_write
+    try:
+        with dnnlib.util.open_url(url, num_attempts=3, verbose=verbose, cache=False) as f:
+            data = f.read()
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f'{name}: cannot download {url} ({reason}); without network, put the file at {path}') \
+            from err
+
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            f.write(data)
+    _atomic_write(path, write)
+    return path
+
+
+def describe():
+    """One line per entry, for --help texts and the README."""
+    return '\n'.join(f'{e.name:18s} {e.description}' + (' [not built]' if e.missing else '') for e in ZOO.values())
+
+#----------------------------------------------------------------------------
