@@ -463,3 +463,46 @@ def test_reduced_precision(sd_dir, net):
     assert half.decode(x).dtype == torch.float32
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# End to end: sample.py on the tiny pipeline folder, with text prompts and guidance.
+
+
+def _sample(*args):
+    from click.testing import CliRunner
+
+    import sample
+    result = CliRunner().invoke(sample.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def _png_files(outdir):
+    return sorted(os.path.relpath(os.path.join(root, name), outdir) for root, _, names in os.walk(outdir)
+                  for name in names if name.endswith('.png'))
+
+
+def test_sample_py_end_to_end(sd_dir, tmp_path):
+    common = [f'--model_path={sd_dir}', '--solver=dpmpp', '--num_steps=4', '--device=cpu', '--batch=2']
+    captions = tmp_path / 'captions.csv'
+    captions.write_text('text\na photo of a cat\ntwo dogs on a red sofa\na bowl of fruit\n')
+    result = _sample(*common, f'--prompt={captions}', '--guidance_rate=7.5', '--seeds=0-2', f'--outdir={tmp_path}/a')
+    assert 'NFE:      3 (6 model evaluations with guidance)' in result.output
+    assert _png_files(tmp_path / 'a') == [os.path.join('000000', f'{s:06d}.png') for s in range(3)]
+    for name in _png_files(tmp_path / 'a'):
+        with PIL.Image.open(tmp_path / 'a' / name) as image:
+            assert image.size == (16, 16) and image.mode == 'RGB'
+    # Seed 1 with its caption given as --prompt: the same bytes (caption index = seed).
+    one = os.path.join('000000', '000001.png')
+    _sample(*common, '--prompt=two dogs on a red sofa', '--guidance_rate=7.5', '--seeds=1', f'--outdir={tmp_path}/b')
+    assert (tmp_path / 'b' / one).read_bytes() == (tmp_path / 'a' / one).read_bytes()
+    # Guidance is applied: the unguided image differs, and the NFE is not doubled.
+    result = _sample(*common, '--prompt=two dogs on a red sofa', '--guidance_rate=1', '--seeds=1',
+                     f'--outdir={tmp_path}/c')
+    assert 'NFE:      3\n' in result.output
+    assert (tmp_path / 'c' / one).read_bytes() != (tmp_path / 'a' / one).read_bytes()
+    # AdaSDE's SD schedule: uniform in DDPM index (999, 666, 333, 0: SD v1's sigmas there).
+    result = _sample(*common, '--prompt=a cat', '--schedule_type=discrete', '--schedule_rho=1', '--seeds=0',
+                     f'--outdir={tmp_path}/d')
+    assert 'Schedule: discrete rho=1, 4 points: 14.61 2.918 0.9324 0.02917' in result.output
+    assert _png_files(tmp_path / 'd') == [os.path.join('000000', '000000.png')]
