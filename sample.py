@@ -270,7 +270,9 @@ def load_net(c, device):
         dist.barrier()
     try:
         net = models.load_model(c.model_path or c.dataset_name, device=device, **kwargs)
-    except (ValueError, OSError) as e:
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
         raise click.ClickException(f'cannot load model {c.model_path or c.dataset_name!r}: {e}') from None
     finally:
         if dist.get_rank() == 0:
