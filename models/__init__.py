@@ -68,6 +68,10 @@ def _load_sd(path_or_id, **kwargs):
     except ImportError as err:
         raise ModelError(f'Stable Diffusion needs diffusers and transformers (pip install "adasde[sd]"): '
                          f'{_first_line(err)}') from err
+    except ValueError as err:
+        if isinstance(err, ModelError):
+            raise
+        raise ModelError(_first_line(err)) from err
 
 
 def _no_kwargs(what, kwargs):

@@ -6,12 +6,15 @@ TF graph, downloaded once). 'digits': the penultimate features of a small CNN cl
 shipped in src/digits/ (trained by train_digits.py detector). For float input both are differentiable.
 """
 
+import hashlib
 import json
 import os
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.functional import silu
+
+from .zoo import ModelError
 
 INCEPTION_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
                  'inception-2015-12-05.pkl')
@@ -63,7 +66,7 @@ def save_digits_detector(net, dirname, **extra):
 def load_digits_classifier(dirname=DIGITS_DIR):
     json_path, weights_path = os.path.join(dirname, DIGITS_JSON), os.path.join(dirname, DIGITS_WEIGHTS)
     if not (os.path.isfile(json_path) and os.path.isfile(weights_path)):
-        raise RuntimeError(f'digits detector not found: expected {DIGITS_WEIGHTS} and {DIGITS_JSON} in {dirname} '
+        raise ModelError(f'digits detector not found: expected {DIGITS_WEIGHTS} and {DIGITS_JSON} in {dirname} '
                            f'(train it with: python train_digits.py detector --outdir={dirname})')
     with open(json_path) as f:
         config = json.load(f)
@@ -103,23 +106,17 @@ def _inception_detector(device):
     import pickle
 
     import dnnlib
-    from torch_utils import persistence  # noqa: F401  (the pickle names torch_utils.persistence)
+    from torch_utils import persistence
     try:
-        with dnnlib.util.open_url(INCEPTION_URL, verbose=False) as f:
-            net = _load_detector_pickle(f)
-    except (OSError, pickle.UnpicklingError, ValueError) as err:
-        raise RuntimeError(f'cannot load the Inception detector from {INCEPTION_URL}: {err}') from err
+        with dnnlib.util.open_url(INCEPTION_URL, num_attempts=3, verbose=False) as f:
+            net = persistence.load_network_pickle(f)
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f'cannot load the Inception detector from {INCEPTION_URL} ({reason}); without network, put '
+                         f'the file in the dnnlib cache ({dnnlib.make_cache_dir_path("downloads")}) as '
+                         f'{hashlib.md5(INCEPTION_URL.encode()).hexdigest()}_inception-2015-12-05.pkl') from err
     net = net.to(device).eval().requires_grad_(False)
     return Detector('inception', 2048, lambda x: net(x, return_features=True), channels=3)
-
-
-def _load_detector_pickle(f):
-    from torch_utils import persistence
-    load = getattr(persistence, 'load_network_pickle', None)
-    if load is not None:
-        return load(f)
-    import pickle
-    return pickle.load(f)
 
 
 DETECTORS = {'digits': _digits_detector, 'inception': _inception_detector}

@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.functional import silu
 
+from .zoo import ModelError
+
 MODEL_JSON = 'model.json'
 MODEL_WEIGHTS = 'model.safetensors'
 FORMAT_VERSION = 1
@@ -255,14 +257,17 @@ def load_local(dirname, device='cpu'):
     weights_path = os.path.join(dirname, MODEL_WEIGHTS)
     for path in (json_path, weights_path):
         if not os.path.isfile(path):
-            raise ValueError(f'{dirname}: no {os.path.basename(path)} (not a model saved by models.edm.save_model)')
+            raise ModelError(f'{dirname}: no {os.path.basename(path)} (not a model saved by models.edm.save_model)')
     with open(json_path) as f:
         config = json.load(f)
     if config.get('class') != 'EDMPrecond' or config.get('format') != FORMAT_VERSION:
-        raise ValueError(f'{json_path}: unsupported model class {config.get("class")!r} '
+        raise ModelError(f'{json_path}: unsupported model class {config.get("class")!r} '
                          f'or format {config.get("format")!r}')
     net = EDMPrecond(**config['init_kwargs'])
-    net.load_state_dict(load_file(weights_path, device='cpu'))
+    try:
+        net.load_state_dict(load_file(weights_path, device='cpu'))
+    except (RuntimeError, OSError) as err:
+        raise ModelError(f'{weights_path}: weights do not match {json_path} ({str(err).splitlines()[0]})') from err
     net.training_options = config.get('training_options')
     return net.eval().requires_grad_(False).to(device)
 

@@ -1,0 +1,396 @@
+"""models: the one loader (zoo names, EDM network pickles, safetensors model directories), the zoo table, EDM
+preconditioning, the digits dataset and detector. Nothing here touches the network: downloads are intercepted."""
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+import uuid
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import dataset_tool
+from models import ModelError, detectors, edm, load_model, zoo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#----------------------------------------------------------------------------
+# The embedded default model.
+
+
+def test_digits_loads_offline_and_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    monkeypatch.setenv('ADASDE_SRC_DIR', str(tmp_path / 'src'))
+    monkeypatch.setattr(urllib.request, 'urlopen', _no_network)
+    start = time.perf_counter()
+    net = load_model('digits')
+    elapsed = time.perf_counter() - start
+    print(f'load_model("digits"): {elapsed:.3f} s')
+    assert elapsed < 10  # typically ~0.2 s; bench/digits_fid.py reports the figure
+    assert not os.path.exists(tmp_path / 'src') and not os.path.exists(tmp_path / 'cache')
+    assert (net.img_resolution, net.img_channels, net.label_dim) == (8, 1, 0)
+    assert (net.sigma_min, net.sigma_max, net.sigma_data) == (0.002, 80.0, 0.5)
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    assert net.training_options['command'].startswith('python train_digits.py denoiser')
+
+
+def test_denoiser_contract():
+    net = load_model('digits')
+    x = torch.randn([5, 1, 8, 8], generator=torch.Generator().manual_seed(0)) * 2
+    sigmas = torch.tensor([0.01, 0.3, 1.0, 5.0, 60.0])
+    out = net(x, sigmas)
+    assert out.shape == x.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert net(x.double(), sigmas.double()).dtype == torch.float32
+    # A scalar sigma is broadcast; a per-sample sigma acts per sample only.
+    assert torch.equal(net(x, torch.tensor(1.0)), net(x, torch.ones(5)))
+    assert torch.equal(net(x, 1.0), net(x, torch.ones(5)))
+    for i in range(5):
+        torch.testing.assert_close(net(x[i:i + 1], sigmas[i:i + 1]), out[i:i + 1], rtol=1e-5, atol=1e-5)
+    # D -> x as sigma -> 0 (c_skip -> 1, c_out -> 0); at large sigma D lies near the data range [-1, 1].
+    torch.testing.assert_close(net(x, 1e-6), x, rtol=0, atol=1e-5)
+    assert net(torch.randn(64, 1, 8, 8) * 80, 80.0).abs().max() < 1.5
+    assert net.round_sigma(0.25) == torch.tensor(0.25)
+
+
+class _RecordingUNet(torch.nn.Module):
+    """Stand-in for the U-Net: records its inputs, returns F = 1."""
+
+    def forward(self, x, noise_labels, class_labels=None):
+        self.seen = (x, noise_labels, class_labels)
+        return torch.ones_like(x)
+
+
+def test_edm_precond_coefficients():
+    # Hand-computed at sigma = 0.5, sigma_data = 0.5: c_skip = 1/2, c_out = 0.25/sqrt(0.5), c_in = 1/sqrt(0.5),
+    # c_noise = ln(0.5)/4.
+    net = edm.EDMPrecond(8, 1, label_dim=3, model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    net.model = _RecordingUNet()
+    x = torch.full([2, 1, 8, 8], 2.0)
+    D = net(x, torch.tensor([0.5, 0.5]), class_labels=torch.eye(3)[[0, 2]])
+    torch.testing.assert_close(D, torch.full_like(x, 0.5 * 2 + 0.25 / np.sqrt(0.5)))
+    x_in, c_noise, labels = net.model.seen
+    torch.testing.assert_close(x_in, torch.full_like(x, 2 / np.sqrt(0.5)))
+    torch.testing.assert_close(c_noise, torch.full([2], np.log(0.5) / 4))
+    assert torch.equal(labels, torch.eye(3)[[0, 2]])
+    net(x, 0.5)
+    assert torch.equal(net.model.seen[2], torch.zeros([2, 3]))  # no labels: zeros, broadcast to the batch
+
+
+def test_safetensors_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = edm.EDMPrecond(8, 1, label_dim=10, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                         attn_resolutions=[4], sigma_min=0.01, sigma_max=50.0)
+    for p in net.parameters():  # the zero-initialised output layers would hide a bad round trip
+        torch.nn.init.normal_(p, std=0.1)
+    net.eval()
+    edm.save_model(net, tmp_path / 'm', training_options=dict(seed=3))
+    assert sorted(os.listdir(tmp_path / 'm')) == ['model.json', 'model.safetensors']
+    config = json.loads((tmp_path / 'm' / 'model.json').read_text())
+    assert config['class'] == 'EDMPrecond' and config['training_options'] == dict(seed=3)
+    loaded = load_model(str(tmp_path / 'm'))
+    assert (loaded.sigma_min, loaded.sigma_max, loaded.label_dim) == (0.01, 50.0, 10)
+    x, labels = torch.randn(4, 1, 8, 8), torch.eye(10)[[1, 2, 3, 4]]
+    assert torch.equal(loaded(x, torch.tensor([0.1, 1, 2, 3]), labels), net(x, torch.tensor([0.1, 1, 2, 3]), labels))
+    with pytest.raises(ModelError, match='no model.json'):
+        edm.load_local(str(tmp_path))
+
+
+def test_edm_precond_gradients():
+    net = edm.EDMPrecond(8, 1, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)
+    sigma = torch.tensor(0.7, requires_grad=True)
+    net(x, sigma).sum().backward()
+    assert x.grad is not None and sigma.grad is not None and torch.isfinite(x.grad).all()
+
+#----------------------------------------------------------------------------
+# EDM network pickles: a small EDM-style network in a module of its own, with
+# persistence-decorated classes, pickled the way EDM's training loop does.
+
+
+NETWORK_SRC = '''
+    """A tiny EDM-style network (test fixture)."""
+    import numpy as np
+    import torch
+    from torch_utils import persistence
+
+    @persistence.persistent_class
+    class TinyUNet(torch.nn.Module):
+        def __init__(self, channels, hidden):
+            super().__init__()
+            self.conv0 = torch.nn.Conv2d(channels, hidden, 3, padding=1)
+            self.emb = torch.nn.Linear(1, hidden)
+            self.conv1 = torch.nn.Conv2d(hidden, channels, 3, padding=1)
+
+        def forward(self, x, noise_labels, class_labels=None):
+            emb = self.emb(noise_labels.reshape(-1, 1)).reshape(x.shape[0], -1, 1, 1)
+            return self.conv1(torch.nn.functional.silu(self.conv0(x) + emb))
+
+    @persistence.persistent_class
+    class EDMPrecond(torch.nn.Module):
+        def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0,
+                     sigma_max=float('inf'), sigma_data=0.5, hidden=8):
+            super().__init__()
+            self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+            self.use_fp16, self.sigma_min, self.sigma_max, self.sigma_data = use_fp16, sigma_min, sigma_max, sigma_data
+            self.model = TinyUNet(img_channels, hidden)
+
+        def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+            x = x.to(torch.float32)
+            sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
+            c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
+            c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
+            c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
+            F_x = self.model(c_in * x, (sigma.log() / 4).flatten().expand(x.shape[0]))
+            return c_skip * x + c_out * F_x
+
+        def round_sigma(self, sigma):
+            return torch.as_tensor(sigma)
+'''
+
+
+@pytest.fixture(scope='module')
+def edm_pickle(tmp_path_factory):
+    """(path of a network pickle, x, sigma, D of the original network) for a module that is then forgotten."""
+    folder = tmp_path_factory.mktemp('netsrc')
+    module_name = f'tiny_networks_{uuid.uuid4().hex[:8]}'
+    (folder / f'{module_name}.py').write_text(textwrap.dedent(NETWORK_SRC))
+    sys.path.insert(0, str(folder))
+    try:
+        module = __import__(module_name)
+        torch.manual_seed(0)
+        net = module.EDMPrecond(img_resolution=8, img_channels=2, hidden=8).eval().requires_grad_(False)
+        data = dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs=dict(path='x.zip'))
+        path = folder / 'network-snapshot-000010.pkl'
+        with open(path, 'wb') as f:
+            pickle.dump(data, f)
+        x = torch.randn([3, 2, 8, 8], generator=torch.Generator().manual_seed(1))
+        sigma = torch.tensor([0.05, 1.0, 30.0])
+        D = net(x, sigma)
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop(module_name, None)
+    return str(path), module_name, x, sigma, D
+
+
+def test_edm_pickle_in_fresh_process(edm_pickle, tmp_path):
+    path, module_name, x, sigma, D = edm_pickle
+    torch.save(dict(x=x, sigma=sigma), tmp_path / 'inputs.pt')
+    script = textwrap.dedent(f'''
+        import importlib.util, torch
+        assert importlib.util.find_spec({module_name!r}) is None
+        from models import load_model
+        net = load_model({path!r})
+        inp = torch.load({str(tmp_path / 'inputs.pt')!r})
+        assert (net.sigma_min, net.sigma_max, net.img_channels) == (0.002, 80.0, 2), net.sigma_min
+        assert not net.training and not any(p.requires_grad for p in net.parameters())
+        torch.save(net(inp['x'], inp['sigma']), {str(tmp_path / 'out.pt')!r})
+    ''')
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert torch.equal(torch.load(tmp_path / 'out.pt'), D)
+
+
+def test_edm_pickle_errors(tmp_path):
+    with open(tmp_path / 'adasde.pkl', 'wb') as f:
+        pickle.dump(dict(model=1, loss_fn=2), f)
+    with open(tmp_path / 'other.pkl', 'wb') as f:
+        pickle.dump(dict(G=1), f)
+    (tmp_path / 'junk.pkl').write_bytes(b'not a pickle at all')
+    cases = [('adasde.pkl', 'AdaSDE predictor snapshot'), ('other.pkl', 'expected a dict with key "ema", got G'),
+             ('junk.pkl', 'not a readable network pickle'), ('missing.pkl', 'network pickle not found')]
+    for name, message in cases:
+        with pytest.raises(ModelError, match=message) as err:
+            load_model(str(tmp_path / name))
+        assert '\n' not in str(err.value)
+
+#----------------------------------------------------------------------------
+# The zoo. Downloads are intercepted: either no network at all, or a fake server.
+
+
+def _no_network(*args, **kwargs):
+    raise urllib.error.URLError('network is unreachable (test)')
+
+
+class _FakeResponse(io.BytesIO):
+    headers = {}
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    monkeypatch.setenv('ADASDE_SRC_DIR', str(tmp_path / 'src'))
+    calls = []
+
+    def urlopen(request, *args, **kwargs):
+        calls.append(request.full_url)
+        raise urllib.error.URLError('network is unreachable (test)')
+    monkeypatch.setattr(urllib.request, 'urlopen', urlopen)
+    return tmp_path, calls
+
+
+def test_zoo_table():
+    assert set(zoo.ZOO) == {'digits', 'cifar10', 'ffhq', 'afhqv2', 'imagenet64', 'lsun_bedroom', 'imagenet256',
+                            'lsun_bedroom_ldm', 'ms_coco', 'prompts'}
+    md5 = lambda url: hashlib.md5(url.encode()).hexdigest()  # noqa: E731
+    # URLs checked against the md5 table of spec/formats.md §2.3.
+    assert md5(zoo.ZOO['cifar10'].url) == 'c320a0e2338e26e7ce763402b5b56d98'
+    assert md5(zoo.ZOO['ffhq'].url) == '35d31d0db80c6846cfe376859f74d64c'
+    assert md5(zoo.ZOO['afhqv2'].url) == 'c3238fd63e57b9ea1562999e0c55f411'
+    assert md5(zoo.ZOO['imagenet64'].url) == '8b9a74a815e2cf3084dfec9f4876c76d'
+    assert md5(zoo.ZOO['cifar10'].fid_ref) == 'fb5723973c843f2c5ec8c9c512572ae2'
+    for name, e in zoo.ZOO.items():
+        assert e.name == name and (e.url is None) == (e.storage == 'repo')
+        if e.kind != 'file':
+            assert e.resolution and e.channels and 0 < e.sigma_min < e.sigma_max
+    assert zoo.ZOO['imagenet64'].label_dim == 1000 and zoo.ZOO['imagenet64'].label_kind == 'onehot'
+    assert zoo.ZOO['ms_coco'].guidance_rate == 7.5 and zoo.ZOO['digits'].detector == 'digits'
+    assert os.path.isfile(zoo.ZOO['digits'].fid_ref)
+
+
+@pytest.mark.parametrize('name', ['lsun_bedroom', 'imagenet256', 'lsun_bedroom_ldm'])
+def test_zoo_adapter_not_built(offline, name):
+    _, calls = offline
+    with pytest.raises(ModelError, match='not built') as err:
+        load_model(name)
+    assert '\n' not in str(err.value) and calls == []  # refused before any download
+
+
+@pytest.mark.parametrize('name', ['cifar10', 'ffhq', 'afhqv2', 'imagenet64'])
+def test_zoo_without_network(offline, name):
+    tmp_path, calls = offline
+    with pytest.raises(ModelError, match='cannot download') as err:
+        load_model(name)
+    message = str(err.value)
+    assert '\n' not in message and zoo.ZOO[name].url in message and str(tmp_path / 'src' / name) in message
+    assert calls and set(calls) == {zoo.ZOO[name].url}
+    assert not os.path.exists(tmp_path / 'src' / name / zoo.ZOO[name].file)
+
+
+def test_zoo_prompts_and_unknown(offline):
+    with pytest.raises(ModelError, match='not a model'):
+        load_model('prompts')
+    with pytest.raises(ModelError, match='cannot download'):
+        zoo.fetch('prompts')
+    with pytest.raises(ModelError, match='unknown model .cifar100.'):
+        load_model('cifar100')
+    with pytest.raises(ModelError, match='takes no option guidance_rate'):
+        load_model('digits', guidance_rate=2.0)
+
+
+def test_zoo_stored_file_and_cache(offline, edm_pickle):
+    tmp_path, calls = offline
+    path, _, x, sigma, D = edm_pickle
+    # A file already in <src>/<name>/ ...
+    stored = tmp_path / 'src' / 'cifar10' / zoo.ZOO['cifar10'].file
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(open(path, 'rb').read())
+    assert torch.equal(load_model('cifar10')(x, sigma), D)
+    # ... or in the dnnlib cache under <md5(url)>_<name> is used offline.
+    cache = tmp_path / 'cache' / 'downloads'
+    cache.mkdir(parents=True)
+    url = zoo.ZOO['ffhq'].url
+    (cache / f'{hashlib.md5(url.encode()).hexdigest()}_net.pkl').write_bytes(open(path, 'rb').read())
+    assert torch.equal(load_model('ffhq')(x, sigma), D)
+    assert calls == []
+
+
+def test_zoo_download(offline, edm_pickle, monkeypatch):
+    tmp_path, _ = offline
+    path, _, x, sigma, D = edm_pickle
+    calls = []
+
+    def urlopen(request, *args, **kwargs):
+        calls.append(request.full_url)
+        return _FakeResponse(open(path, 'rb').read())
+    monkeypatch.setattr(urllib.request, 'urlopen', urlopen)
+    net = load_model('afhqv2')
+    assert calls == [zoo.ZOO['afhqv2'].url] and torch.equal(net(x, sigma), D)
+    assert os.listdir(tmp_path / 'src' / 'afhqv2') == [zoo.ZOO['afhqv2'].file]
+    load_model('afhqv2')
+    assert len(calls) == 1  # stored: not downloaded again
+
+
+def test_zoo_ms_coco_offline(tmp_path):
+    # Stable Diffusion goes through diffusers and the Hugging Face cache; offline and uncached it is one line.
+    pytest.importorskip('diffusers')
+    script = textwrap.dedent('''
+        from models import load_model, ModelError
+        try:
+            load_model('ms_coco')
+        except ModelError as err:
+            print('ERROR', err)
+    ''')
+    env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'),
+               ADASDE_SRC_DIR=str(tmp_path / 'src'), DNNLIB_CACHE_DIR=str(tmp_path / 'cache'))
+    result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith('ERROR')]
+    assert len(lines) == 1 and 'Stable Diffusion' in lines[0], result.stdout
+
+#----------------------------------------------------------------------------
+# The digits dataset and detector.
+
+
+def test_dataset_round_trip(tmp_path):
+    images = np.random.RandomState(0).randint(0, 256, [3, 8, 8]).astype(np.uint8)
+    dataset_tool.write_dataset(str(tmp_path / 'd.zip'), images, [4, 0, 9])
+    with zipfile.ZipFile(tmp_path / 'd.zip') as zf:
+        assert zf.namelist() == ['00000/img00000000.png', '00000/img00000001.png', '00000/img00000002.png',
+                                 'dataset.json']
+        assert all(info.compress_type == zipfile.ZIP_STORED for info in zf.infolist())
+        assert json.loads(zf.read('dataset.json')) == {'labels': [['00000/img00000000.png', 4],
+                                                                  ['00000/img00000001.png', 0],
+                                                                  ['00000/img00000002.png', 9]]}
+    for dest in ('d.zip', 'folder'):
+        if dest == 'folder':
+            dataset_tool.write_dataset(str(tmp_path / dest), images, [4, 0, 9])
+        x, labels = dataset_tool.read_dataset(str(tmp_path / dest))
+        assert x.dtype == np.uint8 and np.array_equal(x[:, 0], images) and labels.tolist() == [4, 0, 9]
+
+
+def test_shipped_digits_dataset():
+    x, labels = dataset_tool.read_dataset(os.path.join(REPO, 'src', 'digits', 'digits-8x8.zip'))
+    assert x.shape == (1797, 1, 8, 8) and x.dtype == np.uint8 and x.max() == 255
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    sklearn = pytest.importorskip('sklearn.datasets')
+    digits = sklearn.load_digits()
+    assert np.array_equal(x[:, 0], np.round(digits.images * 255 / 16).astype(np.uint8))
+
+
+def test_digits_detector():
+    det = detectors.get_detector('digits', 'cpu')
+    assert det is detectors.get_detector('digits', torch.device('cpu'))
+    assert (det.name, det.feature_dim) == ('digits', 128)
+    x, labels = dataset_tool.read_dataset(os.path.join(REPO, 'src', 'digits', 'digits-8x8.zip'))
+    x = torch.as_tensor(x[:200])
+    features = det(x)
+    assert features.shape == (200, 128) and features.dtype == torch.float32
+    assert torch.equal(det(x.float()), features)
+    classifier = detectors.load_digits_classifier()
+    assert (classifier.classify(x).argmax(1).numpy() == labels[:200]).mean() > 0.98
+    # Differentiable for float input (AdaSDE's feature loss).
+    xf = x[:4].float().requires_grad_(True)
+    det(xf).square().sum().backward()
+    assert xf.grad is not None and xf.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='unknown detector'):
+        detectors.get_detector('resnet', 'cpu')
+
+
+def test_inception_detector_offline(offline):
+    detectors._cache.clear()
+    with pytest.raises(ValueError, match='Inception') as err:
+        detectors.get_detector('inception', 'cpu')
+    assert '\n' not in str(err.value)
+
+#----------------------------------------------------------------------------
