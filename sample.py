@@ -280,7 +280,7 @@ def load_net(c, device):
     return net
 
 
-def condition_fn_for(net, prompt):
+def condition_fn_for(net, prompt, seeds):
     """extra_args per batch for text-conditioned models: one prompt for all, or a CSV of prompts (index = seed)."""
     if not hasattr(net, 'prompt_args'):
         if prompt is not None:
@@ -291,6 +291,7 @@ def condition_fn_for(net, prompt):
     if prompt.endswith('.csv') and os.path.isfile(prompt):
         try:
             prompts = models.sd.load_prompts(prompt)
+            models.sd.prompts_for_seeds(prompts, seeds)
         except ValueError as e:
             raise click.UsageError(f'--prompt: {e}') from None
         return lambda seeds: net.prompt_args(models.sd.prompts_for_seeds(prompts, seeds))
@@ -394,7 +395,7 @@ def main(**kwargs):
     net = load_net(c, device)
     if c.class_idx is not None and not 0 <= c.class_idx < net.label_dim:
         raise click.UsageError(f'--class={c.class_idx}: the model has {net.label_dim} classes')
-    condition_fn = condition_fn_for(net, c.prompt)
+    condition_fn = condition_fn_for(net, c.prompt, seeds)
     try:
         sigmas = solvers.get_schedule(c.num_steps, net.sigma_min, net.sigma_max, schedule_type, schedule_rho, net=net)
     except ValueError as e:
