@@ -239,6 +239,10 @@ def test_predictor_sets_every_setting(model_dir, tmp_path, monkeypatch):
     assert 'Schedule: time_uniform rho=1, 4 points' in result.output and 'NFE:      5' in result.output
     _ok('--predictor_path', run, '--seeds=0-5', '--batch=1', '--dataset_name', model_dir, '--outdir', 'b')
     assert _pngs('a') == _pngs('b') and len(_pngs('a')) == 6
+    # Shipped predictors live under ./exp; ./exps (this machine's runs) is searched first.
+    _save_predictor(os.path.join('exp', '00007-digits', 'predictor.safetensors'), model_dir)
+    assert sample.resolve_predictor_path('7') == os.path.join('exp', '00007-digits', 'predictor.safetensors')
+    assert sample.resolve_predictor_path('03') == os.path.join(run, 'network-snapshot-000010.safetensors')
 
 #----------------------------------------------------------------------------
 # Bad input: one line, no traceback.
