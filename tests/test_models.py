@@ -394,3 +394,35 @@ def test_inception_detector_offline(offline):
     assert '\n' not in str(err.value)
 
 #----------------------------------------------------------------------------
+# The command-line tools, on tiny settings.
+
+
+def test_dataset_tool_cli(tmp_path):
+    pytest.importorskip('sklearn')
+    from click.testing import CliRunner
+    result = CliRunner().invoke(dataset_tool.main, ['--source=digits', f'--dest={tmp_path / "d.zip"}',
+                                                    '--max-images=5'])
+    assert result.exit_code == 0, result.output
+    x, labels = dataset_tool.read_dataset(str(tmp_path / 'd.zip'))
+    shipped, shipped_labels = dataset_tool.read_dataset(os.path.join(REPO, 'src', 'digits', 'digits-8x8.zip'))
+    assert np.array_equal(x, shipped[:5]) and labels.tolist() == shipped_labels[:5].tolist() == [0, 1, 2, 3, 4]
+    (tmp_path / 'full').mkdir()
+    (tmp_path / 'full' / 'a.txt').write_text('x')
+    result = CliRunner().invoke(dataset_tool.main, ['--source=digits', f'--dest={tmp_path / "full"}'])
+    assert result.exit_code != 0 and 'is not empty' in result.output
+
+
+def test_train_digits_cli(tmp_path):
+    import train_digits
+    from click.testing import CliRunner
+    result = CliRunner().invoke(train_digits.main, ['denoiser', f'--outdir={tmp_path / "m"}', '--kimg=0.1',
+                                                    '--batch=50', '--channels=16', '--channel_mult=1,2'])
+    assert result.exit_code == 0, result.output
+    net = load_model(str(tmp_path / 'm'))
+    assert net.training_options['kimg'] == 0.1 and len(net.training_options['loss_curve']) == 2
+    result = CliRunner().invoke(train_digits.main, ['detector', f'--outdir={tmp_path / "d"}', '--steps=3'])
+    assert result.exit_code == 0, result.output
+    assert 'test accuracy' in result.output
+    assert detectors.load_digits_classifier(str(tmp_path / 'd')).feature_dim == 128
+
+#----------------------------------------------------------------------------
