@@ -413,8 +413,9 @@ def test_dataset_tool_cli(tmp_path):
 
 
 def test_train_digits_cli(tmp_path):
-    import train_digits
     from click.testing import CliRunner
+
+    import train_digits
     result = CliRunner().invoke(train_digits.main, ['denoiser', f'--outdir={tmp_path / "m"}', '--kimg=0.1',
                                                     '--batch=50', '--channels=16', '--channel_mult=1,2'])
     assert result.exit_code == 0, result.output
