@@ -119,7 +119,7 @@ def load_model(name_or_path, device='cpu', **kwargs):
         from . import edm
         _no_kwargs(f'model {src}', kwargs)
         net = edm.load_local(src)
-    elif src.lower().endswith('.pkl') or (dnnlib.util.is_url(src, allow_file_urls=True) and '.pkl' in src.lower()):
+    elif src.lower().endswith('.pkl') or dnnlib.util.is_url(src, allow_file_urls=True):
         _no_kwargs(f'model {src}', kwargs)
         net = load_edm_pickle(src)
     elif os.path.exists(src) and _is_sd(src):
