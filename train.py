@@ -81,6 +81,8 @@ def find_resumable(outdir, c):
 @click.option('--guidance_type', help='Guidance of the model', type=click.Choice(['cg', 'cfg', 'uncond']),
               default=None)
 @click.option('--guidance_rate', help='Guidance strength', type=float, default=None)
+@click.option('--prompts', help='Captions CSV (column "text") of text-to-image models  [default: the 30k MS-COCO '
+              'captions of the zoo entry "prompts"]', type=str, default=None)
 # Optimisation.
 @click.option('--lr', help='Adam learning rate', type=click.FloatRange(min=0, min_open=True), default=0.2)
 @click.option('--coslr', help='Cosine learning-rate decay (to the reference\'s absolute floor 0.01)', is_flag=True)
@@ -112,6 +114,13 @@ def main(**kwargs):
                                  'or give --model_path', param_hint='--dataset_name')
     model = opts.model_path or opts.dataset_name
     detector = opts.detector or getattr(ZOO.get(opts.dataset_name), 'detector', None) or 'inception'
+    prompts = opts.prompts
+    if prompts is None and getattr(ZOO.get(opts.dataset_name), 'label_kind', None) == 'text':
+        from models.zoo import fetch
+        try:
+            prompts = fetch('prompts')
+        except ValueError as e:
+            raise click.ClickException(f'{e} (or give --prompts)') from None
     nfe = solvers.nfe('adasde', opts.num_steps, afs=opts.afs, predictor=EasyDict(num_points=opts.num_points))
 
     # Configuration: click -> EasyDict -> training_options.json -> training_loop.
@@ -123,7 +132,7 @@ def main(**kwargs):
         model_kwargs={k: opts[k] for k in ('guidance_type', 'guidance_rate') if opts[k] is not None},
         predictor_kwargs=dict(num_steps=opts.num_steps, num_points=opts.num_points, scale_dir=opts.scale_dir,
                               scale_time=opts.scale_time, gamma=opts.gamma, fcn=opts.fcn, settings=settings),
-        alpha=opts.alpha, detector=detector if opts.alpha > 0 else None, lr=opts.lr, coslr=opts.coslr,
+        alpha=opts.alpha, detector=detector if opts.alpha > 0 else None, prompts=prompts, lr=opts.lr, coslr=opts.coslr,
         batch=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.total_kimg, seed=opts.seed, device=opts.device)
     desc = (f'{opts.dataset_name}-{opts.num_steps}-{nfe}-{opts.sampler_stu}-{opts.sampler_tea}-{opts.M}-'
             f'{schedule_tag(opts.schedule_type, opts.schedule_rho)}{"-afs" if opts.afs else ""}{opts.desc}')

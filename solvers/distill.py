@@ -148,6 +148,7 @@ def training_loop(
     schedule_rho        = 1.0,
     alpha               = 20.0,         # Weight of the feature loss on the last step (0: plain L2 there).
     detector            = None,         # Feature network of that loss (models.detectors name, or the network).
+    prompts             = None,         # Captions file of text-to-image models (one drawn per trajectory).
     lr                  = 0.2,          # Adam learning rate.
     coslr               = False,        # Cosine annealing to the reference's absolute floor 0.01.
     batch               = 32,           # Total batch size per iteration.
@@ -192,6 +193,9 @@ def training_loop(
     if rank == 0:
         dist.barrier()
     net.requires_grad_(False).eval()
+    if prompts is not None:
+        from models.sd import load_prompts
+        net.prompts = load_prompts(prompts)
     num_steps = predictor_kwargs['num_steps']
     student_sigmas, teacher_sigmas = student_and_teacher_sigmas(net, num_steps, M, schedule_type, schedule_rho)
     if alpha > 0 and detector is not None:
