@@ -506,3 +506,38 @@ def test_sample_py_end_to_end(sd_dir, tmp_path):
                      f'--outdir={tmp_path}/d')
     assert 'Schedule: discrete rho=1, 4 points: 14.61 2.918 0.9324 0.02917' in result.output
     assert _png_files(tmp_path / 'd') == [os.path.join('000000', '000000.png')]
+
+#----------------------------------------------------------------------------
+# train.py on Stable Diffusion: distill against the discrete schedule with CFG, captions drawn per trajectory,
+# the feature loss through the differentiable VAE decoder; then sample with the predictor.
+
+
+def test_train_py_end_to_end(sd_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import train
+    from models import detectors
+    from solvers.adasde import AdaSDEPredictor
+
+    class TinyDetector(torch.nn.Module):  # the Inception download is not available offline
+        name, feature_dim = 'tiny', 8
+
+        def forward(self, images):
+            return torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 2).flatten(1)[:, :8]
+    monkeypatch.setattr(detectors, 'get_detector', lambda name, device: TinyDetector())
+    captions = tmp_path / 'captions.csv'
+    captions.write_text('text\na photo of a cat\ntwo dogs on a red sofa\na bowl of fruit\na red car\n')
+    result = CliRunner().invoke(train.main, [
+        '--dataset_name=ms_coco', f'--model_path={sd_dir}', f'--prompts={captions}', f'--outdir={tmp_path}/exps',
+        '--num_steps=3', '--M=1', '--schedule_type=discrete', '--schedule_rho=1', '--guidance_type=cfg',
+        '--guidance_rate=7.5', '--gamma=0.001', '--lr=0.01', '--batch=2', '--total_kimg=0.004', '--device=cpu'])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    run_dir, = (tmp_path / 'exps').iterdir()
+    assert run_dir.name == '00000-ms_coco-3-3-adasde-dpm-1-discrete-afs'
+    snapshot, = run_dir.glob('network-snapshot-*.safetensors')
+    p = AdaSDEPredictor.load(snapshot)
+    assert p.settings['schedule_type'] == 'discrete' and p.settings['guidance_rate'] == 7.5
+    assert not torch.equal(p.r_params, AdaSDEPredictor(3, seed=0).r_params.detach())  # it trained
+    _sample(f'--predictor_path={snapshot}', '--prompt=a cat', '--seeds=0-1', '--device=cpu',
+            f'--outdir={tmp_path}/samples')
+    assert _png_files(tmp_path / 'samples') == [os.path.join('000000', f'{s:06d}.png') for s in range(2)]
