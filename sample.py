@@ -305,7 +305,7 @@ def _dataset_label(c):
     return os.path.splitext(os.path.basename(os.path.normpath(name)))[0] or 'model'
 
 
-@click.command()
+@click.command(context_settings=dict(max_content_width=120))
 # Model and solver.
 @click.option('--dataset_name', help='Model zoo name (e.g. digits, cifar10)', metavar='STR', type=str)
 @click.option('--model_path', help='Zoo name, pickle path/URL or model folder', metavar='PATH|URL', type=str)
