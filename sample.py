@@ -25,9 +25,9 @@ from torch_utils import distributed as dist
 from torch_utils.misc import StackedRandomGenerator, parse_int_list
 
 # Solver options that have a CLI flag, with their click types.
-SOLVER_OPTIONS = dict(max_order=int, predict_x0=bool, lower_order_final=bool, thresholding=bool, variant=str,
-                      r=float, substeps=int, S_churn=float, S_min=float, S_max=float, S_noise=float, order=int,
-                      noise_fn=int)
+SOLVER_OPTIONS = dict(max_order=int, predict_x0=bool, lower_order_final=bool, thresholding=bool,
+                      exact_third_order=bool, variant=str, r=float, substeps=int, S_churn=float, S_min=float,
+                      S_max=float, S_noise=float, order=int, noise_fn=int, num_quad=int)
 
 # Sampling settings an AdaSDE predictor fixes; giving a different value on the command line is an error.
 PREDICTOR_SETTINGS = ('num_steps', 'afs', 'schedule_type', 'schedule_rho', 'guidance_type', 'guidance_rate')
@@ -321,8 +321,10 @@ def _dataset_label(c):
 @click.option('--predict_x0', help='Data prediction (dpmpp, unipc)', metavar='BOOL', type=bool)
 @click.option('--lower_order_final', help='Lower order at the end (dpmpp, unipc)', metavar='BOOL', type=bool)
 @click.option('--thresholding', help='Dynamic thresholding (dpmpp, unipc)', metavar='BOOL', type=bool)
+@click.option('--exact_third_order', help='Full-weight 2nd-derivative term in 3M (dpmpp)', metavar='BOOL', type=bool)
 @click.option('--variant', help='bh1 or bh2 (unipc)', metavar='STR', type=str)
-@click.option('--r', help='Intermediate point (dpm)', metavar='FLOAT', type=float)
+@click.option('--r', '--dpm_r', 'r', help='Intermediate point (dpm; under torchrun write --dpm_r: torchrun takes '
+              '--r for its own options)', metavar='FLOAT', type=float)
 @click.option('--substeps', help='Sub-steps per step (dpm)', metavar='INT', type=int)
 @click.option('--S_churn', 'S_churn', help='Stochasticity strength (edm)', metavar='FLOAT', type=float)
 @click.option('--S_min', 'S_min', help='Stochasticity min noise level (edm)', metavar='FLOAT', type=float)
@@ -330,6 +332,7 @@ def _dataset_label(c):
 @click.option('--S_noise', 'S_noise', help='Stochasticity noise inflation (edm)', metavar='FLOAT', type=float)
 @click.option('--order', help='Order 1-3 (er_sde)', metavar='INT', type=int)
 @click.option('--noise_fn', help='Noise-scale function 1-7 (er_sde)', metavar='INT', type=int)
+@click.option('--num_quad', help='Quadrature points of the coefficients (er_sde)', metavar='INT', type=int)
 # Conditioning.
 @click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0))
 @click.option('--guidance_type', help='Guidance of guided models', metavar='STR', type=str)
