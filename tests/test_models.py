@@ -387,6 +387,54 @@ def test_digits_detector():
         detectors.get_detector('resnet', 'cpu')
 
 
+INCEPTION_SRC = '''
+    """Stand-in for the Inception pickle (test fixture): 2048 features from the 3 channel means."""
+    import torch
+    from torch_utils import persistence
+
+    @persistence.persistent_class
+    class FakeInception(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 2048)
+
+        def forward(self, img, return_features=False):
+            assert img.shape[1] == 3 and return_features
+            return self.proj(img.to(torch.float32).mean(dim=(2, 3)) / 255)
+'''
+
+
+def test_inception_detector_from_cache(offline):
+    tmp_path, calls = offline
+    module_name = f'fake_inception_{uuid.uuid4().hex[:8]}'
+    (tmp_path / f'{module_name}.py').write_text(textwrap.dedent(INCEPTION_SRC))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        torch.manual_seed(0)
+        net = __import__(module_name).FakeInception()
+        cache = tmp_path / 'cache' / 'downloads'
+        cache.mkdir(parents=True)
+        md5 = hashlib.md5(detectors.INCEPTION_URL.encode()).hexdigest()
+        with open(cache / f'{md5}_inception-2015-12-05.pkl', 'wb') as f:
+            pickle.dump(net, f)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(module_name, None)
+    detectors._cache.clear()
+    try:
+        det = detectors.get_detector('inception', 'cpu')
+        assert (det.name, det.feature_dim) == ('inception', 2048) and calls == []
+        gray = torch.randint(0, 256, [2, 1, 8, 8], dtype=torch.uint8)
+        features = det(gray)
+        assert features.shape == (2, 2048) and features.dtype == torch.float32
+        assert torch.equal(features, net(gray.repeat(1, 3, 1, 1).float(), return_features=True))
+        xf = gray.float().requires_grad_(True)
+        det(xf).sum().backward()
+        assert xf.grad is not None
+    finally:
+        detectors._cache.clear()
+
+
 def test_inception_detector_offline(offline):
     detectors._cache.clear()
     with pytest.raises(ValueError, match='Inception') as err:
