@@ -162,6 +162,7 @@ def training_loop(
     import json
     import math
     import os
+    import sys
     import time
 
     import tqdm
@@ -240,7 +241,10 @@ def training_loop(
     # Main loop.
     iters_per_tick = max(1, math.ceil(kimg_per_tick * 1000 / batch))
     start_time = time.time()
-    bar = tqdm.tqdm(total=total_iters, initial=cur_iter, disable=rank != 0, unit='it', dynamic_ncols=True)
+    # The bar goes to the terminal only: log.txt (dnnlib.util.Logger) gets the tick lines, not carriage returns.
+    console = getattr(sys.stderr, 'stderr', sys.stderr)
+    bar = tqdm.tqdm(total=total_iters, initial=cur_iter, disable=rank != 0, unit='it', dynamic_ncols=True,
+                    file=console)
     while cur_iter < total_iters:
         losses = distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas, M, afs, cur_iter, seed,
                                    batch, batch_gpu, feature_loss, substeps, device)
