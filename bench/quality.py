@@ -70,7 +70,7 @@ def main(num, out, predictors):
         print(f'{label:24s} NFE {nfe:3d}  FID {value:8.4f}  ({note})', flush=True)
 
     start = time.time()
-    ref_steps = 101
+    ref_steps = 51  # heun: 101 NFE
     report('heun (converged)', solvers.nfe('heun', ref_steps), fid(images_of(net, seeds, 'heun', {}, ref_steps, False)),
            f'N={ref_steps}')
     for nfe in NFES:
@@ -94,20 +94,22 @@ def main(num, out, predictors):
         s = p.settings
         value = fid(images_of(net, seeds, 'adasde', dict(predictor=p), p.num_steps, s['afs'],
                               schedule=(s['schedule_type'], s['schedule_rho'])))
-        report('adasde', nfe, value, os.path.relpath(path, ROOT))
+        report('adasde', nfe, value, f'N={p.num_steps}{", afs" if s["afs"] else ""}, '
+               f'{os.path.relpath(os.path.dirname(path), ROOT)}')
     print(f'{time.time() - start:.0f} s')
 
     # Markdown table and plot.
     header = '| solver | ' + ' | '.join(f'NFE {n}' for n in NFES) + ' |'
     lines = [f'FID of {num} digits samples (shipped digits detector, `src/digits/fid-ref.npz`), from '
-             '`python bench/quality.py`. Each baseline at its better AFS setting.', '', header,
+             '`python bench/quality.py`. Each baseline at its better AFS setting; the setting (N time points, AFS) '
+             'follows each FID, and for AdaSDE the predictor file. Bold: best at that NFE.', '', header,
              '|---|' + '---|' * len(NFES)]
     for label, cells in rows.items():
         if label.endswith('(converged)'):
             continue
         best = {n: min(r[n][0] for r in rows.values() if n in r and r is not cells) for n in NFES}
         lines.append(f'| {label} | ' + ' | '.join(
-            ('**{:.3f}**' if n in cells and cells[n][0] < best[n] else '{:.3f}').format(cells[n][0])
+            ('**{:.3f}** ({})' if n in cells and cells[n][0] < best[n] else '{:.3f} ({})').format(*cells[n])
             if n in cells else '-' for n in NFES) + ' |')
     (value, note), = rows['heun (converged)'].values()
     lines += ['', f'Converged reference: heun, {solvers.nfe("heun", ref_steps)} NFE: FID {value:.3f}.']

@@ -119,7 +119,7 @@ def test_official_snapshot_import_runs_no_code(tmp_path, monkeypatch):
         class adasde_predictor(torch.nn.Module):
             def __init__(self, num_steps=4, num_points=1):
                 super().__init__()
-                self.num_steps, self.num_points, self.dataset_name = num_steps, num_points, 'cifar10'
+                self.num_steps, self.num_points, self.dataset_name = num_steps, num_points, 'digits'
                 self.schedule_type, self.schedule_rho, self.afs = 'time_uniform', 1, True
                 self.scale_dir, self.scale_time, self.gamma, self.gamma_min, self.fcn = 0.05, 0.2, 0.02, 1e-4, False
                 self.guidance_type = self.guidance_rate = None
@@ -137,11 +137,25 @@ def test_official_snapshot_import_runs_no_code(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, 'training.networks')
     monkeypatch.delitem(sys.modules, 'training')
     p = load_official(tmp_path / 'network-snapshot-000010.pkl')
-    assert p.num_steps == 4 and p.gamma_min == 1e-4 and p.settings['dataset_name'] == 'cifar10'
+    assert p.num_steps == 4 and p.gamma_min == 1e-4 and p.settings['dataset_name'] == 'digits'
     assert p.settings['schedule_rho'] == 1.0 and p.settings['afs'] is True
     assert torch.equal(p.weight_params, official.weight_s.detach())
     assert torch.equal(p.r_params, official.r_params.detach())
     assert not any(name.startswith('_imported_module_') and hasattr(m, 'raise_on_exec')
                    for name, m in sys.modules.items())
+
+    # sample.py takes the .pkl directly and samples exactly as with the same tables in our format.
+    from click.testing import CliRunner
+
+    import sample
+    p.save(tmp_path / 'same.safetensors')
+    for name in ('network-snapshot-000010.pkl', 'same.safetensors'):
+        result = CliRunner().invoke(sample.main, [f'--predictor_path={tmp_path / name}', '--seeds=0-3',
+                                                  f'--outdir={tmp_path / name}-out', '--no-subdirs'])
+        assert result.exit_code == 0, result.output
+    for seed in range(4):
+        png = f'{seed:06d}.png'
+        assert (tmp_path / 'network-snapshot-000010.pkl-out' / png).read_bytes() == \
+            (tmp_path / 'same.safetensors-out' / png).read_bytes()
 
 #----------------------------------------------------------------------------
