@@ -11,7 +11,7 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.nn.functional import silu
 
 from .zoo import ModelError
@@ -51,16 +51,9 @@ class DigitsClassifier(torch.nn.Module):
 
 def save_digits_detector(net, dirname, **extra):
     """Write a DigitsClassifier as detector.safetensors + detector.json (atomically)."""
-    from .edm import _atomic_write
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    from .edm import save_weights_and_config
     config = dict(format=1, kind='digits_classifier', channels=list(net.channels), feature_dim=net.feature_dim, **extra)
-    _atomic_write(os.path.join(dirname, DIGITS_WEIGHTS), lambda tmp: save_file(state, tmp))
-
-    def write_json(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(config, f, indent=2)
-            f.write('\n')
-    _atomic_write(os.path.join(dirname, DIGITS_JSON), write_json)
+    save_weights_and_config(dirname, DIGITS_WEIGHTS, net.state_dict(), DIGITS_JSON, config)
 
 
 def load_digits_classifier(dirname=DIGITS_DIR):

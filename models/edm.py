@@ -237,18 +237,23 @@ def _atomic_write(path, write_fn):
         raise
 
 
-def save_model(net, dirname, **extra):
-    """Write an EDMPrecond as model.safetensors + model.json into `dirname` (atomically, file by file)."""
-    state = {k: v.detach().to('cpu', torch.float32).contiguous() for k, v in net.state_dict().items()}
-    config = dict(format=FORMAT_VERSION, kind='edm', **{'class': type(net).__name__},
-                  init_kwargs=net.init_kwargs, **extra)
-    _atomic_write(os.path.join(dirname, MODEL_WEIGHTS), lambda tmp: save_file(state, tmp))
+def save_weights_and_config(dirname, weights_name, state, json_name, config):
+    """Write a state dict as safetensors and its config as JSON into `dirname`, each file atomically."""
+    state = {k: v.detach().to('cpu', torch.float32).contiguous() for k, v in state.items()}
+    _atomic_write(os.path.join(dirname, weights_name), lambda tmp: save_file(state, tmp))
 
     def write_json(tmp):
         with open(tmp, 'w') as f:
             json.dump(config, f, indent=2)
             f.write('\n')
-    _atomic_write(os.path.join(dirname, MODEL_JSON), write_json)
+    _atomic_write(os.path.join(dirname, json_name), write_json)
+
+
+def save_model(net, dirname, **extra):
+    """Write an EDMPrecond as model.safetensors + model.json into `dirname` (atomically, file by file)."""
+    config = dict(format=FORMAT_VERSION, kind='edm', **{'class': type(net).__name__},
+                  init_kwargs=net.init_kwargs, **extra)
+    save_weights_and_config(dirname, MODEL_WEIGHTS, net.state_dict(), MODEL_JSON, config)
 
 
 def load_local(dirname, device='cpu'):

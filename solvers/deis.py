@@ -3,8 +3,8 @@ The derivative d = dx/dsigma is interpolated by a Lagrange polynomial in the VP 
 
 import torch
 
-from .common import check_sigmas, denoise, to_d
-from .multistep import check_max_order, lagrange_integrals
+from .common import check_sigmas
+from .multistep import check_max_order, lagrange_integrals, linear_multistep
 from .registry import register
 from .schedules import VPTime
 
@@ -35,13 +35,6 @@ def sample_deis(net, x, sigmas, extra_args=None, callback=None, randn_like=None,
     check_max_order('deis', max_order, 4)
     sigmas = check_sigmas(sigmas)
     coeffs = deis_coefficients(sigmas, max_order)
-    d_hist = []
-    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        denoised = denoise(net, x, t_cur, extra_args, afs=afs and i == 0)
-        d_hist = ([to_d(x, denoised, t_cur)] + d_hist)[:max_order]
-        x = x + sum(c * d for c, d in zip(coeffs[i], d_hist))
-        if callback is not None:
-            callback(dict(i=i, x=x, sigma=t_cur, sigma_next=t_next, denoised=denoised))
-    return x
+    return linear_multistep(net, x, sigmas, lambda i, p: coeffs[i], max_order, extra_args, callback, afs)
 
 #----------------------------------------------------------------------------

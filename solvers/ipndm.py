@@ -3,8 +3,8 @@ fixed Adams-Bashforth weights, spec/solvers.md §4.5) and iPNDM_v (variable-step
 
 import torch
 
-from .common import check_sigmas, denoise, to_d
-from .multistep import check_max_order, lagrange_integrals
+from .common import check_sigmas
+from .multistep import check_max_order, lagrange_integrals, linear_multistep
 from .registry import register
 
 #----------------------------------------------------------------------------
@@ -26,14 +26,8 @@ def sample_ipndm(net, x, sigmas, extra_args=None, callback=None, randn_like=None
     """iPNDM: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) sum_k b_k d_{i-k}, b = uniform-grid AB weights of order p."""
     check_max_order('ipndm', max_order, 4)
     sigmas = check_sigmas(sigmas)
-    d_hist = []
-    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        denoised = denoise(net, x, t_cur, extra_args, afs=afs and i == 0)
-        d_hist = ([to_d(x, denoised, t_cur)] + d_hist)[:max_order]
-        x = x + (t_next - t_cur) * sum(b * d for b, d in zip(AB_WEIGHTS[len(d_hist)], d_hist))
-        if callback is not None:
-            callback(dict(i=i, x=x, sigma=t_cur, sigma_next=t_next, denoised=denoised))
-    return x
+    coeffs = lambda i, p: [(sigmas[i + 1] - sigmas[i]) * b for b in AB_WEIGHTS[p]]  # noqa: E731
+    return linear_multistep(net, x, sigmas, coeffs, max_order, extra_args, callback, afs)
 
 #----------------------------------------------------------------------------
 # Exact variable-step Adams-Bashforth: the derivative is replaced by its Lagrange
@@ -48,15 +42,7 @@ def sample_ipndm_v(net, x, sigmas, extra_args=None, callback=None, randn_like=No
     """iPNDM_v: x_{i+1} = x_i + sum_k c_k d_{i-k}, c_k = integral of the k-th Lagrange basis over the step."""
     check_max_order('ipndm_v', max_order, 4)
     sigmas = check_sigmas(sigmas)
-    d_hist = []
-    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        denoised = denoise(net, x, t_cur, extra_args, afs=afs and i == 0)
-        d_hist = ([to_d(x, denoised, t_cur)] + d_hist)[:max_order]
-        nodes = sigmas[i::-1][:len(d_hist)]
-        coeffs = lagrange_integrals(nodes, t_cur, t_next)
-        x = x + sum(c * d for c, d in zip(coeffs, d_hist))
-        if callback is not None:
-            callback(dict(i=i, x=x, sigma=t_cur, sigma_next=t_next, denoised=denoised))
-    return x
+    coeffs = lambda i, p: lagrange_integrals(sigmas[i::-1][:p], sigmas[i], sigmas[i + 1])  # noqa: E731
+    return linear_multistep(net, x, sigmas, coeffs, max_order, extra_args, callback, afs)
 
 #----------------------------------------------------------------------------

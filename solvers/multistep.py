@@ -1,10 +1,12 @@
 """Pieces shared by the multistep solvers (DPM-Solver++, UniPC, iPNDM, DEIS): option checks,
-dynamic thresholding, and integrals of Lagrange basis polynomials."""
+dynamic thresholding, integrals of Lagrange basis polynomials, and the linear multistep loop in sigma."""
 
 import math
 
 import numpy as np
 import torch
+
+from .common import denoise, to_d
 
 #----------------------------------------------------------------------------
 # Option checks: one clear ValueError per bad value.
@@ -60,3 +62,19 @@ def lagrange_integrals(nodes, sigma_a, sigma_b, to_node=None, num_points=32):
     return coeffs
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# Linear multistep on the probability-flow ODE in sigma (iPNDM, iPNDM_v, DEIS-tAB):
+#   x_{i+1} = x_i + sum_k c_{i,k} d_{i-k},   d = (x - D(x, sigma)) / sigma,   1 NFE per step,
+# where coeffs(i, p) gives the p coefficients of step i (p = how many derivatives are kept).
+
+
+def linear_multistep(net, x, sigmas, coeffs, max_order, extra_args=None, callback=None, afs=False):
+    d_hist = []
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = denoise(net, x, t_cur, extra_args, afs=afs and i == 0)
+        d_hist = ([to_d(x, denoised, t_cur)] + d_hist)[:max_order]
+        x = x + sum(c * d for c, d in zip(coeffs(i, len(d_hist)), d_hist))
+        if callback is not None:
+            callback(dict(i=i, x=x, sigma=t_cur, sigma_next=t_next, denoised=denoised))
+    return x
