@@ -108,6 +108,7 @@ def main(**kwargs):
     """
     opts = EasyDict(kwargs)
     dist.init()
+    dist.stop_on_signals()  # SIGTERM / Ctrl-C: save the state at the end of the iteration, then stop
     from models.zoo import ZOO
     if opts.model_path is None and opts.dataset_name not in ZOO:
         raise click.BadParameter(f'unknown dataset {opts.dataset_name!r}; choose from {", ".join(sorted(ZOO))} '
@@ -163,7 +164,8 @@ def main(**kwargs):
         training_loop(**c, resume_state=state if resume_dir else None)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    dist.print0('Done.')
+    if not dist.should_stop():
+        dist.print0('Done.')
 
 #----------------------------------------------------------------------------
 

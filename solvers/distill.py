@@ -266,9 +266,11 @@ def training_loop(
                 with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
                     stats = training_stats.default_collector.as_dict()
                     f.write(json.dumps(dict(stats, iter=cur_iter, timestamp=time.time())) + '\n')
-        if dist.should_stop():  # preemption hook of cluster launchers: keep the state, stop cleanly
+        if cur_iter < total_iters and dist.should_stop():  # preemption or Ctrl-C: keep the state, stop cleanly
             save_state()
             bar.close()
+            dist.print0(f'Stopped at iteration {cur_iter}/{total_iters}; the state is in {run_dir}. Run the same '
+                        'command with --resume to continue.')
             return predictor.requires_grad_(False).eval()
     bar.close()
     save_snapshot()

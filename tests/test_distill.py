@@ -100,3 +100,58 @@ def test_two_processes_and_resume_give_the_same_tables(tmp_path):
     assert not torch.equal(one['r_params'], AdaSDEPredictor(3, seed=3).r_params.detach())  # it did train
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# The same through train.py on the digits model (with its feature loss): torchrun with 2 processes, and a run
+# stopped by SIGTERM (as a cluster preempts a job) then continued with --resume.
+
+TRAIN = ['train.py', '--dataset_name=digits', '--num_steps=3', '--M=1', '--batch=8', '--batch-gpu=4',
+         '--total_kimg=0.16', '--lr=0.1', '--coslr', '--gamma=0.02', '--device=cpu']
+
+
+def train_cli(outdir, *extra, nproc=1):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                                    f'--nproc_per_node={nproc}']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    return subprocess.Popen(launcher + TRAIN + [f'--outdir={outdir}', *extra], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def snapshot_tables(outdir):
+    run_dir, = [os.path.join(outdir, d) for d in os.listdir(outdir)]
+    snapshot, = [f for f in os.listdir(run_dir) if f.startswith('network-snapshot-')]
+    return AdaSDEPredictor.load(os.path.join(run_dir, snapshot)).state_dict(), run_dir
+
+
+def test_train_py_torchrun_and_sigterm_resume(tmp_path):
+    import signal
+    for outdir, nproc in (('one', 1), ('two', 2)):
+        proc = train_cli(tmp_path / outdir, nproc=nproc)
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0 and 'Done.' in output, output
+    one, _ = snapshot_tables(tmp_path / 'one')
+    two, _ = snapshot_tables(tmp_path / 'two')
+
+    # SIGTERM once the run directory is chosen: the loop finishes its iteration, saves the state and exits 0.
+    proc = train_cli(tmp_path / 'stopped')
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith('Output directory:'):
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = ''.join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and 'SIGTERM: stopping' in output and 'Done.' not in output, output
+    run_dir, = (tmp_path / 'stopped').iterdir()
+    state = torch.load(run_dir / 'training-state.pt', weights_only=True)
+    assert 1 <= state['cur_iter'] < 20, state['cur_iter']
+    assert not list(run_dir.glob('network-snapshot-*'))
+    proc = train_cli(tmp_path / 'stopped', '--resume')
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and 'Done.' in output, output
+    resumed, resumed_dir = snapshot_tables(tmp_path / 'stopped')
+    assert resumed_dir == str(run_dir)  # continued in place, not a new run
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5, rtol=0), name
+        assert torch.allclose(one[name], resumed[name], atol=1e-6, rtol=0), name
+    assert not torch.equal(one['r_params'], AdaSDEPredictor(3, seed=0).r_params)  # it trained

@@ -5,6 +5,7 @@ Under torchrun (WORLD_SIZE > 1) init() joins the process group (NCCL with CUDA, 
 """
 
 import os
+import sys
 
 import torch
 
@@ -64,9 +65,31 @@ def all_reduce(tensor, op=None):
 #----------------------------------------------------------------------------
 
 
+_stop_requested = False
+
+
+def stop_on_signals():
+    """Make SIGTERM (cluster preemption) and a first Ctrl-C ask the run to stop cleanly: should_stop() turns
+    True, and the training loop saves its state and returns. A second Ctrl-C aborts at once."""
+    import signal
+
+    def handler(signum, frame):
+        global _stop_requested
+        if _stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        _stop_requested = True
+        print(f'\n{signal.Signals(signum).name}: stopping after this iteration and saving the state '
+              '(Ctrl-C again aborts)', file=sys.stderr, flush=True)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+
+
 def should_stop():
-    """Hook for cluster launchers that ask a run to stop early."""
-    return False
+    """True once any process was asked to stop (see stop_on_signals); every process gets the same answer, so
+    call it on all of them at the same point."""
+    flag = torch.tensor([float(_stop_requested)], device=device() if get_world_size() > 1 else 'cpu')
+    all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def update_progress(cur, total):
