@@ -75,14 +75,19 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+def launcher(nproc):
+    """Python itself for one process, torchrun (as a module) for several."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+
+
 def run_script(tmp_path, run_dir, args, nproc=1):
     script = tmp_path / 'run.py'
     script.write_text(SCRIPT.format(root=ROOT))
     os.makedirs(run_dir, exist_ok=True)
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                                                    f'--nproc_per_node={nproc}']
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
-    subprocess.run(launcher + [str(script), str(run_dir)] + args, check=True, env=env, capture_output=True)
+    subprocess.run(launcher(nproc) + [str(script), str(run_dir)] + args, check=True, env=env, capture_output=True)
     return torch.load(os.path.join(run_dir, 'final.pt'), weights_only=True)
 
 
@@ -110,10 +115,8 @@ TRAIN = ['train.py', '--dataset_name=digits', '--num_steps=3', '--M=1', '--batch
 
 
 def train_cli(outdir, *extra, nproc=1):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                                                    f'--nproc_per_node={nproc}']
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    return subprocess.Popen(launcher + TRAIN + [f'--outdir={outdir}', *extra], cwd=ROOT, env=env, text=True,
+    return subprocess.Popen(launcher(nproc) + TRAIN + [f'--outdir={outdir}', *extra], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
