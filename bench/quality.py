@@ -70,7 +70,7 @@ def main(num, out, predictors):
         print(f'{label:24s} NFE {nfe:3d}  FID {value:8.4f}  ({note})', flush=True)
 
     start = time.time()
-    ref_steps = 51  # heun: 101 NFE
+    ref_steps = 51  # heun: 100 NFE
     report('heun (converged)', solvers.nfe('heun', ref_steps), fid(images_of(net, seeds, 'heun', {}, ref_steps, False)),
            f'N={ref_steps}')
     for nfe in NFES:
