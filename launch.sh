@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Named presets: distill an AdaSDE predictor, sample, score. Edit freely.
 #
-#   bash launch.sh                 # the demo: digits model, 5 NFE, AdaSDE vs the baselines, on a CPU in minutes
+#   bash launch.sh                 # the demo: digits model, 5 NFE, AdaSDE vs 7 baselines, ~7 min on 2 CPU cores
 #   bash launch.sh digits-nfe5     # (re)train one shipped digits predictor into exp/ (also digits-nfe3/7/9)
 #   bash launch.sh cifar10         # the paper's recipes: train, sample 50k, FID (GPUs; also ffhq, imagenet64,
 #                                  #   lsun_bedroom, ms_coco)
@@ -40,22 +40,26 @@ demo)
     python train.py --dataset_name=digits --outdir=exps --num_steps=4 --M=3 --gamma=0.02 --lr=0.2 \
         --batch=32 --total_kimg=5 $ADASDE $UNIFORM
     exp=$(ls -d exps/*-digits-4-5-* | sort | tail -n 1)
-    # 2) 10k samples per solver at 5 NFE, on the same seeds. Each baseline in its better setting, AFS on or off,
-    #    as measured by bench/quality.py (AFS helps euler and er_sde here, hurts the multistep solvers).
+    # 2) 10k samples per solver at 5 NFE, on the same seeds. Each baseline in its best setting at 5 NFE on this
+    #    model (order, AFS on or off) as measured by bench/quality.py (docs/quality.md).
     out=samples/demo
     common="--dataset_name=digits --seeds=0-9999 --batch=1000 --net_batch=1000"
     python sample.py $common --predictor_path="$exp" --outdir=$out/adasde
-    python sample.py $common --solver=dpmpp --num_steps=6 --outdir=$out/dpmpp
+    python sample.py $common --solver=deis --num_steps=7 --afs=True --outdir=$out/deis
+    python sample.py $common --solver=dpmpp --max_order=2 --num_steps=7 --afs=True --outdir=$out/dpmpp
     python sample.py $common --solver=unipc --num_steps=6 --outdir=$out/unipc
     python sample.py $common --solver=ipndm --num_steps=6 --outdir=$out/ipndm
     python sample.py $common --solver=dpm --num_steps=4 --afs=True --outdir=$out/dpm
     python sample.py $common --solver=euler --num_steps=7 --afs=True --outdir=$out/euler
     python sample.py $common --solver=er_sde --num_steps=6 --afs=True --outdir=$out/er_sde
     # 3) FID of each against the digits reference statistics, in one table.
-    printf '\n| solver (5 NFE) | FID (10k) |\n|---|---|\n'
-    for s in adasde dpmpp unipc ipndm dpm euler er_sde; do
+    declare -A setting=([adasde]="learned, N=4, AFS" [deis]="tAB3, N=7, AFS" [dpmpp]="2M, N=7, AFS"
+        [unipc]="bh2 order 3, N=6" [ipndm]="order 4, N=6" [dpm]="N=4, AFS" [euler]="N=7, AFS"
+        [er_sde]="order 3, noise_fn 7, N=6, AFS")
+    printf '\n| solver | setting (5 NFE) | FID (10k) |\n|---|---|---|\n'
+    for s in adasde deis dpmpp unipc ipndm dpm euler er_sde; do
         fid=$(python fid.py calc --images=$out/$s --ref=src/digits/fid-ref.npz 2>/dev/null | tail -n 1)
-        printf '| %s | %s |\n' "$s" "$fid"
+        printf '| %s | %s | %s |\n' "$s" "${setting[$s]}" "$fid"
     done
     printf '\nDemo done in %d s; predictor in %s, images in %s/\n' $((SECONDS - start)) "$exp" "$out"
     ;;
