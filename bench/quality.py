@@ -5,10 +5,12 @@ reachable, and the better of the two is reported (a baseline is never shown in a
 AdaSDE uses the predictors shipped in exp/ (trained by `bash launch.sh digits-nfe<N>`), or any given with
 --predictor. FID uses the shipped digits detector against src/digits/fid-ref.npz, on the same seeds for every row.
 
-    python bench/quality.py [--num 10000] [--out docs/quality]    # writes docs/quality.md and docs/quality.png
+    python bench/quality.py [--num 10000] [--out docs/quality]    # writes docs/quality.json, .md and .png
+    python bench/quality.py --out docs/quality --replot           # redraw .md and .png from the .json
 """
 
 import glob
+import json
 import os
 import re
 import sys
@@ -54,11 +56,8 @@ def shipped_predictors():
     return found
 
 
-@click.command()
-@click.option('--num', help='Images per FID', type=int, default=10000, show_default=True)
-@click.option('--out', help='Write <out>.md and <out>.png', type=str, default=None)
-@click.option('--predictor', 'predictors', help='Extra AdaSDE predictor file (repeatable)', multiple=True)
-def main(num, out, predictors):
+def measure(num, predictors):
+    """{label: {nfe: (fid, setting)}} for the converged reference, every baseline and the AdaSDE predictors."""
     torch.set_num_threads(os.cpu_count() or 1)
     net = load_model('digits')
     seeds = range(num)
@@ -97,8 +96,10 @@ def main(num, out, predictors):
         report('adasde', nfe, value, f'N={p.num_steps}{", afs" if s["afs"] else ""}, '
                f'{os.path.relpath(os.path.dirname(path), ROOT)}')
     print(f'{time.time() - start:.0f} s')
+    return rows
 
-    # Markdown table and plot.
+
+def markdown(rows, num):
     header = '| solver | ' + ' | '.join(f'NFE {n}' for n in NFES) + ' |'
     lines = [f'FID of {num} digits samples (shipped digits detector, `src/digits/fid-ref.npz`), from '
              '`python bench/quality.py`. Each baseline at its better AFS setting; the setting (N time points, AFS) '
@@ -111,31 +112,58 @@ def main(num, out, predictors):
         lines.append(f'| {label} | ' + ' | '.join(
             ('**{:.3f}** ({})' if n in cells and cells[n][0] < best[n] else '{:.3f} ({})').format(*cells[n])
             if n in cells else '-' for n in NFES) + ' |')
-    (value, note), = rows['heun (converged)'].values()
-    lines += ['', f'Converged reference: heun, {solvers.nfe("heun", ref_steps)} NFE: FID {value:.3f}.']
-    print('\n'.join(lines))
+    (nfe, (value, _)), = rows['heun (converged)'].items()
+    lines += ['', f'Converged reference: heun, {nfe} NFE: FID {value:.3f}.']
+    return '\n'.join(lines) + '\n'
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colors = plt.get_cmap('tab20').colors
+    for k, (label, cells) in enumerate(item for item in rows.items() if not item[0].endswith('(converged)')):
+        nfes = [n for n in NFES if n in cells]
+        style = dict(lw=2.5, color='k', marker='o') if label == 'adasde' else \
+            dict(lw=1, color=colors[2 * k % 20 + k // 10], marker='.^sv'[k % 4], ms=4)
+        ax.plot(nfes, [cells[n][0] for n in nfes], label=label, **style)
+    (value, _), = rows['heun (converged)'].values()
+    ax.axhline(value, color='gray', ls='--', lw=1, label='heun, converged')
+    ax.set_yscale('log')
+    ax.set_xlabel('NFE')
+    ax.set_ylabel('FID (digits detector)')
+    ax.set_xticks(NFES)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title('Embedded digits model: FID vs NFE')
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+@click.command()
+@click.option('--num', help='Images per FID', type=int, default=10000, show_default=True)
+@click.option('--out', help='Write <out>.json (the measurements), <out>.md and <out>.png', type=str, default=None)
+@click.option('--predictor', 'predictors', help='Extra AdaSDE predictor file (repeatable)', multiple=True)
+@click.option('--replot', help='Only redraw <out>.md and <out>.png from <out>.json', is_flag=True)
+def main(num, out, predictors, replot):
+    if replot:
+        if out is None:
+            raise click.UsageError('--replot needs --out')
+        with open(out + '.json') as f:
+            saved = json.load(f)
+        num, rows = saved['num'], {label: {int(n): tuple(v) for n, v in cells.items()}
+                                   for label, cells in saved['rows'].items()}
+    else:
+        rows = measure(num, predictors)
+    text = markdown(rows, num)
+    print(text)
     if out:
+        if not replot:
+            with open(out + '.json', 'w') as f:
+                json.dump(dict(num=num, rows=rows), f, indent=1)
         with open(out + '.md', 'w') as f:
-            f.write('\n'.join(lines) + '\n')
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-        for label, cells in rows.items():
-            if label.endswith('(converged)'):
-                continue
-            nfes = [n for n in NFES if n in cells]
-            style = dict(lw=2.5, color='k', marker='o') if label == 'adasde' else dict(lw=1, marker='.')
-            ax.plot(nfes, [cells[n][0] for n in nfes], label=label, **style)
-        ax.axhline(value, color='gray', ls='--', lw=1, label='heun, converged')
-        ax.set_yscale('log')
-        ax.set_xlabel('NFE')
-        ax.set_ylabel('FID (digits detector)')
-        ax.set_xticks(NFES)
-        ax.legend(fontsize=7, ncol=2)
-        ax.set_title('Embedded digits model: FID vs NFE')
-        fig.tight_layout()
-        fig.savefig(out + '.png')
+            f.write(text)
+        plot(rows, out + '.png')
 
 #----------------------------------------------------------------------------
 
