@@ -42,7 +42,7 @@ def test_coefficient_maps_match_the_spec():
     assert float(p.step_params(0)['gamma'][0]) == 0
     with torch.no_grad():
         p.gamma_params.zero_()
-    assert float(p.step_params(2)['gamma'][0]) == pytest.approx(2e-4 + 0.6 * (0.02 - 2e-4), abs=1e-15)
+    assert float(p.step_params(2)['gamma'][0].detach()) == pytest.approx(2e-4 + 0.6 * (0.02 - 2e-4), abs=1e-15)
     # fcn fixes c = 1 on the last step only.
     p.fcn = True
     assert p.step_params(2)['c'].tolist() == [1.0, 1.0] and p.step_params(1)['c'].tolist() != [1.0, 1.0]
@@ -52,7 +52,7 @@ def test_one_step_by_hand():
     net = gaussian()
     p = AdaSDEPredictor(3, scale_dir=0.05, scale_time=0.2, gamma=0.02, seed=0)
     params = p.step_params(1)
-    r, c, a, g = (float(params[k][0]) for k in ['r', 'c', 'a', 'gamma'])
+    r, c, a, g = (float(params[k][0].detach()) for k in ['r', 'c', 'a', 'gamma'])
     x = torch.tensor([[[[2.0, -1.0]]]], dtype=torch.float64)
     eps = torch.tensor([[[[0.5, -1.5]]]], dtype=torch.float64)
     out = adasde_step(net, x, torch.tensor(4.0, dtype=torch.float64), 1.5, params, randn_like=lambda v: eps)
