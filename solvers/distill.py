@@ -262,7 +262,8 @@ def training_loop(
                 fields = [f'iter {cur_iter}/{total_iters}', f'kimg {cur_iter * batch / 1000:.3f}',
                           f'time {time.time() - start_time:.1f}s', f'loss {sum(losses):.5g}',
                           f'lr {optimizer.param_groups[0]["lr"]:.4g}']
-                tqdm.tqdm.write(' '.join(fields))
+                with tqdm.tqdm.external_write_mode(file=console):  # clear the bar, print (terminal + log), redraw
+                    print(' '.join(fields), flush=True)
                 with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
                     stats = training_stats.default_collector.as_dict()
                     f.write(json.dumps(dict(stats, iter=cur_iter, timestamp=time.time())) + '\n')
