@@ -110,8 +110,9 @@ def main(**kwargs):
     dist.init()
     dist.stop_on_signals()  # SIGTERM / Ctrl-C: save the state at the end of the iteration, then stop
     from models.zoo import ZOO
-    if opts.model_path is None and opts.dataset_name not in ZOO:
-        raise click.BadParameter(f'unknown dataset {opts.dataset_name!r}; choose from {", ".join(sorted(ZOO))} '
+    models = sorted(name for name, entry in ZOO.items() if entry.kind != 'file')
+    if opts.model_path is None and opts.dataset_name not in models:
+        raise click.BadParameter(f'unknown dataset {opts.dataset_name!r}; choose from {", ".join(models)} '
                                  'or give --model_path', param_hint='--dataset_name')
     model = opts.model_path or opts.dataset_name
     detector = opts.detector or getattr(ZOO.get(opts.dataset_name), 'detector', None) or 'inception'

@@ -158,3 +158,14 @@ def test_train_py_torchrun_and_sigterm_resume(tmp_path):
         assert torch.allclose(one[name], two[name], atol=1e-5, rtol=0), name
         assert torch.allclose(one[name], resumed[name], atol=1e-6, rtol=0), name
     assert not torch.equal(one['r_params'], AdaSDEPredictor(3, seed=0).r_params)  # it trained
+
+
+@pytest.mark.parametrize('name', ['nope', 'prompts'])
+def test_train_py_unknown_model_is_one_line(name, tmp_path):
+    from click.testing import CliRunner
+
+    import train
+    result = CliRunner().invoke(train.main, [f'--dataset_name={name}', f'--outdir={tmp_path}'])
+    assert result.exit_code == 2 and not os.listdir(tmp_path)
+    assert f"unknown dataset '{name}'; choose from afhqv2, cifar10, digits," in result.output
+    assert 'prompts' not in result.output.split('choose from')[1]
