@@ -238,8 +238,10 @@ def _atomic_write(path, write_fn):
 
 
 def save_weights_and_config(dirname, weights_name, state, json_name, config):
-    """Write a state dict as safetensors and its config as JSON into `dirname`, each file atomically."""
-    state = {k: v.detach().to('cpu', torch.float32).contiguous() for k, v in state.items()}
+    """Write a state dict as safetensors (floating tensors in float32, others as they are) and its config as JSON
+    into `dirname`, each file atomically."""
+    state = {k: v.detach().to('cpu', torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in state.items()}
     _atomic_write(os.path.join(dirname, weights_name), lambda tmp: save_file(state, tmp))
 
     def write_json(tmp):
