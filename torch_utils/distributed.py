@@ -26,11 +26,20 @@ def init():
     if multi_process and not torch.distributed.is_initialized():
         backend = 'nccl' if torch.cuda.is_available() and os.name != 'nt' else 'gloo'
         torch.distributed.init_process_group(backend=backend, init_method='env://')
+        # Leave the group before the interpreter tears down: an undestroyed gloo group can abort the process at exit
+        # ("terminate called without an active exception", seen on fid.py calc under torchrun).
+        import atexit
+        atexit.register(_leave)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
 
     sync_device = device() if get_world_size() > 1 else None
     training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
+
+
+def _leave():
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 #----------------------------------------------------------------------------
 
