@@ -55,6 +55,33 @@ def frechet_distance(mu, sigma, mu_ref, sigma_ref):
     return float(np.real(fid))
 
 #----------------------------------------------------------------------------
+# Kernel Inception Distance (Binkowski et al. 2018): the unbiased estimate of
+# MMD^2 with the polynomial kernel k(a, b) = (a.b / D + 1)^3, averaged over
+# `num_subsets` random subsets of m = min(N, N_ref, max_subset_size) rows each
+# (the subset scheme of the StyleGAN metrics). Unlike FID it is unbiased in N,
+# so small sample sets compare fairly; it can be slightly negative.
+
+
+def kernel_distance(features, ref_features, num_subsets=100, max_subset_size=1000, seed=0):
+    """KID of features [N, D] against ref_features [N_ref, D] (any feature network), in float64."""
+    x_all, y_all = np.asarray(features, dtype=np.float64), np.asarray(ref_features, dtype=np.float64)
+    if x_all.ndim != 2 or y_all.ndim != 2 or x_all.shape[1] != y_all.shape[1]:
+        raise FIDInputError(f'features of different shapes: {x_all.shape} vs. {y_all.shape}')
+    d = x_all.shape[1]
+    m = min(len(x_all), len(y_all), max_subset_size)
+    if m < 2:
+        raise FIDInputError('KID needs at least 2 feature vectors on each side')
+    rng = np.random.default_rng(seed)
+    total = 0.0
+    for _ in range(num_subsets):
+        x = x_all[rng.choice(len(x_all), m, replace=False)]
+        y = y_all[rng.choice(len(y_all), m, replace=False)]
+        k_xx, k_yy, k_xy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+        total += within - 2 * k_xy.mean()
+    return float(total / num_subsets)
+
+#----------------------------------------------------------------------------
 # Streaming feature statistics: float64 sums of f and f^T f, summed over processes.
 
 
@@ -412,6 +439,38 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector):
 
 #----------------------------------------------------------------------------
 
+
+#----------------------------------------------------------------------------
+# A judge without a feature network: how far each image lies from the image
+# that a converged sampler made from the same seed (matched by file name).
+
+
+def rmse_to_reference(images, reference):
+    """Mean over images of the per-image RMSE in [0, 1] pixel units; both [N, C, H, W], uint8 or floats in
+    0..255, row i of one belonging to row i of the other."""
+    if images.shape != reference.shape:
+        raise FIDInputError(f'cannot compare {_shape_str(images.shape[1:])} images with '
+                            f'{_shape_str(reference.shape[1:])} ones (or {len(images)} with {len(reference)})')
+    diff = (images.to(torch.float64) - reference.to(torch.float64)) / 255
+    return float(diff.pow(2).flatten(1).mean(1).sqrt().mean())
+
+
+@main.command()
+@click.option('--images', 'image_path', help='Path to the images', metavar='PATH|ZIP', type=str, required=True)
+@click.option('--reference', 'ref_path', help='Images of the same seeds from a converged sampler (same file names)',
+              metavar='PATH|ZIP', type=str, required=True)
+@_click_errors
+def rmse(image_path, ref_path):
+    """Mean per-image RMSE (pixels in [0, 1]) to the images of the same names under --reference."""
+    images, reference = ImageFolder(image_path), ImageFolder(ref_path)
+    common = sorted(set(images.names) & set(reference.names))
+    if not common:
+        raise FIDInputError(f'no image of {image_path} has a namesake under {ref_path}')
+
+    def pick(folder):
+        where = {name: i for i, name in enumerate(folder.names)}
+        return torch.from_numpy(np.stack([folder[where[name]] for name in common]))
+    print(f'{rmse_to_reference(pick(images), pick(reference)):g}')
 
 @main.command()
 @click.option('--data', 'dataset_path', help='Path to the dataset', metavar='PATH|ZIP', type=str, required=True)

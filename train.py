@@ -73,10 +73,16 @@ def find_resumable(outdir, c):
 @click.option('--gamma', help='Upper end of the learned churn range (0: an ODE solver)', type=click.FloatRange(min=0),
               default=0.02)
 @click.option('--fcn', help='Fix c_n = 1 on the last step', is_flag=True)
+@click.option('--base', help='Step structure: dpm (the paper: 1 + K calls per step), or the plug-in form on a '
+              'multistep base, ipndm or deis (1 call per step, past derivatives reused)',
+              type=click.Choice(['dpm', 'ipndm', 'deis']), default='dpm')
+@click.option('--max_order', help='Derivatives kept by a multistep base', type=click.IntRange(1, 4), default=4)
 @click.option('--alpha', help='Weight of the feature loss on the last step (0: L2 there too)',
               type=click.FloatRange(min=0), default=20.0)
-@click.option('--detector', help='Feature network of that loss [default: the model\'s own, else inception]',
-              type=str, default=None)
+@click.option('--feature_net', help='Loss network of that loss: inception (official code), lpips (the paper), '
+              'digits_loss, digits (the digits FID detector: ablations only), none  [default: the zoo entry\'s, '
+              'digits_loss for digits, else inception]', type=click.Choice(['inception', 'lpips', 'digits_loss',
+              'digits', 'none']), default=None)
 # Guidance (guided models).
 @click.option('--guidance_type', help='Guidance of the model', type=click.Choice(['cg', 'cfg', 'uncond']),
               default=None)
@@ -115,7 +121,13 @@ def main(**kwargs):
         raise click.BadParameter(f'unknown dataset {opts.dataset_name!r}; choose from {", ".join(models)} '
                                  'or give --model_path', param_hint='--dataset_name')
     model = opts.model_path or opts.dataset_name
-    detector = opts.detector or getattr(ZOO.get(opts.dataset_name), 'detector', None) or 'inception'
+    feature_net = opts.feature_net or getattr(ZOO.get(opts.dataset_name), 'feature_net', None) or 'inception'
+    if feature_net == 'none' or opts.alpha == 0:
+        feature_net = None
+    judge = getattr(ZOO.get(opts.dataset_name), 'detector', None)
+    if feature_net is not None and feature_net == judge:
+        dist.print0(f'Warning: --feature_net={feature_net} is the FID detector of {opts.dataset_name}: FID then scores '
+                    'the predictor with the network it was trained against, so it is not an independent judge.')
     prompts = opts.prompts
     if prompts is None and getattr(ZOO.get(opts.dataset_name), 'label_kind', None) == 'text':
         from models.zoo import fetch
@@ -123,7 +135,8 @@ def main(**kwargs):
             prompts = fetch('prompts')
         except ValueError as e:
             raise click.ClickException(f'{e} (or give --prompts)') from None
-    nfe = solvers.nfe('adasde', opts.num_steps, afs=opts.afs, predictor=EasyDict(num_points=opts.num_points))
+    nfe = solvers.nfe('adasde', opts.num_steps, afs=opts.afs, predictor=EasyDict(num_points=opts.num_points,
+                                                                                     base=opts.base))
 
     # Configuration: click -> EasyDict -> training_options.json -> training_loop.
     settings = dict(dataset_name=opts.dataset_name, model=model, schedule_type=opts.schedule_type,
@@ -133,10 +146,13 @@ def main(**kwargs):
         model=model, M=opts.M, afs=opts.afs, schedule_type=opts.schedule_type, schedule_rho=opts.schedule_rho,
         model_kwargs={k: opts[k] for k in ('guidance_type', 'guidance_rate') if opts[k] is not None},
         predictor_kwargs=dict(num_steps=opts.num_steps, num_points=opts.num_points, scale_dir=opts.scale_dir,
-                              scale_time=opts.scale_time, gamma=opts.gamma, fcn=opts.fcn, settings=settings),
-        alpha=opts.alpha, detector=detector if opts.alpha > 0 else None, prompts=prompts, lr=opts.lr, coslr=opts.coslr,
+                              scale_time=opts.scale_time, gamma=opts.gamma, fcn=opts.fcn, base=opts.base,
+                              max_order=opts.max_order, settings=settings),
+        alpha=opts.alpha if feature_net else 0.0, feature_net=feature_net, prompts=prompts, lr=opts.lr,
+        coslr=opts.coslr,
         batch=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.total_kimg, seed=opts.seed, device=opts.device)
-    desc = (f'{opts.dataset_name}-{opts.num_steps}-{nfe}-{opts.sampler_stu}-{opts.sampler_tea}-{opts.M}-'
+    student = opts.sampler_stu if opts.base == 'dpm' else f'{opts.sampler_stu}_{opts.base}'
+    desc = (f'{opts.dataset_name}-{opts.num_steps}-{nfe}-{student}-{opts.sampler_tea}-{opts.M}-'
             f'{schedule_tag(opts.schedule_type, opts.schedule_rho)}{"-afs" if opts.afs else ""}{opts.desc}')
 
     resume_dir = find_resumable(opts.outdir, c) if opts.resume else None
@@ -145,7 +161,7 @@ def main(**kwargs):
     c.run_dir = resume_dir or next_run_dir(opts.outdir, desc)
 
     dist.print0(json.dumps(c, indent=2))
-    dist.print0(f'Student: adasde, {opts.num_steps} time points, {nfe} NFE; teacher: dpm on '
+    dist.print0(f'Student: {student}, {opts.num_steps} time points, {nfe} NFE; teacher: dpm on '
                 f'{(opts.M + 1) * (opts.num_steps - 1) + 1} points.')
     dist.print0(f'Output directory: {c.run_dir}')
     if opts.dry_run:

@@ -3,6 +3,7 @@
 
     python train_digits.py denoiser --outdir=src/digits     # ~40 min on 2 CPU cores
     python train_digits.py detector --outdir=src/digits     # ~1 min
+    python train_digits.py feature_net --outdir=src/digits  # ~1 min (the distillation's loss network)
 
 Both read the shipped dataset src/digits/digits-8x8.zip (written by dataset_tool.py) and write atomically.
 """
@@ -224,8 +225,41 @@ def detector(data, outdir, seed, num_test, steps, batch, lr, threads):
                    num_test=num_test, steps=steps, batch=batch, lr=lr, heldout_train_accuracy=train_acc,
                    heldout_test_accuracy=test_acc, final_train_accuracy=all_acc,
                    wall_time_s=round(time.time() - start, 1))
-    detectors.save_digits_detector(net, outdir, training_options=options)
+    detectors.save_digits_net(net, outdir, training_options=options)
     print(f'Saved {os.path.join(outdir, detectors.DIGITS_WEIGHTS)}')
+    print(json.dumps(options))
+
+
+@main.command('feature_net')
+@click.option('--data', help='Dataset zip or folder', metavar='PATH', default=DEFAULT_DATA, show_default=True)
+@click.option('--outdir', help='Where to write feature_net.safetensors + feature_net.json', metavar='DIR',
+              required=True)
+@click.option('--seed', help='Random seed (the detector uses 0)', type=int, default=1, show_default=True)
+@click.option('--num_test', help='Held-out images, never used for training', type=click.IntRange(min=1), default=297,
+              show_default=True)
+@click.option('--steps', help='Adam steps', type=click.IntRange(min=1), default=3000, show_default=True)
+@click.option('--batch', help='Batch size', type=click.IntRange(min=1), default=128, show_default=True)
+@click.option('--lr', help='Adam learning rate (linear decay to 0)', type=float, default=2e-3, show_default=True)
+@click.option('--threads', help='torch CPU threads (1 is fastest on a shared machine)', type=click.IntRange(min=1),
+              default=1, show_default=True)
+def feature_net(data, outdir, seed, num_test, steps, batch, lr, threads):
+    """Train the digits loss network of the distillation (another architecture, split and seed than the FID
+    detector, so that FID with the detector stays an independent judge of what was trained against this one)."""
+    torch.set_num_threads(threads)
+    images, labels = load_data(data)
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    test, train = perm[:num_test], perm[num_test:]
+    start = time.time()
+    torch.manual_seed(seed)
+    net = train_classifier(detectors.DigitsLossNet(), images[train], labels[train], steps, batch, lr, seed)
+    train_acc, test_acc = accuracy(net, images[train], labels[train]), accuracy(net, images[test], labels[test])
+    print(f'{len(train)} train / {len(test)} held-out images: train accuracy {train_acc:.4f}, '
+          f'held-out accuracy {test_acc:.4f}')
+    options = dict(command='python train_digits.py feature_net', data=os.path.basename(data), seed=seed,
+                   num_test=num_test, steps=steps, batch=batch, lr=lr, train_accuracy=train_acc,
+                   heldout_accuracy=test_acc, wall_time_s=round(time.time() - start, 1))
+    detectors.save_digits_net(net, outdir, training_options=options)
+    print(f'Saved {os.path.join(outdir, detectors.LOSS_NET_WEIGHTS)}')
     print(json.dumps(options))
 
 #----------------------------------------------------------------------------

@@ -1,12 +1,20 @@
-"""FID vs NFE on the embedded digits model: AdaSDE against every baseline, plus the converged sampler.
+"""Quality vs NFE on the embedded digits model, judged three ways: AdaSDE against every baseline.
+
+Judges (all on seeds that training never draws: training latents come from generator seeds >= 2^31):
+  FID   digits detector features against src/digits/fid-ref.npz (all 1797 images);
+  KID   the same features against those of the 1797 images (unbiased, so it can dip below 0);
+  RMSE  no network at all: per-seed RMSE (pixels in [0, 1]) to the image that the converged sampler (Heun, 100
+        NFE) makes from the same latent, averaged over the seeds.
+No shipped predictor trains against the digits detector (their loss network is `digits_loss`, another CNN).
 
 For NFE in {3, 5, 7, 9} every baseline runs on its recommended schedule, with AFS on and off wherever that NFE is
-reachable, and the better of the two is reported (a baseline is never shown in a worse setting than it can do).
-AdaSDE uses the predictors shipped in exp/ (trained by `bash launch.sh digits-nfe<N>`), or any given with
---predictor. FID uses the shipped digits detector against src/digits/fid-ref.npz, on the same seeds for every row.
+reachable, and for each judge the better of the two is reported (a baseline is never shown in a worse setting than
+it can do). AdaSDE uses the predictors shipped in exp/ (`bash launch.sh digits-nfe<N>`), and any given with
+--predictor LABEL=PATH.
 
-    python bench/quality.py [--num 10000] [--out docs/quality]    # writes docs/quality.json, .md and .png
-    python bench/quality.py --out docs/quality --replot           # redraw .md and .png from the .json
+    python bench/quality.py [--num 10000] [--out docs/quality]     # writes docs/quality.json, .md and .png
+    python bench/quality.py --out docs/quality --replot            # redraw .md and .png from the .json
+    python bench/quality.py --first_seed 100000 --num 2000 --nfe 5 --solvers deis --predictor mine=exps/00003-...
 """
 
 import glob
@@ -17,153 +25,214 @@ import sys
 import time
 
 import click
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import solvers  # noqa: E402
-from fid import fid_from_images  # noqa: E402
+from fid import ImageFolder, frechet_distance, kernel_distance, load_stats, rmse_to_reference  # noqa: E402
 from models import load_model  # noqa: E402
+from models.detectors import get_detector  # noqa: E402
 from sample import generate_images  # noqa: E402
 from solvers.adasde import AdaSDEPredictor  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = os.path.join(ROOT, 'src', 'digits', 'fid-ref.npz')
+DATA = os.path.join(ROOT, 'src', 'digits', 'digits-8x8.zip')
+CACHE = os.path.join(ROOT, 'samples', 'bench-cache')
 NFES = (3, 5, 7, 9)
 BASELINES = [
     ('euler', {}), ('heun', {}), ('dpm', {}), ('dpmpp', dict(max_order=2)), ('dpmpp', dict(max_order=3)),
     ('unipc', {}), ('ipndm', {}), ('ipndm_v', {}), ('deis', {}), ('edm', {}), ('er_sde', {}),
 ]
+CONVERGED = ('heun', 51)  # 100 NFE
+METRICS = {'fid': 'FID (digits detector)', 'kid': 'KID (digits detector)',
+           'rmse': 'RMSE to converged (pixels in [0, 1])'}
 
 #----------------------------------------------------------------------------
 
 
 def images_of(net, seeds, solver, options, num_steps, afs, schedule=None, batch=1000):
+    """Samples of `seeds` as pixels 0..255 (float64, unquantised)."""
     schedule_type, rho = schedule or solvers.solver_info(solver).schedule
     chunks = [x for _, x in generate_images(net, seeds, solver, options, num_steps=num_steps, afs=afs,
                                             schedule_type=schedule_type, schedule_rho=rho, max_batch_size=batch,
                                             net_batch=batch, dtype=torch.float32)]
-    return (torch.cat(chunks) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+    return (torch.cat(chunks).to(torch.float64) * 127.5 + 127.5).clip(0, 255)
+
+
+class Judges:
+    """FID, KID and RMSE-to-converged of sample sets drawn from a fixed list of seeds."""
+
+    def __init__(self, net, seeds):
+        self.detector = get_detector('digits')
+        ref = load_stats(REF)
+        self.mu, self.sigma = ref['mu'], ref['sigma']
+        real = ImageFolder(DATA)
+        self.real_features = self.features(torch.from_numpy(np.stack([real[i] for i in range(len(real))])))
+        os.makedirs(CACHE, exist_ok=True)
+        path = os.path.join(CACHE, f'{CONVERGED[0]}{CONVERGED[1]}-{seeds[0]}-{len(seeds)}.pt')
+        if os.path.isfile(path):
+            self.converged = torch.load(path, weights_only=True)
+        else:
+            self.converged = images_of(net, seeds, CONVERGED[0], {}, CONVERGED[1], False)
+            torch.save(self.converged, path + '.tmp')
+            os.replace(path + '.tmp', path)
+
+    def features(self, pixels):
+        with torch.no_grad():
+            quantised = (pixels + 0.5).floor().clip(0, 255).to(torch.uint8)  # what a PNG of the sample holds
+            return torch.cat([self.detector(b) for b in quantised.split(2000)]).double().numpy()
+
+    def __call__(self, pixels):
+        f = self.features(pixels)
+        return dict(fid=frechet_distance(f.mean(0), np.cov(f, rowvar=False), self.mu, self.sigma),
+                    kid=kernel_distance(f, self.real_features), rmse=rmse_to_reference(pixels, self.converged))
 
 
 def shipped_predictors():
-    """{nfe: path} of the digits predictors under exp/ (the newest snapshot of each run)."""
+    """{label: path} of the digits predictors under exp/ (the newest snapshot of each run)."""
     found = {}
     for run in sorted(glob.glob(os.path.join(ROOT, 'exp', '*-digits-*'))):
         snapshots = sorted(glob.glob(os.path.join(run, 'network-snapshot-*.safetensors')))
-        m = re.match(r'\d+-digits-(\d+)-(\d+)-', os.path.basename(run))
-        if snapshots and m:
-            found[int(m.group(2))] = snapshots[-1]
+        if snapshots and re.match(r'\d+-digits-', os.path.basename(run)):
+            found.setdefault('adasde', []).append(snapshots[-1])
     return found
 
 
-def measure(num, predictors):
-    """{label: {nfe: (fid, setting)}} for the converged reference, every baseline and the AdaSDE predictors."""
-    torch.set_num_threads(os.cpu_count() or 1)
+def measure(seeds, nfes, only, predictors):
+    """{label: {nfe: {metric: (value, setting)}}}: per judge, the best setting of each solver at each NFE."""
     net = load_model('digits')
-    seeds = range(num)
-    fid = lambda imgs: fid_from_images(imgs, REF)  # noqa: E731
+    start = time.time()
+    judges = Judges(net, seeds)
+    print(f'converged reference ({CONVERGED[0]}, N={CONVERGED[1]}) ready after {time.time() - start:.0f} s',
+          flush=True)
     rows = {}
 
-    def report(label, nfe, value, note):
-        rows.setdefault(label, {})[nfe] = (value, note)
-        print(f'{label:24s} NFE {nfe:3d}  FID {value:8.4f}  ({note})', flush=True)
+    def report(label, nfe, scores, note):
+        cell = rows.setdefault(label, {}).setdefault(nfe, {})
+        for metric, value in scores.items():
+            if metric not in cell or value < cell[metric][0]:
+                cell[metric] = (value, note)
+        print(f'{label:24s} NFE {nfe:3d}  ' + '  '.join(f'{m} {v:8.4f}' for m, v in scores.items()) + f'  ({note})',
+              flush=True)
 
-    start = time.time()
-    ref_steps = 51  # heun: 100 NFE
-    report('heun (converged)', solvers.nfe('heun', ref_steps), fid(images_of(net, seeds, 'heun', {}, ref_steps, False)),
-           f'N={ref_steps}')
-    for nfe in NFES:
+    report('converged', solvers.nfe(CONVERGED[0], CONVERGED[1]), judges(judges.converged), f'N={CONVERGED[1]}')
+    for nfe in nfes:
         for name, options in BASELINES:
             label = name + ''.join(f' {k}={v}' for k, v in options.items())
-            best = None
+            if only and label not in only and name not in only:
+                continue
             for afs in (False, True):
                 for num_steps in range(2, 40):
                     if solvers.nfe(name, num_steps, afs=afs, **options) == nfe:
-                        value = fid(images_of(net, seeds, name, options, num_steps, afs))
-                        if best is None or value < best[0]:
-                            best = (value, f'N={num_steps}{", afs" if afs else ""}')
-            if best is not None:
-                report(label, nfe, *best)
-    found = shipped_predictors()
-    for path in predictors:
-        p = AdaSDEPredictor.load(path)
-        found[solvers.nfe('adasde', p.num_steps, afs=p.settings.get('afs', False), predictor=p)] = path
-    for nfe, path in sorted(found.items()):
-        p = AdaSDEPredictor.load(path)
-        s = p.settings
-        value = fid(images_of(net, seeds, 'adasde', dict(predictor=p), p.num_steps, s['afs'],
-                              schedule=(s['schedule_type'], s['schedule_rho'])))
-        report('adasde', nfe, value, f'N={p.num_steps}{", afs" if s["afs"] else ""}, '
-               f'{os.path.relpath(os.path.dirname(path), ROOT)}')
+                        scores = judges(images_of(net, seeds, name, options, num_steps, afs))
+                        report(label, nfe, scores, f'N={num_steps}{", afs" if afs else ""}')
+    for label, paths in predictors.items():
+        for path in paths:
+            p = AdaSDEPredictor.load(path)
+            s = p.settings
+            nfe = solvers.nfe('adasde', p.num_steps, afs=s.get('afs', False), predictor=p)
+            if nfe not in nfes:
+                continue
+            scores = judges(images_of(net, seeds, 'adasde', dict(predictor=p), p.num_steps, s['afs'],
+                                      schedule=(s['schedule_type'], s['schedule_rho'])))
+            report(label, nfe, scores, f'N={p.num_steps}{", afs" if s["afs"] else ""}, '
+                   f'{os.path.relpath(os.path.dirname(os.path.abspath(path)), ROOT)}')
     print(f'{time.time() - start:.0f} s')
     return rows
 
 
-def markdown(rows, num):
-    header = '| solver | ' + ' | '.join(f'NFE {n}' for n in NFES) + ' |'
-    lines = [f'FID of {num} digits samples (shipped digits detector, `src/digits/fid-ref.npz`), from '
-             '`python bench/quality.py`. Each baseline at its better AFS setting; the setting (N time points, AFS) '
-             'follows each FID, and for AdaSDE the predictor file. Bold: best at that NFE.', '', header,
-             '|---|' + '---|' * len(NFES)]
-    for label, cells in rows.items():
-        if label.endswith('(converged)'):
-            continue
-        best = {n: min(r[n][0] for r in rows.values() if n in r and r is not cells) for n in NFES}
-        lines.append(f'| {label} | ' + ' | '.join(
-            ('**{:.3f}** ({})' if n in cells and cells[n][0] < best[n] else '{:.3f} ({})').format(*cells[n])
-            if n in cells else '-' for n in NFES) + ' |')
-    (nfe, (value, _)), = rows['heun (converged)'].items()
-    lines += ['', f'Converged reference: heun, {nfe} NFE: FID {value:.3f}.']
-    return '\n'.join(lines) + '\n'
+def markdown(rows, num, first_seed, nfes):
+    lines = [f'Quality of {num} digits samples per cell (seeds {first_seed}-{first_seed + num - 1}, which training '
+             'never draws), from `python bench/quality.py`. Each baseline in its best setting for that judge (AFS '
+             'on or off; the setting follows each value), AdaSDE with the predictor named. Lower is better; bold: '
+             'best at that NFE. No predictor here was trained against the digits detector.', '']
+    for metric, title in METRICS.items():
+        lines += [f'### {title}', '', '| solver | ' + ' | '.join(f'NFE {n}' for n in nfes) + ' |',
+                  '|---|' + '---|' * len(nfes)]
+        for label, cells in rows.items():
+            if label == 'converged':
+                continue
+            best = {n: min((r[n][metric][0] for r in rows.values() if n in r and r is not cells), default=np.inf)
+                    for n in nfes}
+            lines.append(f'| {label} | ' + ' | '.join(
+                ('**{:.4g}** ({})' if cells[n][metric][0] < best[n] else '{:.4g} ({})').format(*cells[n][metric])
+                if n in cells else '-' for n in nfes) + ' |')
+        (nfe, cell), = rows['converged'].items()
+        lines += ['', f'Converged sampler ({CONVERGED[0]}, {nfe} NFE): {cell[metric][0]:.4g}.', '']
+    return '\n'.join(lines)
 
 
-def plot(rows, path):
-    import matplotlib
+def plot(rows, path, nfes):
+    try:
+        import matplotlib
+    except ImportError:
+        print(f'matplotlib is not installed (pip install -e .[bench]): {path} not drawn')
+        return
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(15, 4.8), dpi=110)
     colors = plt.get_cmap('tab20').colors
-    for k, (label, cells) in enumerate(item for item in rows.items() if not item[0].endswith('(converged)')):
-        nfes = [n for n in NFES if n in cells]
-        style = dict(lw=2.5, color='k', marker='o') if label == 'adasde' else \
-            dict(lw=1, color=colors[2 * k % 20 + k // 10], marker='.^sv'[k % 4], ms=4)
-        ax.plot(nfes, [cells[n][0] for n in nfes], label=label, **style)
-    (value, _), = rows['heun (converged)'].values()
-    ax.axhline(value, color='gray', ls='--', lw=1, label='heun, converged')
-    ax.set_yscale('log')
-    ax.set_xlabel('NFE')
-    ax.set_ylabel('FID (digits detector)')
-    ax.set_xticks(NFES)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title('Embedded digits model: FID vs NFE')
+    for ax, (metric, title) in zip(axes, METRICS.items()):
+        for k, (label, cells) in enumerate(item for item in rows.items() if item[0] != 'converged'):
+            xs = [n for n in nfes if n in cells]
+            style = dict(lw=2.5, color='k', marker='o') if label == 'adasde' else \
+                dict(lw=1, color=colors[2 * k % 20 + k // 10], marker='.^sv'[k % 4], ms=4)
+            ax.plot(xs, [max(cells[n][metric][0], 1e-4) for n in xs], label=label, **style)
+        (cell,) = rows['converged'].values()
+        ax.axhline(max(cell[metric][0], 1e-4), color='gray', ls='--', lw=1, label='converged (heun, 100 NFE)')
+        ax.set_yscale('log')
+        ax.set_xlabel('NFE (real network calls)')
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(nfes)
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.suptitle('Embedded digits model: quality vs NFE, three judges (lower is better)')
     fig.tight_layout()
     fig.savefig(path)
 
 
 @click.command()
-@click.option('--num', help='Images per FID', type=int, default=10000, show_default=True)
+@click.option('--num', help='Images per cell', type=click.IntRange(min=2), default=10000, show_default=True)
+@click.option('--first_seed', help='First seed (seeds first_seed .. first_seed + num - 1)', type=click.IntRange(0),
+              default=0, show_default=True)
+@click.option('--nfe', 'nfes', help='NFEs to measure', default='3,5,7,9', show_default=True)
+@click.option('--solvers', 'only', help='Only these baselines (names or labels, comma-separated; "none" for none)',
+              default=None)
+@click.option('--predictor', 'predictors', help='Extra AdaSDE predictor as LABEL=PATH (repeatable)', multiple=True)
+@click.option('--no_shipped', help='Leave out the predictors shipped in exp/', is_flag=True)
 @click.option('--out', help='Write <out>.json (the measurements), <out>.md and <out>.png', type=str, default=None)
-@click.option('--predictor', 'predictors', help='Extra AdaSDE predictor file (repeatable)', multiple=True)
 @click.option('--replot', help='Only redraw <out>.md and <out>.png from <out>.json', is_flag=True)
-def main(num, out, predictors, replot):
+def main(num, first_seed, nfes, only, predictors, no_shipped, out, replot):
+    """Quality vs NFE of every solver on the digits model, by FID, KID and RMSE to the converged sampler."""
+    nfes = tuple(int(n) for n in nfes.split(','))
     if replot:
         if out is None:
             raise click.UsageError('--replot needs --out')
         with open(out + '.json') as f:
             saved = json.load(f)
-        num, rows = saved['num'], {label: {int(n): tuple(v) for n, v in cells.items()}
-                                   for label, cells in saved['rows'].items()}
+        num, first_seed, nfes = saved['num'], saved['first_seed'], tuple(saved['nfes'])
+        rows = {label: {int(n): {m: tuple(v) for m, v in cell.items()} for n, cell in cells.items()}
+                for label, cells in saved['rows'].items()}
     else:
-        rows = measure(num, predictors)
-    text = markdown(rows, num)
+        torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', os.cpu_count() or 1)))
+        extra = {} if no_shipped else shipped_predictors()
+        for item in predictors:
+            label, sep, path = item.partition('=')
+            if not sep:
+                raise click.BadParameter(f'expected LABEL=PATH, got {item!r}', param_hint='--predictor')
+            extra.setdefault(label, []).append(path)
+        only = None if only is None else set(only.split(','))
+        rows = measure(list(range(first_seed, first_seed + num)), nfes, only, extra)
+    text = markdown(rows, num, first_seed, nfes)
     print(text)
     if out:
         if not replot:
             with open(out + '.json', 'w') as f:
-                json.dump(dict(num=num, rows=rows), f, indent=1)
+                json.dump(dict(num=num, first_seed=first_seed, nfes=nfes, rows=rows), f, indent=1)
         with open(out + '.md', 'w') as f:
             f.write(text)
-        plot(rows, out + '.png')
+        plot(rows, out + '.png', nfes)
 
 #----------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ class ZooEntry:
     guidance_type: str = None       # default guidance of the adapter ('cg', 'cfg', 'uncond')
     guidance_rate: float = None
     detector: str = 'inception'     # FID feature network (models.detectors)
+    feature_net: str = 'inception'  # loss network of the distillation's feature loss (never the detector)
     fid_ref: str = None             # FID reference statistics
     extra: tuple = ()               # other files: ((url, file), ...)
     missing: str = None             # set while the adapter is not built: what is missing, in one line
@@ -46,7 +47,7 @@ class ZooEntry:
 
 ZOO = {e.name: e for e in [
     ZooEntry('digits', 'embedded', file='model.json', storage='repo', resolution=8, channels=1,
-             sigma_min=0.002, sigma_max=80.0, detector='digits',
+             sigma_min=0.002, sigma_max=80.0, detector='digits', feature_net='digits_loss',
              fid_ref=os.path.join(REPO_SRC, 'digits', 'fid-ref.npz'),
              description='EDM-preconditioned U-Net on the 8x8 scikit-learn digits (embedded, train_digits.py)'),
     ZooEntry('cifar10', 'edm', _EDM + 'pretrained/edm-cifar10-32x32-uncond-vp.pkl', 'edm-cifar10-32x32-uncond-vp.pkl',

@@ -18,6 +18,7 @@ from .common import check_sigmas, denoise
 from .registry import register
 
 TABLES = ('r_params', 'scale_dir_params', 'scale_time_params', 'weight_params', 'gamma_params')
+BASES = ('dpm', 'ipndm', 'deis')
 FORMAT_VERSION = 1
 
 #----------------------------------------------------------------------------
@@ -39,12 +40,20 @@ class AdaSDEPredictor(torch.nn.Module):
         gamma       = 0.02,         # Upper end of the churn range; 0 disables the noise (an ODE solver).
         gamma_min   = 2e-4,         # Lower end of the churn range (the reference's constant).
         fcn         = False,        # Force c = 1 on the last step.
+        base        = 'dpm',        # Step structure: 'dpm' (the paper's), or a multistep base 'ipndm' / 'deis'.
+        max_order   = 4,            # Derivatives kept by a multistep base.
         settings    = None,         # Sampling settings it was trained for: schedule, AFS, model, guidance, ...
         seed        = None,         # Seed of the N(0, 1) initialisation of the raw tables.
     ):
         super().__init__()
         if num_steps < 2 or num_points < 1:
             raise ValueError(f'need num_steps >= 2 and num_points >= 1, got {num_steps}, {num_points}')
+        if base not in BASES:
+            raise ValueError(f'unknown AdaSDE base {base!r}; choose from {", ".join(BASES)}')
+        if base != 'dpm' and num_points != 1:
+            raise ValueError(f'the {base} base takes no intermediate points (num_points=1), got {num_points}')
+        if not 1 <= int(max_order) <= 4:
+            raise ValueError(f'max_order must be 1 to 4, got {max_order}')
         if scale_dir < 0 or scale_time < 0 or gamma < 0:
             raise ValueError('scale_dir, scale_time and gamma must be >= 0')
         self.num_steps = int(num_steps)
@@ -54,15 +63,20 @@ class AdaSDEPredictor(torch.nn.Module):
         self.gamma = float(gamma)
         self.gamma_min = float(gamma_min)
         self.fcn = bool(fcn)
+        self.base = str(base)
+        self.max_order = int(max_order)
         self.settings = dict(settings or {})
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for name in TABLES:
             table = torch.randn([self.num_steps - 1, self.num_points], generator=generator)
+            if self.base != 'dpm':  # plug-in form: start at the base solver (c = a = 1) with gamma near gamma_min
+                table = torch.full_like(table, -10.0 if name == 'gamma_params' else 0.0)
             setattr(self, name, torch.nn.Parameter(table))
 
     def hyperparams(self):
         return dict(num_steps=self.num_steps, num_points=self.num_points, scale_dir=self.scale_dir,
-                    scale_time=self.scale_time, gamma=self.gamma, gamma_min=self.gamma_min, fcn=self.fcn)
+                    scale_time=self.scale_time, gamma=self.gamma, gamma_min=self.gamma_min, fcn=self.fcn,
+                    base=self.base, max_order=self.max_order)
 
     def step_params(self, i):
         """Mapped coefficients of step i, each a float64 tensor [num_points]: r, c, a, gamma, w."""
@@ -71,13 +85,15 @@ class AdaSDEPredictor(torch.nn.Module):
         r = torch.sigmoid(row['r_params'])
         c = 1 + min(self.scale_dir, 0.99) * torch.tanh(row['scale_dir_params'] / 2) if self.scale_dir > 0 else ones
         a = 1 + min(self.scale_time, 0.99) * torch.tanh(row['scale_time_params'] / 2) if self.scale_time > 0 else ones
-        if self.gamma > 0 and i > 0:  # No churn on the first step (spec §2.1 override 1).
+        if self.gamma > 0:
             b = 2 * math.log(0.6 / 0.4)
             gamma = self.gamma_min + (self.gamma - self.gamma_min) * torch.sigmoid((row['gamma_params'] + b) / 2)
+            if i == 0:  # No churn on the first step, zeroed inside the graph as the official code does, so that
+                gamma = gamma * 0  # the table still gets a (zero) gradient there and Adam steps it like the others.
         else:
             gamma = torch.zeros_like(ones)
         if self.fcn and i == self.num_steps - 2:
-            c = ones
+            c = c * 0 + 1  # likewise in the graph
         w = torch.softmax(row['weight_params'], dim=0)
         return dict(r=r, c=c, a=a, gamma=gamma, w=w)
 
@@ -206,20 +222,76 @@ def adasde_step(net, x, t_cur, t_next, params, extra_args=None, randn_like=torch
     return x_hat + (t_next - t_hat_x) * direction
 
 
-@register('adasde', nfe=lambda num_steps, predictor=None: (1 + getattr(predictor, 'num_points', 1)) * (num_steps - 1),
-          schedule=('time_uniform', 1), stochastic=lambda predictor=None, **o: getattr(predictor, 'gamma', 0) > 0)
+#----------------------------------------------------------------------------
+# The plug-in form on a multistep base (designed here; docs/adasde-multistep.md):
+# the same learned churn and scalings around one network call per step, whose
+# derivative joins the base's linear combination of the past derivatives:
+#   t_hat = (1 + gamma_bar) t_i;  x_hat = x_i + sqrt(t_hat^2 - t_i^2) eps;  d_i = (x_hat - D(x_hat, a t_hat)) / t_hat
+#   x_{i+1} = x_hat + c (t_{i+1} - t_hat) / (t_{i+1} - t_i) sum_k b_{i,k} d_{i-k}
+# with b the base's coefficients on the grid (iPNDM's Adams-Bashforth weights times the step, or DEIS-tAB's).
+# With c = a = 1 and gamma = 0 it is the base solver itself.
+
+
+def base_coefficients(predictor, sigmas):
+    """Per-step coefficient lists of a multistep base on the grid `sigmas` (floats); None for 'dpm'."""
+    if predictor.base == 'dpm':
+        return None
+    if predictor.base == 'deis':
+        from .deis import deis_coefficients
+        return deis_coefficients(sigmas, predictor.max_order)
+    from .ipndm import AB_WEIGHTS
+    return [[(sigmas[i + 1] - sigmas[i]) * b for b in AB_WEIGHTS[min(i + 1, predictor.max_order)]]
+            for i in range(len(sigmas) - 1)]
+
+
+def multistep_step(net, x, t_cur, t_next, params, coeffs, history, extra_args=None, randn_like=torch.randn_like,
+                   afs=False):
+    """One AdaSDE step on a multistep base; returns (x_next, history with this step's derivative first)."""
+    gamma_bar = (params['w'] * params['gamma']).sum()
+    t_hat = (1 + gamma_bar) * t_cur
+    x_hat = x
+    if bool(gamma_bar != 0):
+        x_hat = x + torch.sqrt(t_hat ** 2 - t_cur ** 2).to(x.dtype) * randn_like(x)
+    t_hat_x = t_hat.to(x.dtype)
+    d = (x_hat - denoise(net, x_hat, t_hat_x if afs else params['a'][0].to(x.dtype) * t_hat_x, extra_args,
+                         afs=afs)) / t_hat_x
+    history = [d] + history[:len(coeffs) - 1]
+    scale = (params['c'][0] * (t_next - t_hat) / (t_next - float(t_cur))).to(x.dtype)
+    return x_hat + scale * sum(b * d_k for b, d_k in zip(coeffs, history)), history
+
+
+def predictor_step(net, predictor, i, x, sigmas, coeffs, history, extra_args=None, randn_like=torch.randn_like,
+                   afs=False):
+    """Step i (from sigmas[i] to sigmas[i + 1]) of an AdaSDE predictor of any base: returns (x_next, history)."""
+    t_cur = torch.as_tensor(sigmas[i], dtype=torch.float64)
+    params = predictor.step_params(i)
+    if coeffs is None:
+        return adasde_step(net, x, t_cur, float(sigmas[i + 1]), params, extra_args, randn_like, afs=afs), history
+    return multistep_step(net, x, t_cur, float(sigmas[i + 1]), params, coeffs[i], history, extra_args, randn_like,
+                          afs=afs)
+
+
+def predictor_nfe(num_steps, predictor=None):
+    """Network calls of a run without AFS: (1 + K) per step for the 'dpm' base, one for a multistep base."""
+    per_step = 1 + getattr(predictor, 'num_points', 1) if getattr(predictor, 'base', 'dpm') == 'dpm' else 1
+    return per_step * (num_steps - 1)
+
+
+@register('adasde', nfe=predictor_nfe, schedule=('time_uniform', 1),
+          stochastic=lambda predictor=None, **o: getattr(predictor, 'gamma', 0) > 0)
 @torch.no_grad()
 def sample_adasde(net, x, sigmas, extra_args=None, callback=None, randn_like=None, afs=False, *, predictor=None):
-    """AdaSDE sampler: num_steps - 1 steps of (1 + num_points) NFE each, coefficients from `predictor`."""
+    """AdaSDE sampler: num_steps - 1 steps with the coefficients of `predictor` (see predictor_nfe for the NFE)."""
     if predictor is None:
         raise ValueError("the 'adasde' solver needs a trained predictor (predictor=...)")
     sigmas = check_sigmas(sigmas)
     if len(sigmas) != predictor.num_steps:
         raise ValueError(f'this predictor was trained for num_steps={predictor.num_steps}, not {len(sigmas)}')
     randn_like = randn_like or torch.randn_like
+    coeffs, history = base_coefficients(predictor, sigmas), []
     for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        t_cur_ = torch.tensor(t_cur, dtype=torch.float64)
-        x = adasde_step(net, x, t_cur_, t_next, predictor.step_params(i), extra_args, randn_like, afs=afs and i == 0)
+        x, history = predictor_step(net, predictor, i, x, sigmas, coeffs, history, extra_args, randn_like,
+                                    afs=afs and i == 0)
         if callback is not None:
             callback(dict(i=i, x=x, sigma=t_cur, sigma_next=t_next, denoised=None))
     return x

@@ -13,7 +13,7 @@ from torch_utils import distributed as dist
 from torch_utils.misc import StackedRandomGenerator
 
 from . import get_schedule, get_solver
-from .adasde import adasde_step
+from .adasde import base_coefficients, predictor_step
 
 #----------------------------------------------------------------------------
 # Grids. The teacher runs on (M + 1)(N - 1) + 1 points of the same schedule;
@@ -54,16 +54,18 @@ def training_conditioning(net, rnd, batch_size, device):
     return {}
 
 #----------------------------------------------------------------------------
-# Per-step loss of the last step: the reference replaces the L2 loss there by
-# alpha * (Inception feature MSE) broadcast over the C*H*W elements of the
-# state, i.e. per sample alpha * C*H*W / D * |f(P(x)) - f(P(y))|^2 (spec §3.4).
-# P(x) = clip(127.5 x + 128, 0, 255) maps to pixels; latent models decode first.
+# Per-step loss of the last step: the official AdaSDE code replaces the L2 loss
+# there by alpha * (feature MSE) broadcast over the C*H*W elements of the state,
+# i.e. per sample alpha * C*H*W * d(P(x), P(y)) with d the loss network's
+# distance (mean squared feature difference; LPIPS for 'lpips'), see
+# docs/distillation.md. P(x) = clip(127.5 x + 128, 0, 255) maps to pixels;
+# latent models decode first.
 
 
 class FeatureLoss:
-    def __init__(self, net, detector, alpha):
+    def __init__(self, net, feature_net, alpha):
         self.net = net
-        self.detector = detector
+        self.feature_net = feature_net
         self.alpha = alpha
 
     def to_pixels(self, x):
@@ -74,42 +76,51 @@ class FeatureLoss:
     def __call__(self, x, y):
         elements = x[0].numel()
         with torch.no_grad():
-            f_y = self.detector(self.to_pixels(y))
-        f_x = self.detector(self.to_pixels(x))
-        return self.alpha * elements / f_x.shape[1] * ((f_x - f_y) ** 2).sum(1)
+            p_y = self.to_pixels(y)
+        return self.alpha * elements * self.feature_net.distance(self.to_pixels(x), p_y).to(x.dtype)
 
 #----------------------------------------------------------------------------
-# One distillation iteration over a global batch (spec §3.3). Each rank owns
-# a contiguous slice of the global batch; sample b of iteration `it` draws
-# its latent and noise from its own generator, seeded by (seed, it, b).
+# One distillation iteration over a global batch. Each rank owns a contiguous
+# slice of the global batch; sample b of iteration `it` draws its latent and
+# noise from its own generator, seeded by TRAIN_SEEDS + (seed << 24) + it *
+# batch + b (mod 2^32), so the latents of training never coincide with those of
+# sampling seeds below 2^31, the seeds every evaluation here uses.
 # Gradients of sum(loss) / global_batch are summed over ranks and rounds, so
 # the update does not depend on the number of processes or rounds.
 
 
+TRAIN_SEEDS = 1 << 31
+
+
+def training_seeds(seed, first, count):
+    """Generator seeds of the training samples first .. first + count - 1 of run seed `seed`."""
+    return [TRAIN_SEEDS + ((seed << 24) + b) % TRAIN_SEEDS for b in range(first, first + count)]
+
+
 def distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas, M, afs, it, seed,
-                      batch, batch_gpu, feature_loss=None, substeps=2, device='cpu'):
+                      batch, batch_gpu, feature_loss=None, substeps=2, device='cpu', dtype=torch.float32):
     rank, world = dist.get_rank(), dist.get_world_size()
     per_rank = batch // world
-    first = (seed << 24) + it * batch + rank * per_rank  # global index of this rank's first sample
+    first = it * batch + rank * per_rank  # index of this rank's first sample in the run
     rounds = []
     for start in range(first, first + per_rank, batch_gpu):
-        rnd = StackedRandomGenerator(device, list(range(start, start + batch_gpu)))
+        rnd = StackedRandomGenerator(device, training_seeds(seed, start, batch_gpu))
         latents = rnd.randn([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
         extra_args = training_conditioning(net, rnd, batch_gpu, device)
-        x = latents.to(torch.float32) * float(student_sigmas[0])
+        x = latents.to(dtype) * float(student_sigmas[0])
         targets = teacher_targets(net, x, teacher_sigmas, M, extra_args, substeps)
         rounds.append(dict(rnd=rnd, x=x, targets=targets, extra_args=extra_args))
 
     num_steps = len(student_sigmas)
+    grid = [float(t) for t in student_sigmas]
+    coeffs = base_coefficients(predictor, grid)
     losses = []
     for s in range(num_steps - 1):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for r in rounds:
-            params = predictor.step_params(s)
-            t_cur = student_sigmas[s].to(torch.float64)
-            x = adasde_step(net, r['x'], t_cur, float(student_sigmas[s + 1]), params, r['extra_args'],
-                            r['rnd'].randn_like, afs=afs and s == 0)
+            x, r['history'] = predictor_step(net, predictor, s, r['x'], grid, coeffs, r.get('history', []),
+                                             r['extra_args'], r['rnd'].randn_like, afs=afs and s == 0)
             y = r['targets'][s]
             if s == num_steps - 2 and feature_loss is not None and feature_loss.alpha > 0:
                 per_sample = feature_loss(x, y)
@@ -127,6 +138,13 @@ def distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas,
         losses.append(float(dist.all_reduce(torch.tensor(step_loss, dtype=torch.float64))))
     return losses
 
+
+def model_dtype(net):
+    """float64 for a model computing in float64 (its parameters, or an exact denoiser without any), else float32."""
+    params = list(net.parameters()) if isinstance(net, torch.nn.Module) else []
+    if params:
+        return torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    return torch.float64 if getattr(net, 'dtype', torch.float64) == torch.float64 else torch.float32
 
 #----------------------------------------------------------------------------
 # The training loop: its signature is the configuration schema, written to
@@ -147,7 +165,7 @@ def training_loop(
     schedule_type       = 'time_uniform',
     schedule_rho        = 1.0,
     alpha               = 20.0,         # Weight of the feature loss on the last step (0: plain L2 there).
-    detector            = None,         # Feature network of that loss (models.detectors name, or the network).
+    feature_net         = None,         # Loss network of that loss (models.detectors.FEATURE_NETS name, or one).
     prompts             = None,         # Captions file of text-to-image models (one drawn per trajectory).
     lr                  = 0.2,          # Adam learning rate.
     coslr               = False,        # Cosine annealing to the reference's absolute floor 0.01.
@@ -157,6 +175,7 @@ def training_loop(
     kimg_per_tick       = 1,            # Status line and state dump interval.
     seed                = 0,            # Seed of the predictor initialisation and of every latent.
     device              = None,         # torch device; default: this process's device.
+    dtype               = None,         # Solver state; default: float64 for a float64 model, else float32.
     resume_state        = None,         # Path of a training-state.pt to continue from.
 ):
     import json
@@ -199,12 +218,15 @@ def training_loop(
         net.prompts = load_prompts(prompts)
     num_steps = predictor_kwargs['num_steps']
     student_sigmas, teacher_sigmas = student_and_teacher_sigmas(net, num_steps, M, schedule_type, schedule_rho)
-    if alpha > 0 and detector is not None:
-        from models.detectors import get_detector
-        feature_net = get_detector(detector, device) if isinstance(detector, str) else detector
-        feature_loss = FeatureLoss(net, feature_net, alpha)
+    if alpha > 0 and feature_net is not None:
+        from models.detectors import get_feature_net
+        loss_net = get_feature_net(feature_net, device) if isinstance(feature_net, str) else feature_net
+        feature_loss = FeatureLoss(net, loss_net, alpha)
     else:
         feature_loss = None
+    if dtype is None:
+        dtype = model_dtype(net)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
     # Predictor, optimizer, LR schedule (stepped once per iteration, as the reference).
     predictor = AdaSDEPredictor(**predictor_kwargs, seed=seed).to(device).train()
@@ -247,7 +269,7 @@ def training_loop(
                     file=console)
     while cur_iter < total_iters:
         losses = distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas, M, afs, cur_iter, seed,
-                                   batch, batch_gpu, feature_loss, substeps, device)
+                                   batch, batch_gpu, feature_loss, substeps, device, dtype)
         if scheduler is not None:
             scheduler.step()
         cur_iter += 1

@@ -39,7 +39,7 @@ def test_coefficient_maps_match_the_spec():
     w = [math.exp(-2.0), math.exp(0.5)]
     assert params['w'].tolist() == pytest.approx([w[0] / sum(w), w[1] / sum(w)], abs=1e-15)
     # At u = 0, gamma sits at 60% of its range; on step 0 it is forced to 0.
-    assert float(p.step_params(0)['gamma'][0]) == 0
+    assert float(p.step_params(0)['gamma'][0].detach()) == 0
     with torch.no_grad():
         p.gamma_params.zero_()
     assert float(p.step_params(2)['gamma'][0].detach()) == pytest.approx(2e-4 + 0.6 * (0.02 - 2e-4), abs=1e-15)
