@@ -277,10 +277,11 @@ def test_multistep_plugin_counts_its_calls_and_round_trips(tmp_path):
         predictor.scale_time_params.normal_()
     sigmas = solvers.get_schedule(6, 0.002, 80.0, 'time_uniform', 2)
     x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80
-    rnd = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
-    run = lambda p, fn: solvers.get_solver('adasde')(fn, x, sigmas, afs=True, predictor=p,  # noqa: E731
-                                                     randn_like=lambda t, g=rnd(5): torch.randn(t.shape, generator=g,
-                                                                                                 dtype=t.dtype))
+
+    def run(p, fn):
+        g = torch.Generator().manual_seed(5)
+        noise = lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype)  # noqa: E731
+        return solvers.get_solver('adasde')(fn, x, sigmas, afs=True, predictor=p, randn_like=noise)
     out = run(predictor, counting)
     assert len(calls) == solvers.nfe('adasde', 6, afs=True, predictor=predictor) == 4
     predictor.save(str(tmp_path / 'p.safetensors'))
