@@ -192,6 +192,14 @@ def plot(rows, path, nfes):
     fig.savefig(path)
 
 
+def load_rows(path):
+    with open(path) as f:
+        saved = json.load(f)
+    rows = {label: {int(n): {m: tuple(v) for m, v in cell.items()} for n, cell in cells.items()}
+            for label, cells in saved['rows'].items()}
+    return saved['num'], saved['first_seed'], tuple(saved['nfes']), rows
+
+
 @click.command()
 @click.option('--num', help='Images per cell', type=click.IntRange(min=2), default=10000, show_default=True)
 @click.option('--first_seed', help='First seed (seeds first_seed .. first_seed + num - 1)', type=click.IntRange(0),
@@ -203,17 +211,15 @@ def plot(rows, path, nfes):
 @click.option('--no_shipped', help='Leave out the predictors shipped in exp/', is_flag=True)
 @click.option('--out', help='Write <out>.json (the measurements), <out>.md and <out>.png', type=str, default=None)
 @click.option('--replot', help='Only redraw <out>.md and <out>.png from <out>.json', is_flag=True)
-def main(num, first_seed, nfes, only, predictors, no_shipped, out, replot):
+@click.option('--merge', help='Start from the rows of this earlier .json (same seeds), replacing those measured again',
+              type=str, default=None)
+def main(num, first_seed, nfes, only, predictors, no_shipped, out, replot, merge):
     """Quality vs NFE of every solver on the digits model, by FID, KID and RMSE to the converged sampler."""
     nfes = tuple(int(n) for n in nfes.split(','))
     if replot:
         if out is None:
             raise click.UsageError('--replot needs --out')
-        with open(out + '.json') as f:
-            saved = json.load(f)
-        num, first_seed, nfes = saved['num'], saved['first_seed'], tuple(saved['nfes'])
-        rows = {label: {int(n): {m: tuple(v) for m, v in cell.items()} for n, cell in cells.items()}
-                for label, cells in saved['rows'].items()}
+        num, first_seed, nfes, rows = load_rows(out + '.json')
     else:
         torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', os.cpu_count() or 1)))
         extra = {} if no_shipped else shipped_predictors()
@@ -224,6 +230,13 @@ def main(num, first_seed, nfes, only, predictors, no_shipped, out, replot):
             extra.setdefault(label, []).append(path)
         only = None if only is None else set(only.split(','))
         rows = measure(list(range(first_seed, first_seed + num)), nfes, only, extra)
+        if merge:
+            old_num, old_first, old_nfes, old_rows = load_rows(merge)
+            if (old_num, old_first) != (num, first_seed):
+                raise click.UsageError(f'{merge} was measured on other seeds')
+            for label, cells in rows.items():
+                old_rows.setdefault(label, {}).update(cells)
+            rows, nfes = old_rows, tuple(sorted(set(old_nfes) | set(nfes)))
     text = markdown(rows, num, first_seed, nfes)
     print(text)
     if out:
