@@ -648,3 +648,109 @@ def test_vq_matches_diffusers(files):
         assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, float(ours.abs().max()))
         assert (vq.decode(z, quantize=False) - model.decode(z, force_not_quantize=True).sample).abs().max() <= 1e-5 \
             * max(1.0, float(ours.abs().max()))
+
+#----------------------------------------------------------------------------
+# End to end: sample.py and train.py on each tiny model, given by path, kind and arch JSON on the command line;
+# one process and torchrun with two write the same PNGs.
+
+
+def cli_model(d, kind):
+    args = [f'--model_path={dict(cm=d / "cm.pt", adm=d / "adm.pt", ldm=d / "ldm.zip")[kind]}', f'--model_kind={kind}',
+            f'--model_arch={arch_json(dict(cm=CM_ARCH, adm=ADM_ARCH, ldm=LDM_ARCH)[kind])}']
+    if kind == 'adm':
+        args += [f'--classifier_path={d / "cls.pt"}', f'--classifier_arch={arch_json(CLS_ARCH)}',
+                 '--guidance_type=cg', '--guidance_rate=4']
+    return args
+
+
+def _pngs(outdir):
+    return {os.path.relpath(os.path.join(root, n), outdir): open(os.path.join(root, n), 'rb').read()
+            for root, _, names in os.walk(outdir) for n in names if n.endswith('.png')}
+
+
+def _sample(*args):
+    from click.testing import CliRunner
+
+    import sample
+    result = CliRunner().invoke(sample.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.mark.parametrize('kind', ['cm', 'adm', 'ldm'])
+def test_sample_py_one_and_two_processes(files, tmp_path, kind):
+    import subprocess
+    import sys
+
+    import PIL.Image
+    d, _ = files
+    common = cli_model(d, kind) + ['--solver=dpmpp', '--num_steps=3', '--seeds=0-3', '--batch=2', '--device=cpu']
+    result = _sample(*common, f'--outdir={tmp_path / "one"}')
+    assert f'{dict(cm=0, adm=10, ldm=0)[kind]} classes' in result.output
+    one = _pngs(tmp_path / 'one')
+    assert sorted(one) == [os.path.join('000000', f'{s:06d}.png') for s in range(4)] and len(set(one.values())) == 4
+    with PIL.Image.open(tmp_path / 'one' / '000000' / '000000.png') as image:
+        assert image.size == (32, 32) and image.mode == 'RGB'  # LDM: decoded from 8x8 latents
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(ROOT, 'sample.py'), *common, f'--outdir={tmp_path / "two"}']
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert '2 process(es)' in proc.stdout and _pngs(tmp_path / 'two') == one
+
+
+def test_sample_py_bad_arch_is_one_line(files, tmp_path):
+    from click.testing import CliRunner
+
+    import sample
+    d, _ = files
+    for args, message in (
+            ([f'--model_path={d / "cm.pt"}', '--model_kind=cm', '--model_arch={"num_chanels": 32}'],
+             'Error: unknown model_arch key(s) num_chanels; valid keys: attention_resolutions, channel_mult'),
+            ([f'--model_path={d / "adm.pt"}', '--model_kind=cm', f'--model_arch={arch_json(CM_ARCH)}'],
+             'looks like a class-conditional openai UNet (10 classes, adm)'),
+            ([f'--model_path={d / "nope.pt"}', '--model_kind=adm'], 'Error: adm checkpoint not found:')):
+        result = CliRunner().invoke(sample.main, args + [f'--outdir={tmp_path}'])
+        assert result.exit_code == 1 and message in result.output and 'Traceback' not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize('kind', ['cm', 'adm', 'ldm'])
+def test_train_py_then_sample(files, tmp_path, monkeypatch, kind):
+    from click.testing import CliRunner
+
+    import train
+    from models import detectors
+    from solvers.adasde import AdaSDEPredictor
+
+    class TinyDetector(torch.nn.Module):  # the Inception download is not available offline
+        name, feature_dim = 'tiny', 8
+
+        def forward(self, images):
+            assert images.shape[-1] == 32  # pixels (LDM: decoded through the VQ decoder)
+            return torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 2).flatten(1)[:, :8]
+    monkeypatch.setattr(detectors, 'get_detector', lambda name, device: TinyDetector())
+    d, _ = files
+    result = CliRunner().invoke(train.main, [
+        f'--dataset_name={dict(cm="lsun_bedroom", adm="imagenet256", ldm="lsun_bedroom_ldm")[kind]}',
+        *cli_model(d, kind), f'--outdir={tmp_path}/exps', '--num_steps=3', '--M=1', '--gamma=0.001', '--lr=0.01',
+        '--batch=2', '--total_kimg=0.004', '--device=cpu'])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    run_dir, = (tmp_path / 'exps').iterdir()
+    snapshot, = run_dir.glob('network-snapshot-*.safetensors')
+    assert not torch.equal(AdaSDEPredictor.load(snapshot).r_params, AdaSDEPredictor(3, seed=0).r_params.detach())
+    options = json.loads((run_dir / 'training_options.json').read_text())
+    assert options['model_kwargs']['kind'] == kind and json.loads(options['model_kwargs']['arch'])
+    model = [a for a in cli_model(d, kind) if not a.startswith('--guidance')]
+    _sample(f'--predictor_path={snapshot}', *model, '--seeds=0-1', '--device=cpu', f'--outdir={tmp_path}/samples')
+    assert sorted(_pngs(tmp_path / 'samples')) == [os.path.join('000000', f'{s:06d}.png') for s in range(2)]
+
+
+def test_train_py_bad_arch_is_one_line(files, tmp_path):
+    from click.testing import CliRunner
+
+    import train
+    d, _ = files
+    result = CliRunner().invoke(train.main, [f'--model_path={d / "cm.pt"}', '--model_kind=cm', '--model_arch=[1,',
+                                             f'--outdir={tmp_path}'])
+    assert result.exit_code == 2 and 'model_arch is not valid JSON' in result.output and not os.listdir(tmp_path)
