@@ -164,6 +164,8 @@ def test_adm_closed_form_and_guidance(files):
             inside = ((x - s * eps).abs() < 1)
             assert inside.float().mean() > 0.2 and ((x - s * eps).abs() > 1).any()  # both sides of the clamp
     assert (D - unguided).abs().max() > 1e-3  # guidance at 4 moves D
+    unclamped = load(d, 'adm', guidance_rate=0.0, clamp=False)(x, sigma, class_labels=y)
+    assert torch.allclose(unclamped, x - s * eps, atol=1e-5, rtol=0) and unclamped.abs().max() > 1.5
     # One-hot labels (how the samplers draw them) are the same as indices.
     assert torch.equal(net(x, sigma, class_labels=torch.eye(10, dtype=torch.float64)[y]), D)
     with pytest.raises(ValueError, match='class-conditional'):
