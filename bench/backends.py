@@ -43,8 +43,8 @@ def build(case, amp_dtype):
     return adapters.LDMDenoiser(unet, vq, alphas_cumprod, scale_factor=scale, amp_dtype=amp_dtype)
 
 
-def one(case, batch, repeat, device):
-    """Time one call (best of `repeat`, after one warm-up) in this process; returns a dict of figures."""
+def one(case, batch, repeat, device, warmup=1):
+    """Time one call (best of `repeat`, after `warmup` untimed calls) in this process; returns a dict of figures."""
     torch.manual_seed(0)
     net = build(case, 'float16').eval().requires_grad_(False).to(device)
     shape = [batch, net.img_channels, net.img_resolution, net.img_resolution]
@@ -55,14 +55,14 @@ def one(case, batch, repeat, device):
     call = (lambda: net.decode(x)) if case == 'ldm-decode' else (lambda: net(x, sigma, **labels))
     best = float('inf')
     with torch.no_grad():
-        for i in range(repeat + 1):
+        for i in range(warmup + repeat):
             if device.type == 'cuda':
                 torch.cuda.synchronize()
             start = time.perf_counter()
             call()
             if device.type == 'cuda':
                 torch.cuda.synchronize()
-            if i:
+            if i >= warmup:
                 best = min(best, time.perf_counter() - start)
     out = dict(case=case, batch=batch, seconds=best, params=sum(p.numel() for p in net.parameters()),
                peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
@@ -101,20 +101,22 @@ def cuda_sampling(net, batch, labels):
 @click.option('--cases', help=f'Which of {", ".join(CASES)}', type=str, default=','.join(CASES), show_default=True)
 @click.option('--repeat', help='Timed calls (best is reported)', type=click.IntRange(min=1), default=2,
               show_default=True)
+@click.option('--warmup', help='Untimed calls first', type=click.IntRange(min=0), default=1, show_default=True)
 @click.option('--device', help='cpu or cuda', type=str, default='cpu', show_default=True)
 @click.option('--worker', hidden=True, type=str, default=None)
-def main(batch, cases, repeat, device, worker):
+def main(batch, cases, repeat, warmup, device, worker):
     if worker is not None:
         case, b = worker.split(':')
-        print(json.dumps(one(case, int(b), repeat, torch.device(device))))
+        print(json.dumps(one(case, int(b), repeat, torch.device(device), warmup)))
         return
     threads = os.environ.get('OMP_NUM_THREADS', str(torch.get_num_threads()))
-    print(f'device {device}, {threads} thread(s), torch {torch.__version__}, float32 calls, best of {repeat}')
+    print(f'device {device}, {threads} thread(s), torch {torch.__version__}, float32 calls, best of {repeat} '
+          f'after {warmup} warm-up')
     print(f'{"case":12s} {"params":>9s} {"batch":>5s} {"s/call":>8s} {"s/img":>7s} {"peak RSS":>9s}')
     for case in cases.split(','):
         for b in (int(v) for v in batch.split(',')):
             proc = subprocess.run([sys.executable, __file__, f'--worker={case}:{b}', f'--repeat={repeat}',
-                                   f'--device={device}'], capture_output=True, text=True)
+                                   f'--warmup={warmup}', f'--device={device}'], capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f'{case:12s} batch {b}: failed ({proc.stderr.strip().splitlines()[-1]})')
                 continue

@@ -351,10 +351,14 @@ def test_zoo_with_local_files(offline, files, monkeypatch):
     d, _ = files
     src = tmp_path / 'src'
     for name, source, target in (('lsun_bedroom', 'cm.pt', 'edm_bedroom256_ema.pt'),
-                                 ('imagenet256', 'adm.pt', '256x256_diffusion.pt'),
-                                 ('imagenet256', 'cls.pt', '256x256_classifier.pt')):
+                                 ('imagenet256', 'adm.pt', '256x256_diffusion.pt')):
         os.makedirs(src / name, exist_ok=True)
         (src / name / target).write_bytes((d / source).read_bytes())
+    unguided = models.load_model('imagenet256', arch=ADM_ARCH, guidance_rate=0)  # needs no classifier file
+    assert unguided.classifier is None and calls == []
+    with pytest.raises(ModelError, match='cannot download .*256x256_classifier.pt'):
+        models.load_model('imagenet256', arch=ADM_ARCH)
+    (src / 'imagenet256' / '256x256_classifier.pt').write_bytes((d / 'cls.pt').read_bytes())
     cm = models.load_model('lsun_bedroom', arch=CM_ARCH)
     x, sigma = inputs(cm, batch=2)
     assert torch.equal(cm(x, sigma), load(d, 'cm')(x, sigma))
@@ -429,11 +433,12 @@ def test_load_errors(files, tmp_path):
     fails('needs a classifier', d / 'adm.pt', 'adm', arch=ADM_ARCH, guidance_rate=2.0)
     fails('takes no option guidance_rate', d / 'cm.pt', 'cm', arch=CM_ARCH, guidance_rate=2.0)
     fails("unknown model kind 'dit'; choose from cm, adm, ldm", d / 'cm.pt', 'dit')
+    fails('amp_dtype must be float16, bfloat16 or None', d / 'cm.pt', 'cm', arch=CM_ARCH, amp_dtype='float8')
     empty = tmp_path / 'empty.zip'
     with zipfile.ZipFile(empty, 'w') as zf:
         zf.writestr('readme.txt', 'nothing')
     fails('a zip archive without a .ckpt', empty, 'ldm', arch=LDM_ARCH)
-    assert len(cases) == 17
+    assert len(cases) == 18
 
 
 def test_incomplete_ema_and_separate_first_stage(files, tmp_path):
