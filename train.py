@@ -120,6 +120,11 @@ def main(**kwargs):
     if opts.model_path is None and opts.dataset_name not in models:
         raise click.BadParameter(f'unknown dataset {opts.dataset_name!r}; choose from {", ".join(models)} '
                                  'or give --model_path', param_hint='--dataset_name')
+    if opts.model_kind is not None and click.get_current_context().get_parameter_source('dataset_name') \
+            == click.core.ParameterSource.DEFAULT:
+        # A user's cm/adm/ldm checkpoint is not the digits model: name the run after its file (and so use the
+        # default Inception feature loss rather than the digits detector).
+        opts.dataset_name = os.path.splitext(os.path.basename(opts.model_path or opts.model_kind))[0]
     model = opts.model_path or opts.dataset_name
     detector = opts.detector or getattr(ZOO.get(opts.dataset_name), 'detector', None) or 'inception'
     prompts = opts.prompts

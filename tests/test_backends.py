@@ -761,3 +761,9 @@ def test_train_py_bad_arch_is_one_line(files, tmp_path):
     result = CliRunner().invoke(train.main, [f'--model_path={d / "cm.pt"}', '--model_kind=cm', '--model_arch=[1,',
                                              f'--outdir={tmp_path}'])
     assert result.exit_code == 2 and 'model_arch is not valid JSON' in result.output and not os.listdir(tmp_path)
+    # Without --dataset_name the run is named after the checkpoint, and the feature loss is Inception's (not the
+    # digits detector of the default dataset).
+    result = CliRunner().invoke(train.main, [f'--model_path={d / "adm.pt"}', '--model_kind=adm',
+                                             f'--model_arch={arch_json(ADM_ARCH)}', f'--outdir={tmp_path}', '-n'])
+    assert result.exit_code == 0 and '"detector": "inception"' in result.output, result.output
+    assert f'Output directory: {tmp_path / "00000-adm-4-5-adasde-dpm-3-uni1.0-afs"}' in result.output
