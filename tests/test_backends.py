@@ -35,9 +35,8 @@ def randomize(module, seed):
     with torch.no_grad():
         for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=g)
-            if p.ndim == 1 and 'norm' in name and name.endswith('weight') or name.endswith(('in_layers.0.weight',
-                                                                                          'out_layers.0.weight',
-                                                                                          'out.0.weight')):
+            is_norm = 'norm' in name or name.endswith(('in_layers.0.weight', 'out_layers.0.weight', 'out.0.weight'))
+            if p.ndim == 1 and is_norm and name.endswith('weight'):
                 p.copy_(1 + 0.1 * noise)
             elif p.ndim >= 2 and 'embedding' not in name and 'label_emb' not in name:
                 p.copy_(noise / math.sqrt(p[0].numel()))
@@ -159,8 +158,6 @@ def test_adm_closed_form_and_guidance(files):
         assert torch.allclose(D, expected, atol=1e-5, rtol=0), (D - expected).abs().max()
         if rate == 0:
             unguided = D
-            assert torch.equal(D, (x - s * eps).clamp(-1, 1).to(D.dtype)) or torch.allclose(D, (x - s * eps).clamp(
-                -1, 1), atol=1e-6, rtol=0)
             inside = ((x - s * eps).abs() < 1)
             assert inside.float().mean() > 0.2 and ((x - s * eps).abs() > 1).any()  # both sides of the clamp
     assert (D - unguided).abs().max() > 1e-3  # guidance at 4 moves D
@@ -281,11 +278,10 @@ def test_qkv_layout(files, kind, layout):
         assert torch.allclose(block(x), _reference_attention(block, x, layout), atol=1e-5)
         other = 'legacy' if layout == 'three' else 'three'
         assert (block(x) - _reference_attention(block, x, other)).abs().max() > 1e-2
-        swapped = [blk for blk in blocks]
         x_net, sigma = inputs(net, batch=2)
         labels = dict(class_labels=torch.tensor([0, 1])) if kind == 'adm' else {}
         before = net(x_net * 0.2, sigma, **labels)
-        for blk in swapped:
+        for blk in blocks:
             blk.qkv_layout = other
         after = net(x_net * 0.2, sigma, **labels)
     assert (before - after).abs().max() > 1e-4  # the layout matters for the whole denoiser
