@@ -4,7 +4,7 @@
 #   bash launch.sh                 # the demo: digits model, 5 NFE, AdaSDE vs 7 baselines, ~6 min on 2 CPU cores
 #   bash launch.sh digits-nfe5     # (re)train one shipped digits predictor into exp/ (also digits-nfe3/7/9)
 #   bash launch.sh cifar10         # the paper's recipes: train, sample 50k, FID (GPUs; also ffhq, imagenet64,
-#                                  #   lsun_bedroom, ms_coco)
+#                                  #   lsun_bedroom, imagenet256, lsun_bedroom_ldm, ms_coco)
 #
 # GPUS=<n> sets the processes per run (torchrun); default 1.
 set -euo pipefail
@@ -77,6 +77,16 @@ imagenet64)
 lsun_bedroom)
     paper_recipe lsun_bedroom "--num_steps=4 --M=3 --gamma=0.02 --lr=0.2 --batch=32 --total_kimg=10" \
         src/lsun_bedroom/fid-ref.npz ;;
+imagenet256)
+    # Not in the paper's recipe table: the lsun_bedroom settings, with classifier guidance at the zoo's scale 1.0
+    # (guided-diffusion's published sampling scale for this model; README "Models" says why).
+    paper_recipe imagenet256 "--num_steps=4 --M=3 --gamma=0.02 --lr=0.2 --batch=32 --total_kimg=10 \
+        --guidance_type=cg --guidance_rate=1.0" src/imagenet256/fid-ref.npz ;;
+lsun_bedroom_ldm)
+    # Not in the paper's recipe table: the lsun_bedroom settings on the VQ-f4 latents (feature loss through the
+    # decoder).
+    paper_recipe lsun_bedroom_ldm "--num_steps=4 --M=3 --gamma=0.02 --lr=0.2 --batch=32 --total_kimg=10" \
+        src/lsun_bedroom_ldm/fid-ref.npz ;;
 ms_coco)
     # Stable Diffusion v1.5, CFG 7.5, FID-30k on the MS-COCO captions (README recipe; see docs/sd.md).
     run train.py --dataset_name=ms_coco --sampler_stu=adasde --sampler_tea=dpm --num_steps=4 --M=3 --afs=True \
@@ -87,6 +97,6 @@ ms_coco)
         --outdir="samples/$(basename "$exp")"
     run fid.py calc --images="samples/$(basename "$exp")" --ref=src/ms_coco/fid-ref.npz ;;
 *)
-    echo "launch.sh: unknown preset '$PRESET' (demo, digits-nfe3|5|7|9, cifar10, ffhq, imagenet64, lsun_bedroom, ms_coco)" >&2
+    echo "launch.sh: unknown preset '$PRESET' (demo, digits-nfe3|5|7|9, cifar10, ffhq, imagenet64, lsun_bedroom, imagenet256, lsun_bedroom_ldm, ms_coco)" >&2
     exit 2 ;;
 esac

@@ -265,7 +265,9 @@ def check_solver_runs(c, sigmas):
 
 
 def load_net(c, device):
-    kwargs = {k: c[k] for k in ('guidance_type', 'guidance_rate') if c[k] is not None}
+    kwargs = {k: c[k] for k in ('guidance_type', 'guidance_rate', 'classifier_path', 'classifier_arch')
+              if c[k] is not None}
+    kwargs.update({k: v for k, v in (('kind', c.model_kind), ('arch', c.model_arch)) if v is not None})
     if dist.get_rank() != 0:
         dist.barrier()
     try:
@@ -309,6 +311,11 @@ def _dataset_label(c):
 # Model and solver.
 @click.option('--dataset_name', help='Model zoo name (e.g. digits, cifar10)', metavar='STR', type=str)
 @click.option('--model_path', help='Zoo name, pickle path/URL or model folder', metavar='PATH|URL', type=str)
+@click.option('--model_kind', help='Family of a --model_path checkpoint (.pt/.ckpt/.zip)',
+              type=click.Choice(['cm', 'adm', 'ldm']))
+@click.option('--model_arch', help='Its architecture, JSON in the original code\'s names', metavar='JSON', type=str)
+@click.option('--classifier_path', help='Guided-diffusion classifier checkpoint (adm)', metavar='PATH', type=str)
+@click.option('--classifier_arch', help='Its architecture, JSON (create_classifier flags)', metavar='JSON', type=str)
 @click.option('--predictor_path', help='AdaSDE predictor (file, folder, experiment number); sets every sampling '
               'setting', metavar='PATH|INT', type=str)
 @click.option('--solver', help='Solver  [default: dpmpp]', metavar='NAME', type=str)

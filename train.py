@@ -51,6 +51,12 @@ def find_resumable(outdir, c):
               default='digits')
 @click.option('--model_path', help='Or: a network pickle, URL or local model directory (overrides the zoo path). '
               'Loading a pickle runs code stored in it: only load files you trust.', type=str, default=None)
+@click.option('--model_kind', help='Family of a --model_path checkpoint (.pt, .ckpt or .zip): consistency-models, '
+              'guided-diffusion or latent-diffusion', type=click.Choice(['cm', 'adm', 'ldm']), default=None)
+@click.option('--model_arch', help='Its architecture as JSON, in the original code\'s names (omitted keys: the '
+              'published model\'s)', type=str, default=None)
+@click.option('--classifier_path', help='Guided-diffusion classifier checkpoint (adm guidance)', type=str, default=None)
+@click.option('--classifier_arch', help='Its architecture as JSON (create_classifier flags)', type=str, default=None)
 @click.option('--outdir', help='Where to put the run directories', type=str, default='./exps')
 @click.option('--desc', help='String appended to the run directory name', type=str, default='')
 @click.option('--num_steps', help='Time points of the student (num_steps - 1 steps)', type=click.IntRange(min=2),
@@ -120,6 +126,11 @@ def main(**kwargs):
     if opts.model_path is None and opts.dataset_name not in models:
         raise click.BadParameter(f'unknown dataset {opts.dataset_name!r}; choose from {", ".join(models)} '
                                  'or give --model_path', param_hint='--dataset_name')
+    if opts.model_kind is not None and click.get_current_context().get_parameter_source('dataset_name') \
+            == click.core.ParameterSource.DEFAULT:
+        # A user's cm/adm/ldm checkpoint is not the digits model: name the run after its file (and so use the
+        # default Inception feature loss rather than the digits detector).
+        opts.dataset_name = os.path.splitext(os.path.basename(opts.model_path or opts.model_kind))[0]
     model = opts.model_path or opts.dataset_name
     feature_net = opts.feature_net or getattr(ZOO.get(opts.dataset_name), 'feature_net', None) or 'inception'
     if feature_net == 'none' or opts.alpha == 0:
@@ -135,6 +146,16 @@ def main(**kwargs):
             prompts = fetch('prompts')
         except ValueError as e:
             raise click.ClickException(f'{e} (or give --prompts)') from None
+    model_kwargs = {k: opts[k] for k in ('guidance_type', 'guidance_rate', 'classifier_path', 'classifier_arch')
+                    if opts[k] is not None}
+    model_kwargs.update({k: v for k, v in (('kind', opts.model_kind), ('arch', opts.model_arch)) if v is not None})
+    for name in ('model_arch', 'classifier_arch'):
+        if opts[name] is not None:
+            from models.adapters import parse_arch
+            try:
+                parse_arch(opts[name], name)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint=f'--{name}') from None
     nfe = solvers.nfe('adasde', opts.num_steps, afs=opts.afs, predictor=EasyDict(num_points=opts.num_points,
                                                                                      base=opts.base))
 
@@ -144,7 +165,7 @@ def main(**kwargs):
                     guidance_rate=opts.guidance_rate, M=opts.M, sampler_tea=opts.sampler_tea, nfe=nfe)
     c = EasyDict(
         model=model, M=opts.M, afs=opts.afs, schedule_type=opts.schedule_type, schedule_rho=opts.schedule_rho,
-        model_kwargs={k: opts[k] for k in ('guidance_type', 'guidance_rate') if opts[k] is not None},
+        model_kwargs=model_kwargs,
         predictor_kwargs=dict(num_steps=opts.num_steps, num_points=opts.num_points, scale_dir=opts.scale_dir,
                               scale_time=opts.scale_time, gamma=opts.gamma, fcn=opts.fcn, base=opts.base,
                               max_order=opts.max_order, settings=settings),

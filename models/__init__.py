@@ -5,7 +5,9 @@ load_model(name_or_path) accepts
     into ./src/<name>/ (the embedded `digits` model ships with the repository and loads offline);
   - an EDM network pickle (.pkl path or URL, e.g. network-snapshot-*.pkl of EDM's train.py);
   - a directory with this project's model.json + model.safetensors (models/edm.py save_model);
-  - a Stable Diffusion checkpoint or diffusers directory (models/sd.py).
+  - a Stable Diffusion checkpoint or diffusers directory (models/sd.py);
+  - with kind='cm'|'adm'|'ldm', a checkpoint of a consistency-models, guided-diffusion or latent-diffusion
+    model (models/adapters.py), its architecture given as arch={...} in the original code's names.
 
 SECURITY: a network pickle holds Python source code that is executed while it is loaded (torch_utils.persistence,
 as in EDM). Load pickles only from sources you trust. This project's own models are safetensors + JSON.
@@ -80,11 +82,48 @@ def _no_kwargs(what, kwargs):
         raise ModelError(f'{what} takes no option {", ".join(sorted(given))} (it has no guidance)')
 
 
+def _load_openai(kind, path, entry=None, arch=None, classifier_path=None, classifier_arch=None, guidance_type=None,
+                 guidance_rate=None, **options):
+    """cm / adm / ldm checkpoints (models/adapters.py); `entry` supplies the published architecture and files."""
+    from . import adapters, zoo
+    if kind not in adapters.KINDS:
+        raise ModelError(f'unknown model kind {kind!r}; choose from {", ".join(adapters.KINDS)}')
+    what = f'model {entry.name!r}' if entry else f'a {kind} model'
+    published = (entry.arch if entry else zoo.ZOO[_KIND_ENTRY[kind]].arch) or {}
+    if kind != 'adm':
+        if guidance_type not in (None, 'uncond') or guidance_rate not in (None, 1, 1.0) or classifier_path \
+                or classifier_arch:
+            _no_kwargs(what, dict(guidance_type=guidance_type if guidance_type != 'uncond' else None,
+                                  guidance_rate=guidance_rate if guidance_rate != 1 else None,
+                                  classifier_path=classifier_path, classifier_arch=classifier_arch))
+        if kind == 'cm':
+            return adapters.load_cm(path, arch, published=published.get('model'), **options)
+        first_stage = None
+        if entry is not None and entry.extra:
+            first_stage = lambda: zoo.fetch(entry.name, file=entry.extra[0][1], url=entry.extra[0][0])  # noqa: E731
+        return adapters.load_ldm(path, arch, published=published.get('model'), first_stage_path=first_stage,
+                                 **options)
+    if guidance_type not in (None, 'cg'):
+        raise ModelError(f"{what} takes classifier guidance (guidance_type 'cg'), not {guidance_type!r}")
+    if guidance_rate is None:
+        guidance_rate = entry.guidance_rate if entry else 1.0
+    if classifier_path is None and entry is not None and entry.extra and guidance_rate != 0:
+        classifier_path = zoo.fetch(entry.name, file=entry.extra[0][1], url=entry.extra[0][0])
+    return adapters.load_adm(path, arch, classifier_path=classifier_path, classifier_arch=classifier_arch,
+                             guidance_rate=guidance_rate, published=published.get('model'),
+                             published_classifier=published.get('classifier'), **options)
+
+
+_KIND_ENTRY = dict(cm='lsun_bedroom', adm='imagenet256', ldm='lsun_bedroom_ldm')  # published default architectures
+
+
 def _load_zoo(name, device, **kwargs):
     from . import edm, zoo
     entry = zoo.get_entry(name)
     if entry.missing:
         raise ModelError(f'zoo model {name!r} is not available: {entry.missing}')
+    if entry.kind in _KIND_ENTRY:
+        return _load_openai(entry.kind, zoo.fetch(name), entry=entry, **kwargs)
     if entry.kind == 'embedded':
         _no_kwargs(f'model {name!r}', kwargs)
         return edm.load_local(os.path.dirname(zoo.local_path(entry)), device=device)
@@ -107,13 +146,19 @@ def _load_zoo(name, device, **kwargs):
 def load_model(name_or_path, device='cpu', **kwargs):
     """A Denoiser (DESIGN.md) in eval mode with requires_grad False, from a zoo name, a network pickle (path or URL),
     a model directory (model.json) or a Stable Diffusion checkpoint. kwargs go to guided adapters
-    (guidance_type, guidance_rate, ...). Raises ModelError (a ValueError) with a one-line message.
+    (guidance_type, guidance_rate, ...). With kind='cm'|'adm'|'ldm', name_or_path is a checkpoint of that family
+    (.pt, .ckpt or .zip) and arch (a dict or JSON string), classifier_path and classifier_arch describe it (keys of
+    the original code; omitted keys take the published model's values). Raises ModelError (a ValueError) with a
+    one-line message.
 
     Loading a .pkl executes the Python code stored in it: only load pickles you trust.
     """
     import dnnlib
     src = os.fspath(name_or_path)
-    if src in ZOO:
+    kind = kwargs.pop('kind', None)
+    if kind is not None:
+        net = _load_openai(kind, src, **kwargs)
+    elif src in ZOO:
         net = _load_zoo(src, device, **kwargs)
     elif os.path.isdir(src) and os.path.isfile(os.path.join(src, 'model.json')):
         from . import edm
@@ -128,7 +173,7 @@ def load_model(name_or_path, device='cpu', **kwargs):
         raise ModelError(f'{src}: no model.json (a model saved by models.edm.save_model) or diffusers pipeline')
     elif os.path.exists(src):
         raise ModelError(f'{src}: not a model file (expected a .pkl network pickle, a model directory or a Stable '
-                         'Diffusion checkpoint)')
+                         'Diffusion checkpoint; for a cm/adm/ldm checkpoint give its kind)')
     else:
         raise ModelError(f'unknown model {src!r}: not a zoo name ({", ".join(ZOO)}), nor an existing file, '
                          'directory or URL')

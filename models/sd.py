@@ -10,30 +10,17 @@ import os
 
 import torch
 
+from .discrete import DiscreteVPSchedule, _float, _interp  # noqa: F401 (the schedule helpers)
+
 SD_DEFAULT = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
 SINGLE_FILE_SUFFIXES = ('.ckpt', '.safetensors')
-
-#----------------------------------------------------------------------------
-# Helpers of the schedule: times and noise levels as float64 unless given as
-# floating tensors; piecewise-linear interpolation with linear extrapolation
-# from the two outermost knots (xp increasing), differentiable in x.
-
-
-def _float(v):
-    return v if torch.is_tensor(v) and v.is_floating_point() else torch.as_tensor(v, dtype=torch.float64)
-
-
-def _interp(x, xp, fp):
-    idx = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, len(xp) - 1)
-    x_lo, x_hi, f_lo, f_hi = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
-    return f_lo + (f_hi - f_lo) / (x_hi - x_lo) * (x - x_lo)
 
 #----------------------------------------------------------------------------
 # The adapter. `condition` / `unconditional_condition` are CLIP text embeddings
 # [B, 77, D] (or [1, 77, D], shared by the batch) from `encode_prompts`.
 
 
-class SDDenoiser(torch.nn.Module):
+class SDDenoiser(DiscreteVPSchedule, torch.nn.Module):
     guidance_type = 'classifier-free'
     label_dim = 0  # no class labels: conditioning is text, passed as `condition=...`
 
@@ -48,19 +35,11 @@ class SDDenoiser(torch.nn.Module):
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.guidance_rate = float(guidance_rate)
-        self.epsilon_t = float(epsilon_t)
         self.img_channels = int(unet.config.in_channels)
         self.img_resolution = int(unet.config.sample_size)
         self.decoded_resolution = self.img_resolution * 2 ** (len(vae.config.block_out_channels) - 1)
         self.context_dim = int(text_encoder.config.hidden_size)
-        alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
-        self.M = len(alphas_cumprod)
-        # The float64 tables are plain tensors, not buffers, so that net.half() or net.to(dtype) keeps them exact.
-        self.t_array = torch.arange(1, self.M + 1, dtype=torch.float64) / self.M
-        self.log_alpha_array = 0.5 * torch.log(alphas_cumprod)
-        self._tables_on = {}
-        self.sigma_min = float(self.sigma(self.epsilon_t))
-        self.sigma_max = float(self.sigma(1.0))
+        self._init_schedule(alphas_cumprod, epsilon_t)
         self.prompts = prompts  # the captions distillation draws from (training_conditioning)
         self._empty_condition = None
         self.requires_grad_(False)
@@ -73,28 +52,6 @@ class SDDenoiser(torch.nn.Module):
     @property
     def device(self):
         return next(self.unet.parameters()).device
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
-
-    def _tables(self, like):
-        if like.device not in self._tables_on:
-            self._tables_on[like.device] = (self.t_array.to(like.device), self.log_alpha_array.to(like.device))
-        return self._tables_on[like.device]
-
-    def sigma(self, t):
-        """sigma(t) = sqrt(1 - alpha_t^2) / alpha_t, log alpha_t interpolated in t (computed in float64)."""
-        t = _float(t)
-        t_array, log_alpha_array = self._tables(t)
-        log_alpha = _interp(t.double(), t_array, log_alpha_array)
-        return torch.sqrt(torch.expm1(-2 * log_alpha)).to(t.dtype)
-
-    def sigma_inv(self, sigma):
-        """The inverse of sigma(t): log alpha = -log(1 + sigma^2) / 2, then the inverse interpolation."""
-        sigma = _float(sigma)
-        t_array, log_alpha_array = self._tables(sigma)
-        log_alpha = -0.5 * torch.log1p(sigma.double() ** 2)
-        return _interp(log_alpha, log_alpha_array.flip(0), t_array.flip(0)).to(sigma.dtype)
 
     def forward(self, x, sigma, condition=None, unconditional_condition=None, class_labels=None):
         if class_labels is not None:

@@ -42,6 +42,8 @@ class ZooEntry:
     fid_ref: str = None             # FID reference statistics
     extra: tuple = ()               # other files: ((url, file), ...)
     missing: str = None             # set while the adapter is not built: what is missing, in one line
+    arch: dict = None               # published architecture (cm/adm/ldm), in the original code's names:
+                                    # {'model': {...}, 'classifier': {...}}; users' --model_arch keys update it
     description: str = ''
 
 
@@ -65,19 +67,34 @@ ZOO = {e.name: e for e in [
              description='EDM ImageNet 64x64 class-conditional (ADM, fp16)'),
     ZooEntry('lsun_bedroom', 'cm', _OPENAI + 'consistency/edm_bedroom256_ema.pt', 'edm_bedroom256_ema.pt',
              resolution=256, channels=3, sigma_min=0.002, sigma_max=80.0,
-             missing='the Consistency-Models UNet and CMPrecond adapter (models/cm.py) are not built yet',
+             arch=dict(model=dict(image_size=256, num_channels=256, num_res_blocks=2, channel_mult='1,1,2,2,4,4',
+                                  attention_resolutions='32,16,8', num_head_channels=64, use_scale_shift_norm=False,
+                                  resblock_updown=True, dropout=0.1, class_cond=False, learn_sigma=False,
+                                  use_fp16=True)),
              description='Consistency Models EDM-trained LSUN Bedroom 256 (CMPrecond)'),
     ZooEntry('imagenet256', 'adm', _OPENAI + 'diffusion/jul-2021/256x256_diffusion.pt', '256x256_diffusion.pt',
-             resolution=256, channels=3, label_kind='index', label_dim=1000, sigma_min=0.010486, sigma_max=152.167,
-             guidance_type='cg', guidance_rate=1.0,
+             resolution=256, channels=3, label_kind='index', label_dim=1000, sigma_min=0.0104838,
+             sigma_max=152.16698, guidance_type='cg', guidance_rate=1.0,
              extra=((_OPENAI + 'diffusion/jul-2021/256x256_classifier.pt', '256x256_classifier.pt'),),
-             missing='the guided-diffusion UNet, its classifier and the CGPrecond adapter (models/adm.py) are not '
-                     'built yet',
+             arch=dict(model=dict(image_size=256, num_channels=256, num_res_blocks=2, channel_mult='1,1,2,2,4,4',
+                                  attention_resolutions='32,16,8', num_head_channels=64, use_scale_shift_norm=True,
+                                  resblock_updown=True, dropout=0.0, class_cond=True, learn_sigma=True,
+                                  use_fp16=True),
+                       classifier=dict(image_size=256, classifier_width=128, classifier_depth=2,
+                                       classifier_attention_resolutions='32,16,8', classifier_use_scale_shift_norm=True,
+                                       classifier_resblock_updown=True, classifier_pool='attention',
+                                       classifier_use_fp16=True)),
              description='guided-diffusion ImageNet 256 with classifier guidance (CGPrecond)'),
     ZooEntry('lsun_bedroom_ldm', 'ldm', 'https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip', 'model.ckpt',
-             resolution=64, channels=3, sigma_min=0.038759, sigma_max=83.82, guidance_type='uncond',
+             resolution=64, channels=3, sigma_min=0.038759, sigma_max=83.82248, guidance_type='uncond',
              guidance_rate=1.0, extra=(('https://ommer-lab.com/files/latent-diffusion/vq-f4.zip', 'vq-f4/model.ckpt'),),
-             missing='the latent-diffusion LSUN Bedroom adapter (LDM + VQ-f4 first stage, CFGPrecond) is not built yet',
+             arch=dict(model=dict(image_size=64, in_channels=3, out_channels=3, model_channels=224,
+                                  attention_resolutions=[8, 4, 2], num_res_blocks=2, channel_mult=[1, 2, 3, 4],
+                                  num_head_channels=32, embed_dim=3, n_embed=8192,
+                                  ddconfig=dict(double_z=False, z_channels=3, resolution=256, in_channels=3, out_ch=3,
+                                                ch=128, ch_mult=[1, 2, 4], num_res_blocks=2, attn_resolutions=[],
+                                                dropout=0.0),
+                                  linear_start=0.0015, linear_end=0.0195, timesteps=1000)),
              description='latent diffusion LSUN Bedroom (VQ-f4 latents 3x64x64)'),
     ZooEntry('ms_coco', 'sd', 'https://huggingface.co/runwayml/stable-diffusion-v1-5/resolve/main/'
              'v1-5-pruned-emaonly.ckpt', 'v1-5-pruned-emaonly.ckpt', storage='hub', resolution=64, channels=4,
@@ -143,9 +160,24 @@ def fetch(name, file=None, url=None, verbose=True):
 
     def write(tmp):
         with open(tmp, 'wb') as f:
-            f.write(data)
+            f.write(data if not url.endswith('.zip') else _unzip_member(data, os.path.basename(path), url))
     _atomic_write(path, write)
     return path
+
+
+def _unzip_member(data, basename, url):
+    """The bytes of the file `basename` (else the only .ckpt) inside a downloaded zip archive."""
+    import io
+    import zipfile
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            names = [n for n in zf.namelist() if not n.endswith('/')]
+            match = [n for n in names if os.path.basename(n) == basename] or [n for n in names if n.endswith('.ckpt')]
+            if len(match) != 1:
+                raise ModelError(f'{url}: the archive has no single {basename} (it holds {", ".join(names[:5])})')
+            return zf.read(match[0])
+    except zipfile.BadZipFile as err:
+        raise ModelError(f'{url}: the download is not a readable zip archive ({err})') from None
 
 
 def describe():

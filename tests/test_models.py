@@ -258,14 +258,6 @@ def test_zoo_table():
     assert os.path.isfile(zoo.ZOO['digits'].fid_ref)
 
 
-@pytest.mark.parametrize('name', ['lsun_bedroom', 'imagenet256', 'lsun_bedroom_ldm'])
-def test_zoo_adapter_not_built(offline, name):
-    _, calls = offline
-    with pytest.raises(ModelError, match='not built') as err:
-        load_model(name)
-    assert '\n' not in str(err.value) and calls == []  # refused before any download
-
-
 @pytest.mark.parametrize('name', ['cifar10', 'ffhq', 'afhqv2', 'imagenet64'])
 def test_zoo_without_network(offline, name):
     tmp_path, calls = offline
