@@ -761,5 +761,5 @@ def test_train_py_bad_arch_is_one_line(files, tmp_path):
     # digits detector of the default dataset).
     result = CliRunner().invoke(train.main, [f'--model_path={d / "adm.pt"}', '--model_kind=adm',
                                              f'--model_arch={arch_json(ADM_ARCH)}', f'--outdir={tmp_path}', '-n'])
-    assert result.exit_code == 0 and '"detector": "inception"' in result.output, result.output
+    assert result.exit_code == 0 and '"feature_net": "inception"' in result.output, result.output
     assert f'Output directory: {tmp_path / "00000-adm-4-5-adasde-dpm-3-uni1.0-afs"}' in result.output
