@@ -20,6 +20,7 @@ import sample
 import solvers
 import train
 from models.edm import EDMPrecond, save_model
+from torch_utils import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_REF = os.path.join(REPO, 'src', 'digits', 'fid-ref.npz')
@@ -385,3 +386,39 @@ def test_torchrun_errors_are_one_line(script, args, expected, tmp_path):
     assert [line for line in output.splitlines() if line.startswith('Error:')] == [f'Error: {expected}'], output
     # Nothing of the project's before it (torchrun's own report and traceback follow it), no trace of the script.
     assert 'Traceback' not in output.split('Error:')[0] and f'{script}", line' not in output, output
+
+#----------------------------------------------------------------------------
+# 4. The thread policy: by default half the cores (at least 1) and passive OpenMP waiting; the environment wins.
+
+
+def test_thread_policy_defaults_and_overrides():
+    env = {}
+    assert cli.apply_thread_policy(env) == str(cli.default_num_threads())
+    assert env == dict(OMP_NUM_THREADS=env['OMP_NUM_THREADS'], MKL_NUM_THREADS=env['OMP_NUM_THREADS'],
+                       OMP_WAIT_POLICY='PASSIVE')
+    env = dict(OMP_NUM_THREADS='3', OMP_WAIT_POLICY='ACTIVE')
+    assert cli.apply_thread_policy(env) == '3' and env['OMP_WAIT_POLICY'] == 'ACTIVE' and env['MKL_NUM_THREADS'] == '3'
+    assert 1 <= cli.default_num_threads() <= 8
+
+
+@pytest.mark.parametrize('script', ['sample', 'train', 'fid'])
+def test_scripts_apply_the_thread_policy_before_torch(script):
+    probe = (f'import {script}, os, torch; print(torch.get_num_threads(), os.environ["OMP_WAIT_POLICY"])')
+    clean = {k: v for k, v in ENV.items() if k not in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OMP_WAIT_POLICY')}
+    code, out, err = _script('-c', probe, env=clean)
+    assert code == 0, err
+    assert out.split() == [str(cli.default_num_threads()), 'PASSIVE']
+    code, out, err = _script('-c', probe, env=dict(clean, OMP_NUM_THREADS='2'))
+    assert code == 0 and out.split() == ['2', 'PASSIVE'], err
+
+
+def test_demo_load_benchmark_starts(tmp_path):
+    code, out, err = _script(os.path.join('bench', 'demo_load.py'), '--dry-run')
+    assert code == 0 and 'launch.sh parses; dry run, nothing timed.' in out, out + err
+    assert 'OMP_NUM_THREADS=(unset: the scripts choose)' in out
+    # The harness around a quick command: a fresh copy per run, idle then busy, both times printed.
+    code, out, err = _script(os.path.join('bench', 'demo_load.py'), '--command=bash launch.sh --help',
+                             f'--logs={tmp_path}')
+    assert code == 0, out + err
+    assert out.count('    Presets:') == 2 and 'Demo wall time: idle ' in out and 'issue 14 asks for at most 2x' in out
+    assert sorted(os.listdir(tmp_path)) == ['demo-load-busy.log', 'demo-load-idle.log']
