@@ -422,3 +422,16 @@ def test_demo_load_benchmark_starts(tmp_path):
     assert code == 0, out + err
     assert out.count('    Presets:') == 2 and 'Demo wall time: idle ' in out and 'issue 14 asks for at most 2x' in out
     assert sorted(os.listdir(tmp_path)) == ['demo-load-busy.log', 'demo-load-idle.log']
+
+
+def test_predictor_files_by_content(tmp_path):
+    from solvers.adasde import AdaSDEPredictor
+    named_pkl = tmp_path / 'predictor.pkl'  # a safetensors predictor under a pickle's name
+    AdaSDEPredictor(num_steps=3).save(str(tmp_path / 'p.safetensors'))
+    shutil.copy(tmp_path / 'p.safetensors', named_pkl)
+    assert AdaSDEPredictor.load(str(named_pkl)).num_steps == 3
+    cut = tmp_path / 'snapshot.bin'  # a (cut) pickle under another name goes to the snapshot importer
+    cut.write_bytes(b'\x80\x04garbage')
+    _assert_one_line(sample.main, f"--predictor_path: cannot read an official AdaSDE snapshot from {cut}: "
+                     "UnpicklingError('pickle data was truncated')", '--predictor_path', cut,
+                     '--outdir', tmp_path / 's')
