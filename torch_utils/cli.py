@@ -15,11 +15,13 @@ import tempfile
 import click
 
 #----------------------------------------------------------------------------
-# Thread policy. With torch's defaults (one OpenMP thread per core, threads spinning while they wait) a CPU run
-# slows down 20-70x as soon as another CPU-bound process shares the cores: every parallel region waits for the
-# thread that lost its core, and the waiting threads burn the time that thread needs. Measured on 2 cores,
-# 20 iterations of the demo's training (docs/digits.md): 1 thread 37 s idle / 58 s with one competing process;
-# 2 threads, OpenMP waiting passively 41 s idle; 2 threads with torch's default spinning 87 s idle.
+# Thread policy. With torch's defaults (one OpenMP thread per core) a CPU run slows down 20-75x as soon as another
+# CPU-bound process shares the cores (issue 14: training at 1.4 s/it went to 30-106 s/it on 2 cores): every
+# parallel region waits for the thread that lost its core, and threads waiting actively burn the time that thread
+# needs. On the shared 2-core development machine, 20 iterations of the demo's training took 37 s with 1 thread,
+# 41 s with 2 threads waiting passively and 87 s with 2 threads waiting actively (OMP_WAIT_POLICY=ACTIVE), all
+# without a competing process; with one, 1 thread took 34-58 s and 2 passive threads 46 s, while 2 active threads
+# managed 5 iterations in 47 s (these machines also ran other jobs, so single runs vary by up to 2x).
 # So by default: half the cores this process may use (at least 1, at most 8), and passive waiting.
 # OMP_NUM_THREADS (and OMP_WAIT_POLICY) set in the environment win; torchrun sets OMP_NUM_THREADS=1 itself.
 
