@@ -254,12 +254,21 @@ def test_fid_refuses_images_of_another_resolution(tmp_path, monkeypatch):
     _assert_one_line(fid.main, f'The images in {big} are 16x16 with 1 channel, but reference statistics '
                      f'{DIGITS_REF} are of 8x8 with 1 channel images', 'calc', f'--images={big}',
                      f'--ref={DIGITS_REF}', exit_code=1)
-    # EDM's published statistics, by name (no download: the check comes first... after loading, so fake a cache).
-    monkeypatch.setattr(fid, 'load_stats', lambda ref: dict(mu=np.zeros(2048), sigma=np.eye(2048), detector=None,
-                                                            image_shape=fid.published_image_shape(fid.REF_URLS[ref])))
+    # EDM's published statistics, by name: a file in the download cache stands in for cifar10-32x32.npz (which,
+    # like the real one, holds mu and sigma only); the shape is the zoo's.
+    import hashlib
+
+    import dnnlib
+    monkeypatch.setattr(dnnlib.util, '_dnnlib_cache_dir', str(tmp_path / 'cache'))
+    os.makedirs(tmp_path / 'cache' / 'downloads')
+    url_md5 = hashlib.md5(fid.REF_URLS['cifar10'].encode('utf-8')).hexdigest()
+    np.savez(str(tmp_path / 'cache' / 'downloads' / f'{url_md5}_cifar10-32x32.npz'), mu=np.zeros(2048),
+             sigma=np.eye(2048))
+    assert fid.load_stats('cifar10')['image_shape'] == (3, 32, 32)
     _assert_one_line(fid.main, f'The images in {big} are 16x16 with 1 channel, but reference statistics cifar10 '
                      'are of 32x32 with 3 channels images', 'calc', f'--images={big}', '--ref=cifar10', exit_code=1)
     assert fid.published_image_shape(fid.REF_URLS['imagenet64']) == (3, 64, 64)
+    assert not scored  # refused before any feature was computed
     monkeypatch.undo()
 
     # Statistics written by fid.py ref record the shape and are checked the same way.
