@@ -342,7 +342,7 @@ def folder_settings(c, shown, schedule_type, schedule_rho, dtype):
     if prompt is not None and os.path.isfile(prompt):
         prompt = dict(file=os.path.abspath(prompt), sha256=_file_digest(prompt))
     return dict(
-        model=os.path.abspath(model) if os.path.exists(model) else model, solver=c.solver,
+        model=model if model in models.ZOO or not os.path.exists(model) else os.path.abspath(model), solver=c.solver,
         options=dict(shown), num_steps=c.num_steps, afs=c.afs, schedule_type=schedule_type,
         schedule_rho=schedule_rho, class_idx=c.class_idx, guidance_type=c.guidance_type,
         guidance_rate=c.guidance_rate, prompt=prompt, dtype=str(dtype).removeprefix('torch.'), subdirs=c.subdirs,
