@@ -444,3 +444,33 @@ def test_predictor_files_by_content(tmp_path):
     _assert_one_line(sample.main, f"--predictor_path: cannot read an official AdaSDE snapshot from {cut}: "
                      "UnpicklingError('pickle data was truncated')", '--predictor_path', cut,
                      '--outdir', tmp_path / 's')
+
+#----------------------------------------------------------------------------
+# 8. Ctrl-C: train.py stops after its iteration with exit code 130 (launch.sh stops on it); sample.py stops with
+# one line and 130, keeping the images it wrote.
+
+
+def _interrupt_when(args, marker, tmp_path):
+    import signal
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=dict(ENV, PYTHONUNBUFFERED='1'),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(marker):
+            proc.send_signal(signal.SIGINT)
+            break
+    return proc.wait(timeout=300), ''.join(lines) + proc.stdout.read()
+
+
+def test_ctrl_c_exit_codes(tmp_path):
+    code, output = _interrupt_when(['train.py', '--outdir', tmp_path / 'exps', '--num_steps=3', '--M=1', '--batch=4',
+                                    '--total_kimg=1', '--alpha=0'], 'Output directory:', tmp_path)
+    assert code == 130 and 'SIGINT: stopping after this iteration' in output and 'Done.' not in output, output
+    assert output.count('Run the same command with --resume to continue.') == 1 and 'Traceback' not in output
+
+    code, output = _interrupt_when(['sample.py', '--dataset_name=digits', '--seeds=0-99999', '--batch=8',
+                                    '--net_batch=8', '--outdir', tmp_path / 's'], 'Seeds:', tmp_path)
+    assert code == 130 and 'Traceback' not in output, output
+    assert [line for line in output.splitlines() if 'stopped' in line] == [
+        'sample.py: stopped (Ctrl-C); files written so far are whole and kept. Run the same command again to continue.']
