@@ -5,6 +5,11 @@ Statistics are the mean and the unbiased covariance of the features, accumulated
 Also a library: frechet_distance(), FeatureStats, compute_image_stats(), load_stats(), save_stats().
 """
 
+# ruff: noqa: E402 -- torch_utils.cli comes first: the thread policy must be set before torch loads OpenMP.
+from torch_utils import cli
+
+cli.apply_thread_policy()
+
 import functools
 import os
 import re
@@ -129,15 +134,34 @@ def feature_stats(features):
 # Reference statistics files: np.savez with mu, sigma and, for this project's own files, the detector name.
 
 
+def published_image_shape(url):
+    """[C, H, W] of the images behind statistics the model zoo lists (EDM's published files, the digits
+    reference), which do not record it themselves; None for any other file."""
+    from models.zoo import ZOO
+    for entry in ZOO.values():
+        if entry.fid_ref is None or entry.resolution is None:
+            continue
+        same = entry.fid_ref == url or (os.path.isfile(url) and os.path.isfile(entry.fid_ref)
+                                        and os.path.samefile(url, entry.fid_ref))
+        if same:
+            return (entry.channels, entry.resolution, entry.resolution)
+    return None
+
+
 def load_stats(ref):
-    """Statistics from a .npz path, URL or EDM dataset name -> dict(mu, sigma, detector or None)."""
+    """Statistics from a .npz path, URL or EDM dataset name -> dict(mu, sigma, detector or None, image_shape
+    [C, H, W] or None)."""
     url = REF_URLS.get(ref, ref)
     if not dnnlib.util.is_url(url, allow_file_urls=True) and not os.path.isfile(url):
         raise FIDInputError(f'Reference statistics not found: {ref}')
-    # Read only the arrays needed: some published files (ADM reference batches) also hold images.
+    # Read only the arrays needed: some published files (ADM reference batches) also hold images. Anything but a
+    # zip is refused before NumPy sees it (NumPy's own message advises unpickling the file).
     try:
         with dnnlib.util.open_url(url, verbose=(dist.get_rank() == 0)) as f:
-            data = np.load(f)
+            if f.read(4) != b'PK\x03\x04':
+                raise FIDInputError(f'Reference statistics {ref} are not an .npz file')
+            f.seek(0)
+            data = np.load(f, allow_pickle=False)
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise FIDInputError(f'Reference statistics {ref} are not an .npz file')
             with data:
@@ -146,20 +170,26 @@ def load_stats(ref):
                     raise FIDInputError(f'Reference statistics {ref} lack "mu" and "sigma" (keys: {", ".join(keys)})')
                 mu, sigma = data['mu'].astype(np.float64), data['sigma'].astype(np.float64)
                 detector = str(data['detector']) if 'detector' in keys else None
+                image_shape = tuple(int(n) for n in data['image_shape']) if 'image_shape' in keys else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         if isinstance(err, FIDInputError):
             raise
         raise FIDInputError(f'Cannot read reference statistics {ref}: {_one_line(err)}') from err
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
         raise FIDInputError(f'Reference statistics {ref} have mismatched shapes: mu {mu.shape}, sigma {sigma.shape}')
-    return dict(mu=mu, sigma=sigma, detector=detector)
+    if image_shape is None:
+        image_shape = published_image_shape(url)
+    return dict(mu=mu, sigma=sigma, detector=detector, image_shape=image_shape)
 
 
-def save_stats(path, mu, sigma, detector=None):
-    """Write mu, sigma (and the detector name) to `path` through a temporary file and an atomic rename."""
+def save_stats(path, mu, sigma, detector=None, image_shape=None):
+    """Write mu, sigma (and the detector name, the [C, H, W] of the images) to `path` through a temporary file and
+    an atomic rename."""
     arrays = dict(mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
     if detector is not None:
         arrays['detector'] = np.array(str(detector))
+    if image_shape is not None:
+        arrays['image_shape'] = np.array([int(n) for n in image_shape], dtype=np.int64)
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     temp_path = os.path.join(os.path.dirname(path), f'.tmp_{uuid.uuid4().hex}_{os.path.basename(path)}')
@@ -206,6 +236,13 @@ def _load_detector_rank0_first(name, device):
     if dist.get_rank() == 0:
         dist.barrier()
     return detector
+
+
+def check_image_shape(ref, image_shape, images_name='The images', ref_name='the reference statistics'):
+    """Reject images of another resolution or channel count than the images the statistics were made from."""
+    if ref.get('image_shape') is not None and tuple(image_shape) != tuple(ref['image_shape']):
+        raise FIDInputError(f'{images_name} are {_shape_str(image_shape)}, but {ref_name} are of '
+                            f'{_shape_str(ref["image_shape"])} images')
 
 
 def check_compatible(ref, detector, ref_name='the reference statistics'):
@@ -337,6 +374,7 @@ def fid_from_images(images, ref, detector=None, batch=64):
     """
     if not isinstance(ref, dict):
         ref = load_stats(ref)
+    check_image_shape(ref, images.shape[1:])
     if detector is None or isinstance(detector, str):
         name = detector or default_detector_name(images.shape[1:], ref)
         detector = load_detector(name, images.device)
@@ -424,6 +462,8 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector):
         raise FIDInputError(f'Found {len(dataset)} images in {image_path}, but expected at least {num_expected}')
     if len(dataset) < 2:
         raise FIDInputError(f'Found {len(dataset)} image in {image_path}, but need at least 2')
+    check_image_shape(ref, dataset.image_shape, images_name=f'The images in {image_path}',
+                      ref_name=f'reference statistics {ref_path}')
 
     detector_name = detector or default_detector_name(dataset.image_shape, ref)
     det = _load_detector_rank0_first(detector_name, dist.device())
@@ -483,6 +523,7 @@ def rmse(image_path, ref_path):
 def ref(dataset_path, dest_path, batch, detector):
     """Calculate dataset reference statistics needed by 'calc'."""
     dist.init()
+    cli.check_output_file(dest_path, option='--dest', need_bytes=2**20)
 
     dist.print0(f'Loading images from "{dataset_path}"...')
     dataset = ImageFolder(dataset_path)
@@ -494,13 +535,13 @@ def ref(dataset_path, dest_path, batch, detector):
     mu, sigma = compute_dataset_stats(dataset, det, max_batch=batch)
     dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')
     if dist.get_rank() == 0:
-        save_stats(dest_path, mu, sigma, detector=det.name)
+        save_stats(dest_path, mu, sigma, detector=det.name, image_shape=dataset.image_shape)
     dist.barrier()
     dist.print0('Done.')
 
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)
 
 #----------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 #   bash launch.sh digits-nfe5     # (re)train one shipped digits predictor into exp/ (also digits-nfe3/7/9)
 #   bash launch.sh cifar10         # the paper's recipes: train, sample 50k, FID (GPUs; also ffhq, imagenet64,
 #                                  #   lsun_bedroom, imagenet256, lsun_bedroom_ldm, ms_coco)
+#   bash launch.sh --help          # the presets this checkout can run
 #
 # GPUS=<n> sets the processes per run (torchrun); default 1.
 set -euo pipefail
@@ -13,6 +14,57 @@ PRESET=${1:-demo}
 GPUS=${GPUS:-1}
 run() { if [ "$GPUS" -gt 1 ]; then torchrun --standalone --nproc_per_node="$GPUS" "$@"; else python "$@"; fi; }
 
+# The presets, in --help order. A preset named after a zoo model whose adapter is not built yet (models/zoo.py,
+# `missing`) is not offered, and appears by itself once it is: add a preset here and as a case below.
+PRESETS="demo digits-nfe3 digits-nfe5 digits-nfe7 digits-nfe9 cifar10 ffhq imagenet64 lsun_bedroom imagenet256
+    lsun_bedroom_ldm ms_coco"
+declare -A ABOUT=([demo]="(default) digits model, 5 NFE: distill AdaSDE, sample 10k with it and 7 baselines, FID table"
+    [digits-nfe3]="(re)train the shipped digits predictor at 3 NFE into exp/ (also digits-nfe5|7|9)"
+    [cifar10]="the paper's recipe: train, sample 50k, FID (GPUs)" [ffhq]="the paper's recipe (GPUs)"
+    [imagenet64]="the paper's recipe (GPUs)" [lsun_bedroom]="the paper's recipe (GPUs)"
+    [imagenet256]="guided diffusion 256 with classifier guidance, lsun_bedroom's recipe (GPUs)"
+    [lsun_bedroom_ldm]="latent diffusion LSUN Bedroom, lsun_bedroom's recipe (GPUs)"
+    [ms_coco]="Stable Diffusion v1.5, CFG 7.5, FID-30k on the MS-COCO captions (GPUs)")
+# "<preset>: <why not>" for each preset that cannot run here.
+not_built=$(python -c 'import sys; from models.zoo import ZOO
+for p in sys.argv[1:]:
+    if p in ZOO and ZOO[p].missing: print(f"{p}: {ZOO[p].missing}")' $PRESETS)
+offered() { ! printf '%s\n' "$not_built" | grep -q "^$1: "; }
+usage() {
+    printf 'Usage: bash launch.sh [PRESET]    (GPUS=<n>: processes per run, torchrun; default 1)\n\nPresets:\n'
+    for p in $PRESETS; do
+        case "$p" in digits-nfe[579]) continue ;; esac
+        if offered "$p"; then printf '  %-17s %s\n' "$p" "${ABOUT[$p]}"; fi
+    done
+}
+
+# One step of a preset: a step that fails or is stopped (Ctrl-C, SIGTERM: exit 130/143) ends the preset, with
+# one line saying so; its own error is above that line. Every train.py here runs with --resume, so running the
+# preset again continues a stopped run (and reuses a finished one: delete it from exps/ to start over).
+step() {  # label command...
+    local label=$1 rc=0
+    shift
+    "$@" || rc=$?
+    [ "$rc" -eq 0 ] || step_failed "$label" "$rc"
+}
+step_failed() {  # label exit-code
+    if [ "$2" -eq 130 ] || [ "$2" -eq 143 ]; then
+        echo "launch.sh: stopped during $1. To continue: bash launch.sh $PRESET (it resumes: train.py from its saved state, sample.py skips the images it has)" >&2
+    else
+        echo "launch.sh: $1 failed (exit code $2; its error is above). After fixing it: bash launch.sh $PRESET" >&2
+    fi
+    exit "$2"
+}
+header() { printf '\n=== %s\n' "$*"; }
+
+case "$PRESET" in
+-h|--help|help) usage; exit 0 ;;
+esac
+if printf ' %s ' $PRESETS | grep -q " $PRESET " && ! offered "$PRESET"; then
+    echo "launch.sh: preset '$PRESET' cannot run yet: $(printf '%s\n' "$not_built" | grep "^$PRESET: " | cut -d' ' -f2-)" >&2
+    exit 2
+fi
+
 # The settings of every AdaSDE recipe of the paper (spec/solvers.md §2.4).
 ADASDE="--sampler_stu=adasde --sampler_tea=dpm --afs=True --scale_dir=0.05 --scale_time=0.2 --seed=0 --coslr"
 UNIFORM="--schedule_type=time_uniform --schedule_rho=1"
@@ -20,48 +72,71 @@ UNIFORM="--schedule_type=time_uniform --schedule_rho=1"
 # Train, then sample 50k images with the new predictor and score them.
 paper_recipe() {  # dataset train-flags ref
     local dataset=$1 flags=$2 ref=$3
-    run train.py --dataset_name="$dataset" $ADASDE $UNIFORM $flags
+    header "1/3 train.py: distill an AdaSDE predictor for $dataset"
+    step "train.py (step 1/3)" run train.py --dataset_name="$dataset" $ADASDE $UNIFORM $flags --resume
     local exp; exp=$(ls -d exps/*-"$dataset"-* | sort | tail -n 1)
-    run sample.py --predictor_path="$exp" --batch=128 --seeds=0-49999 --outdir="samples/$(basename "$exp")"
-    run fid.py calc --images="samples/$(basename "$exp")" --ref="$ref"
+    header "2/3 sample.py: 50k images with it"
+    step "sample.py (step 2/3)" run sample.py --predictor_path="$exp" --batch=128 --seeds=0-49999 \
+        --outdir="samples/$(basename "$exp")"
+    header "3/3 fid.py: FID-50k against $ref (lower is better)"
+    step "fid.py (step 3/3)" run fid.py calc --images="samples/$(basename "$exp")" --ref="$ref"
 }
 
 # One shipped digits predictor: exp/<id>-digits-<N>-<NFE>-adasde-dpm-3-uni1.0-afs.
 digits_predictor() {  # num_steps
-    python train.py --dataset_name=digits --outdir=exp --num_steps="$1" --M=3 --gamma=0.02 --lr=0.2 \
-        --batch=32 --total_kimg=10 $ADASDE $UNIFORM
+    step "train.py" python train.py --dataset_name=digits --outdir=exp --num_steps="$1" --M=3 --gamma=0.02 --lr=0.2 \
+        --batch=32 --total_kimg=10 $ADASDE $UNIFORM --resume
 }
 
 case "$PRESET" in
 demo)
     # 1) Distill a 5-NFE predictor (num_steps=4 with AFS) against the DPM-Solver-2 teacher; 5 kimg here to keep the
     #    demo under 10 minutes on 2 cores (the shipped exp/ predictors use 10: FID 1.30 vs 1.39 at 5 kimg).
+    #    --desc/--resume: a stopped demo continues its own run (a finished one is reused; delete it to start over).
     start=$SECONDS
-    python train.py --dataset_name=digits --outdir=exps --num_steps=4 --M=3 --gamma=0.02 --lr=0.2 \
-        --batch=32 --total_kimg=5 $ADASDE $UNIFORM
-    exp=$(ls -d exps/*-digits-4-5-* | sort | tail -n 1)
+    header "1/3 train.py: distill a 5-NFE AdaSDE predictor for the digits model (5 kimg; continues an earlier demo run)"
+    step "train.py (step 1/3)" python train.py --dataset_name=digits --outdir=exps --num_steps=4 --M=3 --gamma=0.02 \
+        --lr=0.2 --batch=32 --total_kimg=5 $ADASDE $UNIFORM --desc=-demo --resume
+    exp=$(ls -d exps/*-digits-4-5-*-demo | sort | tail -n 1)
     # 2) 10k samples per solver at 5 NFE, on the same seeds. Each baseline in its best setting at 5 NFE on this
     #    model (order, AFS on or off) as measured by bench/quality.py (docs/quality.md).
     out=samples/demo
     common="--dataset_name=digits --seeds=0-9999 --batch=1000 --net_batch=1000"
-    python sample.py $common --predictor_path="$exp" --outdir=$out/adasde
-    python sample.py $common --solver=deis --num_steps=7 --afs=True --outdir=$out/deis
-    python sample.py $common --solver=dpmpp --max_order=2 --num_steps=7 --afs=True --outdir=$out/dpmpp
-    python sample.py $common --solver=unipc --num_steps=6 --outdir=$out/unipc
-    python sample.py $common --solver=ipndm --num_steps=6 --outdir=$out/ipndm
-    python sample.py $common --solver=dpm --num_steps=4 --afs=True --outdir=$out/dpm
-    python sample.py $common --solver=euler --num_steps=7 --afs=True --outdir=$out/euler
-    python sample.py $common --solver=er_sde --num_steps=6 --afs=True --outdir=$out/er_sde
-    # 3) FID of each against the digits reference statistics, in one table.
+    header "2/3 sample.py: 10k images per solver at 5 NFE, same seeds (skips the images an earlier run made)"
+    step "sample.py adasde (step 2/3)" python sample.py $common --predictor_path="$exp" --outdir=$out/adasde --grid
+    step "sample.py deis (step 2/3)" python sample.py $common --solver=deis --num_steps=7 --afs=True --outdir=$out/deis
+    step "sample.py dpmpp (step 2/3)" python sample.py $common --solver=dpmpp --max_order=2 --num_steps=7 --afs=True \
+        --outdir=$out/dpmpp
+    step "sample.py unipc (step 2/3)" python sample.py $common --solver=unipc --num_steps=6 --outdir=$out/unipc
+    step "sample.py ipndm (step 2/3)" python sample.py $common --solver=ipndm --num_steps=6 --outdir=$out/ipndm
+    step "sample.py dpm (step 2/3)" python sample.py $common --solver=dpm --num_steps=4 --afs=True --outdir=$out/dpm
+    step "sample.py euler (step 2/3)" python sample.py $common --solver=euler --num_steps=7 --afs=True \
+        --outdir=$out/euler
+    step "sample.py er_sde (step 2/3)" python sample.py $common --solver=er_sde --num_steps=6 --afs=True \
+        --outdir=$out/er_sde
+    # 3) FID of each against the digits reference statistics, in one table. fid.py's progress bars go to a file
+    #    (shown with its error if a step fails), so that the table stays readable.
+    header "3/3 fid.py: FID of each solver's 10k images against the digits reference statistics"
+    errors=$(mktemp)
+    trap 'rm -f "$errors"' EXIT
     declare -A setting=([adasde]="learned, N=4, AFS" [deis]="tAB3, N=7, AFS" [dpmpp]="2M, N=7, AFS"
         [unipc]="bh2 order 3, N=6" [ipndm]="order 4, N=6" [dpm]="N=4, AFS" [euler]="N=7, AFS"
         [er_sde]="order 3, noise_fn 7, N=6, AFS")
     printf '\n| solver | setting (5 NFE) | FID (10k) |\n|---|---|---|\n'
     for s in adasde deis dpmpp unipc ipndm dpm euler er_sde; do
-        fid=$(python fid.py calc --images=$out/$s --ref=src/digits/fid-ref.npz 2>/dev/null | tail -n 1)
+        rc=0
+        fid=$(python fid.py calc --images=$out/$s --ref=src/digits/fid-ref.npz 2>"$errors" | tail -n 1) || rc=$?
+        if [ "$rc" -ne 0 ]; then  # its messages, each on a line of its own after the progress bar
+            sed -e 's/\r/\n/g' -e 's/\(.\)Error: /\1\nError: /' "$errors" >&2
+            step_failed "fid.py $s (step 3/3)" "$rc"
+        fi
         printf '| %s | %s | %s |\n' "$s" "${setting[$s]}" "$fid"
     done
+    printf '\nFID: the Frechet distance between features (the digits classifier) of 10k samples and of the 1797\n'
+    printf 'training digits (src/digits/fid-ref.npz). Lower is better; a converged sampler (Heun, 100 NFE) scores 0.68\n'
+    printf 'on this model, the floor of this table (docs/quality.md).\n'
     printf '\nDemo done in %d s; predictor in %s, images in %s/\n' $((SECONDS - start)) "$exp" "$out"
+    printf 'Look at 64 AdaSDE samples: %s\n' "$out/adasde-grid.png"
     ;;
 digits-nfe3) digits_predictor 3 ;;
 digits-nfe5) digits_predictor 4 ;;
@@ -89,14 +164,17 @@ lsun_bedroom_ldm)
         src/lsun_bedroom_ldm/fid-ref.npz ;;
 ms_coco)
     # Stable Diffusion v1.5, CFG 7.5, FID-30k on the MS-COCO captions (README recipe; see docs/sd.md).
-    run train.py --dataset_name=ms_coco --sampler_stu=adasde --sampler_tea=dpm --num_steps=4 --M=3 --afs=True \
+    header "1/3 train.py: distill an AdaSDE predictor for Stable Diffusion v1.5"
+    step "train.py (step 1/3)" run train.py --dataset_name=ms_coco --sampler_stu=adasde --sampler_tea=dpm --num_steps=4 --M=3 --afs=True \
         --scale_dir=0.05 --scale_time=0.2 --gamma=0.001 --seed=0 --lr=0.01 --schedule_type=discrete \
-        --schedule_rho=1 --guidance_type=cfg --guidance_rate=7.5 --batch=32 --total_kimg=5
+        --schedule_rho=1 --guidance_type=cfg --guidance_rate=7.5 --batch=32 --total_kimg=5 --resume
     exp=$(ls -d exps/*-ms_coco-* | sort | tail -n 1)
-    run sample.py --predictor_path="$exp" --batch=32 --seeds=0-29999 --prompt=src/prompts/MS-COCO_val2014_30k_captions.csv \
-        --outdir="samples/$(basename "$exp")"
-    run fid.py calc --images="samples/$(basename "$exp")" --ref=src/ms_coco/fid-ref.npz ;;
+    header "2/3 sample.py: 30k images, one per MS-COCO caption"
+    step "sample.py (step 2/3)" run sample.py --predictor_path="$exp" --batch=32 --seeds=0-29999 \
+        --prompt=src/prompts/MS-COCO_val2014_30k_captions.csv --outdir="samples/$(basename "$exp")"
+    header "3/3 fid.py: FID-30k against src/ms_coco/fid-ref.npz (lower is better)"
+    step "fid.py (step 3/3)" run fid.py calc --images="samples/$(basename "$exp")" --ref=src/ms_coco/fid-ref.npz ;;
 *)
-    echo "launch.sh: unknown preset '$PRESET' (demo, digits-nfe3|5|7|9, cifar10, ffhq, imagenet64, lsun_bedroom, imagenet256, lsun_bedroom_ldm, ms_coco)" >&2
+    echo "launch.sh: unknown preset '$PRESET'; bash launch.sh --help lists the presets" >&2
     exit 2 ;;
 esac

@@ -6,7 +6,13 @@ generator, and the network sees fixed-size chunks, so a sample's bytes depend on
 the number of processes, or where an interrupted run was resumed.
 """
 
+# ruff: noqa: E402 -- torch_utils.cli comes first: the thread policy must be set before torch loads OpenMP.
+from torch_utils import cli
+
+cli.apply_thread_policy()
+
 import glob
+import hashlib
 import math
 import os
 import re
@@ -28,6 +34,9 @@ from torch_utils.misc import StackedRandomGenerator, parse_int_list
 SOLVER_OPTIONS = dict(max_order=int, predict_x0=bool, lower_order_final=bool, thresholding=bool,
                       exact_third_order=bool, variant=str, r=float, substeps=int, S_churn=float, S_min=float,
                       S_max=float, S_noise=float, order=int, noise_fn=int, num_quad=int)
+
+# Seeds are taken modulo 2^32 by the generators: a larger one would repeat a smaller one's image.
+MAX_SEED = 2**32 - 1
 
 # Sampling settings an AdaSDE predictor fixes; giving a different value on the command line is an error.
 PREDICTOR_SETTINGS = ('num_steps', 'afs', 'schedule_type', 'schedule_rho', 'guidance_type', 'guidance_rate')
@@ -96,17 +105,28 @@ def save_image(array, path):
     os.replace(tmp, path)
 
 
-def save_grid(paths, grid_path):
-    """Tile the given PNGs (all the same size) into one image, int(sqrt(n)) per row, black where none is left."""
+def grid_path_for(outdir):
+    """Where --grid writes: next to the image folder (<outdir>-grid.png), so that fid.py on it never sees the grid."""
+    return os.path.normpath(outdir) + '-grid.png'
+
+
+def save_grid(paths, grid_path, min_tile=64, background=128):
+    """Tile the given PNGs (all the same size) into one image, int(sqrt(n)) per row, each image upscaled (nearest
+    neighbour, an integer factor) to at least `min_tile` pixels, with gray gaps between them."""
     images = [np.asarray(PIL.Image.open(p)) for p in paths]
+    images = [image if image.ndim == 3 else image[:, :, None] for image in images]
+    scale = max(1, math.ceil(min_tile / max(images[0].shape[:2])))
+    images = [image.repeat(scale, axis=0).repeat(scale, axis=1) for image in images]
     per_row = max(int(math.sqrt(len(images))), 1)
     num_rows = (len(images) - 1) // per_row + 1
-    h, w = images[0].shape[:2]
-    grid = np.zeros([num_rows * h, per_row * w, *images[0].shape[2:]], dtype=np.uint8)
+    h, w, channels = images[0].shape
+    gap = max(2, h // 16)
+    grid = np.full([num_rows * (h + gap) + gap, per_row * (w + gap) + gap, channels], background, dtype=np.uint8)
     for i, image in enumerate(images):
         row, col = divmod(i, per_row)
-        grid[row * h:(row + 1) * h, col * w:(col + 1) * w] = image
-    save_image(grid if grid.ndim == 3 else grid[:, :, None], grid_path)
+        top, left = gap + row * (h + gap), gap + col * (w + gap)
+        grid[top:top + h, left:left + w] = image
+    save_image(grid, grid_path)
 
 #----------------------------------------------------------------------------
 # Work split of EDM generate.py: num_batches = ceil(n / (batch * world)) * world
@@ -302,6 +322,58 @@ def condition_fn_for(net, prompt, seeds):
 #----------------------------------------------------------------------------
 
 
+#----------------------------------------------------------------------------
+# The settings of an image folder: <outdir>/sample_options.json. Resuming (skipping the seeds whose PNG exists)
+# is only right when the existing images were made with the same settings.
+
+SETTINGS_FILE = 'sample_options.json'
+
+
+def _file_digest(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_settings(c, shown, schedule_type, schedule_rho, dtype):
+    """Everything that decides the bytes of a seed's PNG (and where it goes); not --batch, --net_batch, --device."""
+    model = c.model_path or c.dataset_name
+    prompt = c.prompt
+    if prompt is not None and os.path.isfile(prompt):
+        prompt = dict(file=os.path.abspath(prompt), sha256=_file_digest(prompt))
+    return dict(
+        model=model if model in models.ZOO or not os.path.exists(model) else os.path.abspath(model), solver=c.solver,
+        options=dict(shown), num_steps=c.num_steps, afs=c.afs, schedule_type=schedule_type,
+        schedule_rho=schedule_rho, class_idx=c.class_idx, guidance_type=c.guidance_type,
+        guidance_rate=c.guidance_rate, prompt=prompt, dtype=str(dtype).removeprefix('torch.'), subdirs=c.subdirs,
+        predictor=dict(file=os.path.abspath(c.predictor_file), sha256=_file_digest(c.predictor_file))
+        if c.predictor_path else None)
+
+
+def existing_images(outdir):
+    """The PNGs of the sample layout under outdir (<seed>.png, at the top or in <nnnnnn>/)."""
+    found = glob.glob(os.path.join(glob.escape(outdir), '[0-9][0-9][0-9][0-9][0-9][0-9]*.png'))
+    found += glob.glob(os.path.join(glob.escape(outdir), '[0-9]' * 6, '[0-9][0-9][0-9][0-9][0-9][0-9]*.png'))
+    return sorted(p for p in found if re.fullmatch(r'\d{6,}\.png', os.path.basename(p)))
+
+
+def check_folder_settings(outdir, settings, overwrite):
+    """Refuse to add to a folder made with other settings (or of unknown origin) unless `overwrite`."""
+    if overwrite:
+        return
+    old = cli.read_settings(os.path.join(outdir, SETTINGS_FILE))
+    if old is None:
+        if existing_images(outdir):
+            raise click.UsageError(f'{outdir} holds images but no {SETTINGS_FILE} saying how they were made; give '
+                                   '--overwrite to replace them, or another --outdir')
+        return
+    if cli.differing(old, settings):
+        raise click.UsageError(cli.mismatch_message(outdir, old, settings) + '; give --overwrite to replace its '
+                               'images, or another --outdir')
+
+
 def _dataset_label(c):
     name = c.dataset_name or c.model_path
     return os.path.splitext(os.path.basename(os.path.normpath(name)))[0] or 'model'
@@ -318,7 +390,8 @@ def _dataset_label(c):
 @click.option('--classifier_arch', help='Its architecture, JSON (create_classifier flags)', metavar='JSON', type=str)
 @click.option('--predictor_path', help='AdaSDE predictor (file, folder, experiment number); sets every sampling '
               'setting', metavar='PATH|INT', type=str)
-@click.option('--solver', help='Solver  [default: dpmpp]', metavar='NAME', type=str)
+@click.option('--solver', help=f'Solver: {", ".join(sorted(solvers.SOLVERS))}  [default: dpmpp]', metavar='NAME',
+              type=str)
 @click.option('--num_steps', help='Time points  [default: 6]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--afs', help='Analytical first step  [default: False]', metavar='BOOL', type=bool)
 @click.option('--schedule_type', help="Time schedule  [default: the solver's]", type=click.Choice(solvers.SCHEDULES))
@@ -355,8 +428,10 @@ def _dataset_label(c):
 @click.option('--outdir', help='Where to save the images  [default: samples/<dataset>/<solver>_nfe<NFE>]',
               metavar='DIR', type=str)
 @click.option('--subdirs/--no-subdirs', help='One folder per 1000 seeds', default=True, show_default=True)
-@click.option('--grid', help='Also write grid.png of the first 64 seeds', is_flag=True)
-@click.option('--resume/--no-resume', help='Skip seeds whose PNG exists', default=True, show_default=True)
+@click.option('--grid', help='Also write <outdir>-grid.png: the first 64 seeds, upscaled, with gaps', is_flag=True)
+@click.option('--resume/--no-resume', help='Skip seeds whose PNG exists (in a folder made with the same settings)',
+              default=True, show_default=True)
+@click.option('--overwrite', help='Replace the images of a folder made with other settings', is_flag=True)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str)
 @click.option('--dtype', help='Solver state  [default: float64 on cpu, float32 on cuda]',
               type=click.Choice(['float32', 'float64']))
@@ -387,12 +462,12 @@ def main(**kwargs):
     c.afs = bool(c.afs)
     solver_config(c, given)
     try:
-        seeds = parse_int_list(c.seeds)
+        seeds = parse_int_list(c.seeds, max_value=MAX_SEED)
     except ValueError as e:
         raise click.UsageError(f'--seeds: {e}') from None
     if len(set(seeds)) != len(seeds):
         raise click.UsageError('--seeds: a seed appears twice')
-    device = torch.device(c.device) if c.device else dist.device()
+    device = cli.resolve_device(c.device) if c.device else dist.device()
     if device.type == 'cuda' and device.index is None:
         device = dist.device()  # cuda:LOCAL_RANK under torchrun
     dtype = getattr(torch, c.dtype) if c.dtype else (torch.float64 if device.type == 'cpu' else torch.float32)
@@ -400,6 +475,8 @@ def main(**kwargs):
     schedule_type = c.schedule_type or info.schedule[0]
     schedule_rho = info.schedule[1] if c.schedule_rho is None else c.schedule_rho
     num_nfe = solvers.nfe(c.solver, c.num_steps, afs=c.afs, **c.options)
+    outdir = c.outdir or os.path.join('samples', _dataset_label(c), f'{c.solver}_nfe{num_nfe}')
+    cli.check_output_dir(outdir)
 
     # Model, schedule and a dry run of the solver.
     net = load_net(c, device)
@@ -411,12 +488,25 @@ def main(**kwargs):
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     check_solver_runs(c, sigmas)
-    outdir = c.outdir or os.path.join('samples', _dataset_label(c), f'{c.solver}_nfe{num_nfe}')
+    shown = {k: v for k, v in solvers.check_options(c.solver, c.options).items() if k != 'predictor'}
+    settings = folder_settings(c, shown, schedule_type, schedule_rho, dtype)
+    check_folder_settings(outdir, settings, c.overwrite)
 
     # Seeds still to do. Every rank looks before any rank writes.
-    todo = [s for s in seeds if not (c.resume and os.path.isfile(image_path(outdir, s, c.subdirs)))]
+    todo = [s for s in seeds if c.overwrite or not (c.resume and os.path.isfile(image_path(outdir, s, c.subdirs)))]
+    pixels = 3 * (8 * net.img_resolution) ** 2 if hasattr(net, 'decode') else net.img_channels * net.img_resolution ** 2
+    cli.check_output_dir(outdir, need_bytes=len(todo) * (pixels + 1024))
     dist.barrier()
-    shown = {k: v for k, v in solvers.check_options(c.solver, c.options).items() if k != 'predictor'}
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        if c.overwrite:
+            removed = existing_images(outdir)
+            for path in removed:
+                os.remove(path)
+            if removed:
+                print(f'--overwrite: removed the {len(removed)} images of the earlier run in {outdir}')
+        cli.write_settings(os.path.join(outdir, SETTINGS_FILE), settings)
+    dist.barrier()
     guidance = models.sd.cfg_nfe_factor(net)
     dist.print0(f'Model:    {c.model_path or c.dataset_name} ({net.img_channels}x{net.img_resolution}x'
                 f'{net.img_resolution}, {net.label_dim} classes, sigma {net.sigma_min:g}-{net.sigma_max:g})')
@@ -447,14 +537,15 @@ def main(**kwargs):
                     save_image(array, image_path(outdir, seed, c.subdirs))
             bar.update(batch_size)
     dist.barrier()
-    if c.grid and rank == 0 and seeds:
-        save_grid([image_path(outdir, s, c.subdirs) for s in seeds[:64]], os.path.join(outdir, 'grid.png'))
+    if c.grid and rank0 and seeds:
+        save_grid([image_path(outdir, s, c.subdirs) for s in seeds[:64]], grid_path_for(outdir))
+        print(f'Grid:     {grid_path_for(outdir)}')
     dist.barrier()
     dist.print0('Done.')
 
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)
 
 #----------------------------------------------------------------------------

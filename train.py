@@ -1,8 +1,16 @@
 """Distill an AdaSDE predictor (per-step solver coefficients) for a pretrained diffusion model."""
 
+# ruff: noqa: E402 -- torch_utils.cli comes first: the thread policy must be set before torch loads OpenMP.
+from torch_utils import cli
+
+cli.apply_thread_policy()
+
+import glob
 import json
 import os
 import re
+import sys
+import zipfile
 
 import click
 
@@ -26,10 +34,10 @@ def next_run_dir(outdir, desc):
     return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
 
 
-def find_resumable(outdir, c):
-    """The newest run in outdir with exactly these options and a training state to continue from."""
+def _runs_with_state(outdir):
+    """(run_dir, its options) of the runs in outdir that have a training state, newest first."""
     if not os.path.isdir(outdir):
-        return None
+        return
     for d in sorted(os.listdir(outdir), reverse=True):
         run_dir = os.path.join(outdir, d)
         try:
@@ -37,10 +45,45 @@ def find_resumable(outdir, c):
                 old = json.load(f)
         except (OSError, ValueError):
             continue
-        if {k: v for k, v in old.items() if k != 'run_dir'} == {k: v for k, v in c.items() if k != 'run_dir'} \
-                and os.path.isfile(os.path.join(run_dir, 'training-state.pt')):
+        if isinstance(old, dict) and os.path.isfile(os.path.join(run_dir, 'training-state.pt')):
+            yield run_dir, {k: v for k, v in old.items() if k != 'run_dir'}
+
+
+def find_resumable(outdir, c):
+    """The newest run in outdir with exactly these options and a training state to continue from."""
+    new = {k: v for k, v in c.items() if k != 'run_dir'}
+    for run_dir, old in _runs_with_state(outdir):
+        if not cli.differing(old, new):
             return run_dir
     return None
+
+
+def check_no_conflicting_run(outdir, desc, c):
+    """--resume found no run with these options: refuse if the newest run of the same name (<id>-<desc>), the
+    one meant to be continued, was made with other options, naming the first that differs."""
+    new = {k: v for k, v in c.items() if k != 'run_dir'}
+    for run_dir, old in _runs_with_state(outdir):
+        if re.fullmatch(r'\d+-' + re.escape(desc), os.path.basename(run_dir)):
+            raise click.UsageError(f'--resume: {cli.mismatch_message(run_dir, old, new)}; give the same options to '
+                                   'continue it, or leave out --resume to start a new run')
+
+
+def check_training_state(path):
+    """One line, never torch's advice to unpickle, when training-state.pt is not a state that train.py wrote."""
+    import torch
+    problem = None
+    if not zipfile.is_zipfile(path):
+        problem = 'not a file written by train.py (damaged or truncated)'
+    else:
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+            if not isinstance(state, dict) or not {'predictor', 'optimizer', 'cur_iter'} <= set(state):
+                problem = 'not a training state of train.py'
+        except Exception:  # any failure means the same to the user; torch's own text advises unpickling
+            problem = 'not a file written by train.py (damaged or truncated)'
+    if problem:
+        raise click.ClickException(f'cannot resume from {path}: {problem}; delete it to restart that run, or leave '
+                                   'out --resume to start a new one')
 
 #----------------------------------------------------------------------------
 
@@ -103,7 +146,7 @@ def find_resumable(outdir, c):
               type=click.IntRange(min=1), default=None)
 @click.option('--total_kimg', help='Training length in thousands of trajectories', type=click.FloatRange(min=0,
               min_open=True), default=10)
-@click.option('--seed', help='Random seed', type=click.IntRange(min=0), default=0)
+@click.option('--seed', help='Random seed', type=click.IntRange(min=0, max=2**32 - 1), default=0)
 @click.option('--device', help='torch device [default: cuda if available, else cpu]', type=str, default=None)
 @click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
 @click.option('--resume', help='Continue the newest run with identical options from its last state', is_flag=True)
@@ -176,9 +219,15 @@ def main(**kwargs):
     desc = (f'{opts.dataset_name}-{opts.num_steps}-{nfe}-{student}-{opts.sampler_tea}-{opts.M}-'
             f'{schedule_tag(opts.schedule_type, opts.schedule_rho)}{"-afs" if opts.afs else ""}{opts.desc}')
 
+    if opts.device is not None:
+        cli.resolve_device(opts.device)
+    cli.check_output_dir(opts.outdir, need_bytes=2**20)
     resume_dir = find_resumable(opts.outdir, c) if opts.resume else None
     if opts.resume and resume_dir is None:
+        check_no_conflicting_run(opts.outdir, desc, c)
         dist.print0('No run with these options to resume; starting a new one.')
+    if resume_dir is not None:
+        check_training_state(os.path.join(resume_dir, 'training-state.pt'))
     c.run_dir = resume_dir or next_run_dir(opts.outdir, desc)
 
     dist.print0(json.dumps(c, indent=2))
@@ -192,8 +241,7 @@ def main(**kwargs):
     # Create the run directory and go.
     if dist.get_rank() == 0:
         os.makedirs(c.run_dir, exist_ok=True)
-        with open(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
-            json.dump(c, f, indent=2)
+        cli.write_settings(os.path.join(c.run_dir, 'training_options.json'), c)
         Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
     dist.barrier()
     from solvers.distill import training_loop
@@ -202,11 +250,13 @@ def main(**kwargs):
         training_loop(**c, resume_state=state if resume_dir else None)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    if not dist.should_stop():
-        dist.print0('Done.')
+    # Stopped early (SIGTERM, Ctrl-C): exit 130/143, so that a script running train.py stops too (launch.sh).
+    if dist.should_stop() and not glob.glob(os.path.join(glob.escape(c.run_dir), 'network-snapshot-*')):
+        sys.exit(dist.stop_exit_code())
+    dist.print0('Done.')
 
 #----------------------------------------------------------------------------
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

@@ -155,6 +155,7 @@ def load_model(name_or_path, device='cpu', **kwargs):
     """
     import dnnlib
     src = os.fspath(name_or_path)
+    sd_kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kind = kwargs.pop('kind', None)
     if kind is not None:
         net = _load_openai(kind, src, **kwargs)
@@ -164,20 +165,73 @@ def load_model(name_or_path, device='cpu', **kwargs):
         from . import edm
         _no_kwargs(f'model {src}', kwargs)
         net = edm.load_local(src)
-    elif src.lower().endswith('.pkl') or dnnlib.util.is_url(src, allow_file_urls=True):
+    elif dnnlib.util.is_url(src, allow_file_urls=True):
         _no_kwargs(f'model {src}', kwargs)
         net = load_edm_pickle(src)
-    elif os.path.exists(src) and _is_sd(src):
-        net = _load_sd(src, device=device, **{k: v for k, v in kwargs.items() if v is not None})
+    elif os.path.isfile(src):
+        # By content, not by name: the first bytes say which loader may read the file.
+        kind = sniff_model_file(src)
+        if kind == 'pickle':
+            _no_kwargs(f'model {src}', kwargs)
+            net = load_edm_pickle(src)
+        elif kind in ('zip', 'sd-safetensors'):
+            from .sd import SINGLE_FILE_SUFFIXES
+            if not src.endswith(SINGLE_FILE_SUFFIXES):
+                raise ModelError(f'{src}: a torch checkpoint; for a cm/adm/ldm one give its kind (--model_kind), and '
+                                 'a Stable Diffusion checkpoint must be named *.ckpt or *.safetensors')
+            net = _load_sd(src, device=device, **sd_kwargs)
+        elif kind == 'predictor':
+            raise ModelError(f'{src} is an AdaSDE predictor, not a diffusion model (give it as --predictor_path)')
+        elif kind == 'safetensors':
+            raise ModelError(f'{src}: a safetensors file without Stable Diffusion weights (model.diffusion_model.*); '
+                             f'accepted: {ACCEPTED_FORMATS}')
+        else:
+            raise ModelError(f'{src}: not a model file of a format this project reads; accepted: {ACCEPTED_FORMATS}')
+    elif os.path.isdir(src) and _is_sd(src):
+        net = _load_sd(src, device=device, **sd_kwargs)
     elif os.path.isdir(src):
         raise ModelError(f'{src}: no model.json (a model saved by models.edm.save_model) or diffusers pipeline')
-    elif os.path.exists(src):
-        raise ModelError(f'{src}: not a model file (expected a .pkl network pickle, a model directory or a Stable '
-                         'Diffusion checkpoint; for a cm/adm/ldm checkpoint give its kind)')
+    elif src.lower().endswith('.pkl'):
+        raise ModelError(f'network pickle not found: {src}')
     else:
         raise ModelError(f'unknown model {src!r}: not a zoo name ({", ".join(ZOO)}), nor an existing file, '
                          'directory or URL')
     return net.eval().requires_grad_(False).to(device)
+
+
+ACCEPTED_FORMATS = ('an EDM network pickle, a Stable Diffusion checkpoint (.ckpt torch zip or .safetensors), '
+                    'a folder with model.json (models.edm.save_model), a diffusers folder, a URL of a network pickle, '
+                    'a zoo name, or a cm/adm/ldm checkpoint with its kind (--model_kind)')
+
+
+def sniff_model_file(path):
+    """What a file holds, from its first bytes: 'pickle' (protocol 2-5), 'zip' (torch.save, .ckpt),
+    'sd-safetensors' / 'predictor' / 'safetensors' (a valid safetensors header: Stable Diffusion weights, an
+    AdaSDE predictor, anything else), or None."""
+    import json
+    with open(path, 'rb') as f:
+        head = f.read(8)
+        if head[:4] == b'PK\x03\x04':
+            return 'zip'
+        if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+            return 'pickle'
+        if len(head) < 8:
+            return None
+        header_len = int.from_bytes(head, 'little')
+        if not 2 <= header_len <= min(os.path.getsize(path) - 8, 100 << 20):
+            return None
+        try:
+            header = json.loads(f.read(header_len).decode('utf-8'))
+        except (UnicodeDecodeError, ValueError):
+            return None
+    if not isinstance(header, dict):
+        return None
+    meta = header.get('__metadata__')
+    if isinstance(meta, dict) and meta.get('format') == 'adasde-predictor':
+        return 'predictor'
+    if any(str(name).startswith('model.diffusion_model.') for name in header):
+        return 'sd-safetensors'
+    return 'safetensors'
 
 
 def _is_sd(path):
@@ -188,6 +242,6 @@ def _is_sd(path):
     return is_sd_path(path)
 
 
-__all__ = ['load_model', 'load_edm_pickle', 'ModelError', 'ZOO']
+__all__ = ['load_model', 'load_edm_pickle', 'sniff_model_file', 'ModelError', 'ZOO']
 
 #----------------------------------------------------------------------------

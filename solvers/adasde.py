@@ -118,8 +118,14 @@ class AdaSDEPredictor(torch.nn.Module):
 
     @classmethod
     def load(cls, path):
-        """Load a predictor saved by `save`, or import an official AdaSDE network-snapshot-*.pkl."""
-        if str(path).endswith('.pkl'):
+        """Load a predictor saved by `save`, or import an official AdaSDE network-snapshot-*.pkl (told apart by
+        content: a pickle starts with its protocol byte 0x80, whatever the file is named)."""
+        try:
+            with open(path, 'rb') as f:
+                is_pickle = f.read(1) == b'\x80'
+        except OSError as e:
+            raise ValueError(f'cannot read AdaSDE predictor {path}: {e.strerror or e}') from None
+        if is_pickle:
             return load_official(path)
         try:
             with safetensors.safe_open(str(path), framework='pt') as f:

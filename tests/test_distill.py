@@ -135,7 +135,8 @@ def test_train_py_torchrun_and_sigterm_resume(tmp_path):
     one, _ = snapshot_tables(tmp_path / 'one')
     two, _ = snapshot_tables(tmp_path / 'two')
 
-    # SIGTERM once the run directory is chosen: the loop finishes its iteration, saves the state and exits 0.
+    # SIGTERM once the run directory is chosen: the loop finishes its iteration, saves the state and exits 143
+    # (128 + SIGTERM), so that a script running train.py (launch.sh) stops too.
     proc = train_cli(tmp_path / 'stopped')
     lines = []
     for line in proc.stdout:
@@ -144,7 +145,8 @@ def test_train_py_torchrun_and_sigterm_resume(tmp_path):
             proc.send_signal(signal.SIGTERM)
             break
     output = ''.join(lines) + proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0 and 'SIGTERM: stopping' in output and 'Done.' not in output, output
+    assert proc.returncode == 143 and 'SIGTERM: stopping' in output and 'Done.' not in output, output
+    assert output.count('Run the same command with --resume to continue.') == 1, output
     run_dir, = (tmp_path / 'stopped').iterdir()
     state = torch.load(run_dir / 'training-state.pt', weights_only=True)
     assert 1 <= state['cur_iter'] < 20, state['cur_iter']

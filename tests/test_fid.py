@@ -359,6 +359,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path, images):
 
     rgb = _write_images(str(tmp_path / 'rgb'), 3, channels=3)
     _assert_one_line_error(['calc', f'--images={rgb}', f'--ref={ref}'],
+        f'The images in {rgb} are 8x8 with 3 channels, but reference statistics {ref} are of 8x8 with 1 channel '
+        'images')
+    # Statistics that do not record the image shape: the detector still refuses the wrong channel count.
+    loaded = fid.load_stats(ref)
+    fid.save_stats(str(tmp_path / 'noshape.npz'), loaded['mu'], loaded['sigma'], detector=loaded['detector'])
+    _assert_one_line_error(['calc', f'--images={rgb}', f'--ref={tmp_path / "noshape.npz"}'],
         f'Detector "{STANDIN}" cannot take these images: expected 1 channel, got 3')
 
     (tmp_path / 'corrupt.npz').write_bytes(b'PK\x03\x04 not really a zip')

@@ -171,7 +171,8 @@ def test_interrupted_run_resumes_to_the_same_bytes(model_dir, tmp_path, monkeypa
     assert _pngs(tmp_path / 'cut') == _pngs(tmp_path / 'full')
     for path, st in kept.items():
         assert (os.stat(path).st_mtime_ns, os.stat(path).st_ino) == (st.st_mtime_ns, st.st_ino)
-    assert not [n for _, _, names in os.walk(tmp_path / 'cut') for n in names if not n.endswith('.png')]
+    others = [n for _, _, names in os.walk(tmp_path / 'cut') for n in names if not n.endswith('.png')]
+    assert others == [sample.SETTINGS_FILE]  # no temporary file left behind
 
 
 def test_no_resume_rewrites(model_dir, tmp_path):
@@ -190,18 +191,23 @@ def test_layout_printout_and_grid(model_dir, tmp_path, monkeypatch):
     outdir = os.path.join('samples', 'tiny', 'euler_nfe3')  # default: samples/<model>/<solver>_nfe<NFE>
     expected = [os.path.join(d, f'{s:06d}.png') for d, s in [('000000', 5), ('000000', 998), ('000000', 999),
                                                               ('001000', 1000), ('001000', 1001)]]
-    assert sorted(_pngs(outdir)) == sorted(expected + ['grid.png'])
+    assert sorted(_pngs(outdir)) == sorted(expected)  # the grid is next to the folder, not in it
+    assert 'Grid:     ' + outdir + '-grid.png' in result.output
     lines = result.output.splitlines()
     assert lines[0].startswith('Model:') and '1x8x8' in lines[0]
     assert lines[1].startswith('Solver:   euler')
     assert lines[2].startswith('Schedule: polynomial rho=7, 4 points: 80 ') and lines[2].endswith(' 0.002')
     assert lines[3] == 'NFE:      3'
-    # Grid of 5 images: 2 per row, 3 rows, in seed order, black where none is left.
-    grid = np.asarray(PIL.Image.open(os.path.join(outdir, 'grid.png')))
-    assert grid.shape == (24, 16)
+    # Grid of 5 images: 2 per row, 3 rows, in seed order, each upscaled 8x to 64x64, 4-pixel gray gaps.
+    grid = np.asarray(PIL.Image.open(outdir + '-grid.png'))
+    assert grid.shape == (3 * 68 + 4, 2 * 68 + 4)
     first = np.asarray(PIL.Image.open(sample.image_path(outdir, 998)))
     assert PIL.Image.open(sample.image_path(outdir, 998)).mode == 'L'
-    assert np.array_equal(grid[:8, :8], first) and not grid[16:, 8:].any()
+    assert np.array_equal(grid[4:68, 4:68], first.repeat(8, axis=0).repeat(8, axis=1))
+    assert (grid[:4] == 128).all() and (grid[:, 68:72] == 128).all() and (grid[140:, 72:] == 128).all()
+    # fid.py on the folder finds the 5 samples only.
+    import fid
+    assert len(fid.ImageFolder(outdir)) == 5
 
 
 def test_no_subdirs(model_dir, tmp_path):

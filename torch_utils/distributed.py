@@ -75,6 +75,7 @@ def all_reduce(tensor, op=None):
 
 
 _stop_requested = False
+_stop_signal = None
 
 
 def stop_on_signals():
@@ -83,10 +84,11 @@ def stop_on_signals():
     import signal
 
     def handler(signum, frame):
-        global _stop_requested
+        global _stop_requested, _stop_signal
         if _stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         _stop_requested = True
+        _stop_signal = signum
         print(f'\n{signal.Signals(signum).name}: stopping after this iteration and saving the state '
               '(Ctrl-C again aborts)', file=sys.stderr, flush=True)
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -99,6 +101,13 @@ def should_stop():
     flag = torch.tensor([float(_stop_requested)], device=device() if get_world_size() > 1 else 'cpu')
     all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def stop_exit_code():
+    """The exit code of a run stopped by a signal: 128 + its number (130 Ctrl-C, 143 SIGTERM), as a shell reports a
+    process killed by it; 143 on a process that was only told by another one."""
+    import signal
+    return 128 + int(_stop_signal or signal.SIGTERM)
 
 
 def update_progress(cur, total):

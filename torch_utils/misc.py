@@ -120,8 +120,9 @@ class StackedRandomGenerator:
 #----------------------------------------------------------------------------
 
 
-def parse_int_list(s):
-    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10] (ranges inclusive); a list passes through unchanged."""
+def parse_int_list(s, max_value=None):
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10] (ranges inclusive); a list passes through unchanged.
+    With `max_value`, a larger number is an error (checked before a range is expanded)."""
     if isinstance(s, list):
         return s
     if not isinstance(s, str) or s.strip() == '':
@@ -134,8 +135,12 @@ def parse_int_list(s):
             lo, hi = int(range_match.group(1)), int(range_match.group(2))
             if hi < lo:
                 raise ValueError(f'Invalid range "{part}" in {s!r}: the end is smaller than the start')
+            if max_value is not None and hi > max_value:
+                raise ValueError(f'{hi} in {s!r} is too large (at most {max_value})')
             values.extend(range(lo, hi + 1))
         elif re.fullmatch(r'\d+', part):
+            if max_value is not None and int(part) > max_value:
+                raise ValueError(f'{int(part)} in {s!r} is too large (at most {max_value})')
             values.append(int(part))
         else:
             raise ValueError(f'Invalid item "{part}" in {s!r}: expected a non-negative integer or a range "a-b"')

@@ -1,0 +1,185 @@
+"""What train.py, sample.py and fid.py check before any work, and how they end: the thread policy, the device,
+the output folder, the settings a run folder records, and one line (from rank 0 only) for every bad input.
+
+Import this module before torch: the thread policy only works when it is in the environment before OpenMP loads.
+Nothing here imports torch at module level.
+"""
+
+import errno
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import click
+
+#----------------------------------------------------------------------------
+# Thread policy. With torch's defaults (one OpenMP thread per core) a CPU run slows down 20-75x as soon as another
+# CPU-bound process shares the cores (issue 14: training at 1.4 s/it went to 30-106 s/it on 2 cores): every
+# parallel region waits for the thread that lost its core, and threads waiting actively burn the time that thread
+# needs. On the shared 2-core development machine, 20 iterations of the demo's training took 37 s with 1 thread,
+# 41 s with 2 threads waiting passively and 87 s with 2 threads waiting actively (OMP_WAIT_POLICY=ACTIVE), all
+# without a competing process; with one, 1 thread took 34-58 s and 2 passive threads 46 s, while 2 active threads
+# managed 5 iterations in 47 s (these machines also ran other jobs, so single runs vary by up to 2x).
+# So by default: half the cores this process may use (at least 1, at most 8), and passive waiting.
+# OMP_NUM_THREADS (and OMP_WAIT_POLICY) set in the environment win; torchrun sets OMP_NUM_THREADS=1 itself.
+
+
+def default_num_threads():
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores // 2, 8))
+
+
+def apply_thread_policy(environ=None):
+    """Set OMP_NUM_THREADS / MKL_NUM_THREADS / OMP_WAIT_POLICY where the user has not; returns the thread count."""
+    environ = os.environ if environ is None else environ
+    threads = environ.setdefault('OMP_NUM_THREADS', str(default_num_threads()))
+    environ.setdefault('MKL_NUM_THREADS', threads)
+    environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    return threads
+
+#----------------------------------------------------------------------------
+# One line per error. The scripts raise click exceptions; run() shows them on rank 0 only (under torchrun every
+# rank meets the same bad input), and turns Ctrl-C into one line and exit code 130.
+
+
+def is_rank0():
+    return os.environ.get('RANK', '0') == '0'
+
+
+def one_line(err):
+    """The message of an exception on one line (its type name when it has none)."""
+    text = ' '.join(str(err).split())
+    return text or type(err).__name__
+
+
+def run(command):
+    """Run a click command as a script: errors as one 'Error: ...' line on rank 0, exit code as click's."""
+    try:
+        rv = command.main(standalone_mode=False)
+    except click.ClickException as err:
+        if is_rank0():
+            err.show()
+        sys.exit(err.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        if is_rank0():
+            print(f'{os.path.basename(sys.argv[0])}: stopped (Ctrl-C); files written so far are whole and kept. '
+                  'Run the same command again to continue.', file=sys.stderr, flush=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+#----------------------------------------------------------------------------
+# Devices: one that this machine does not have is an error, not a silent CPU run.
+
+
+def resolve_device(name, option='--device'):
+    """torch.device(name) if this machine has it; else click.UsageError in one line."""
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise click.UsageError(f'{option}={name}: not a device ({one_line(err)})') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise click.UsageError(f'{option}={name}: CUDA is not available on this machine (torch '
+                                   f'{torch.__version__}); use --device=cpu')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise click.UsageError(f'{option}={name}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    elif device.type == 'mps':
+        if not torch.backends.mps.is_available():
+            raise click.UsageError(f'{option}={name}: MPS is not available on this machine; use --device=cpu')
+    elif device.type != 'cpu':
+        try:
+            torch.empty(0, device=device)
+        except Exception as err:
+            raise click.UsageError(f'{option}={name}: not available on this machine ({one_line(err)})') from None
+    return device
+
+#----------------------------------------------------------------------------
+# Output folders, checked before the work starts: a file in the way, no write permission or a read-only file
+# system, too little free space. Nothing is created here.
+
+
+def check_output_dir(path, option='--outdir', need_bytes=0, shown=None):
+    """Raise click.UsageError (one line) unless files can be written under the folder `path` (made if missing).
+    `shown`: the path the user gave, for the message (default: the folder)."""
+    path = os.path.abspath(path)
+    shown = path if shown is None else shown
+    if os.path.exists(path) and not os.path.isdir(path) and shown == path:
+        raise click.UsageError(f'{option}={shown}: this is a file, not a folder')
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise click.UsageError(f'{option}={shown}: {existing} is a file, not a folder')
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix='.write-test-')
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        reason = 'read-only file system' if err.errno == errno.EROFS else (err.strerror or one_line(err)).lower()
+        raise click.UsageError(f'{option}={shown}: cannot write in {existing} ({reason})') from None
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise click.UsageError(f'{option}={shown}: {free / 2**20:.0f} MiB free on that disk, this run needs about '
+                               f'{need_bytes / 2**20:.0f} MiB')
+
+
+def check_output_file(path, option='--dest', need_bytes=0):
+    """As check_output_dir, for a file to be written: its folder must be writable, and it must not be a folder."""
+    if os.path.isdir(path):
+        raise click.UsageError(f'{option}={path}: this is a folder, not a file')
+    check_output_dir(os.path.dirname(os.path.abspath(path)), option=option, need_bytes=need_bytes, shown=path)
+
+#----------------------------------------------------------------------------
+# The settings a run folder records (written atomically). Adding to a folder made with other settings is an
+# error that names the first differing setting.
+
+
+def _normalized(settings):
+    return json.loads(json.dumps(settings, sort_keys=True))
+
+
+def differing(old, new):
+    """Keys whose values differ between two settings dicts, in the order of `new` (then the keys only in `old`)."""
+    old_n, new_n = _normalized(old), _normalized(new)
+    keys = list(new) + [k for k in old if k not in new]
+    return [k for k in keys if old_n.get(k) != new_n.get(k)]
+
+
+def read_settings(path):
+    """The settings recorded in `path` (a JSON object), None if there is no such file; one line if unreadable."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding='utf-8') as f:
+            settings = json.load(f)
+    except (OSError, ValueError) as err:
+        raise click.ClickException(f'cannot read {path}: {one_line(err)} (delete it, or give --overwrite)') from None
+    if not isinstance(settings, dict):
+        raise click.ClickException(f'cannot read {path}: not a JSON object (delete it, or give --overwrite)')
+    return settings
+
+
+def write_settings(path, settings):
+    """Write `settings` as JSON through a temporary file and a rename."""
+    from models.edm import _atomic_write
+
+    def write(tmp):
+        with open(tmp, 'w', encoding='utf-8') as f:
+            json.dump(settings, f, indent=2)
+            f.write('\n')
+    _atomic_write(path, write)
+
+
+def mismatch_message(folder, old, new):
+    keys = differing(old, new)
+    key = keys[0]
+    more = f' (and {len(keys) - 1} more setting(s): {", ".join(keys[1:])})' if len(keys) > 1 else ''
+    return f'{folder} was made with {key}={_normalized(old).get(key)!r}, not {_normalized(new).get(key)!r}{more}'
+
+#----------------------------------------------------------------------------
