@@ -9,8 +9,8 @@ No shipped predictor trains against the digits detector (their loss network is `
 
 For NFE in {3, 5, 7, 9} every baseline runs on its recommended schedule, with AFS on and off wherever that NFE is
 reachable, and for each judge the better of the two is reported (a baseline is never shown in a worse setting than
-it can do). AdaSDE uses the predictors shipped in exp/ (`bash launch.sh digits-nfe<N>`), and any given with
---predictor LABEL=PATH.
+it can do). AdaSDE uses the predictors shipped in exp/ (`bash launch.sh digits-nfe<N>`), one row per form (the paper's
+single-step form on the dpm base, the plug-in form on deis), and any given with --predictor LABEL=PATH.
 
     python bench/quality.py [--num 10000] [--out docs/quality]     # writes docs/quality.json, .md and .png
     python bench/quality.py --out docs/quality --replot            # redraw .md and .png from the .json
@@ -91,12 +91,13 @@ class Judges:
 
 
 def shipped_predictors():
-    """{label: path} of the digits predictors under exp/ (the newest snapshot of each run)."""
+    """{label: [paths]} of the digits predictors under exp/ (the newest snapshot of each run), labelled by form:
+    'adasde (dpm)' for the paper's single-step form, 'adasde (deis)' etc. for the plug-in form on a multistep base."""
     found = {}
     for run in sorted(glob.glob(os.path.join(ROOT, 'exp', '*-digits-*'))):
         snapshots = sorted(glob.glob(os.path.join(run, 'network-snapshot-*.safetensors')))
         if snapshots and re.match(r'\d+-digits-', os.path.basename(run)):
-            found.setdefault('adasde', []).append(snapshots[-1])
+            found.setdefault(f'adasde ({AdaSDEPredictor.load(snapshots[-1]).base})', []).append(snapshots[-1])
     return found
 
 
@@ -177,8 +178,10 @@ def plot(rows, path, nfes):
     for ax, (metric, title) in zip(axes, METRICS.items()):
         for k, (label, cells) in enumerate(item for item in rows.items() if item[0] != 'converged'):
             xs = [n for n in nfes if n in cells]
-            style = dict(lw=2.5, color='k', marker='o') if label == 'adasde' else \
-                dict(lw=1, color=colors[2 * k % 20 + k // 10], marker='.^sv'[k % 4], ms=4)
+            if label.startswith('adasde'):
+                style = dict(lw=2.5, color='k' if '(dpm)' in label else 'C3', marker='o')
+            else:
+                style = dict(lw=1, color=colors[2 * k % 20 + k // 10], marker='.^sv'[k % 4], ms=4)
             ax.plot(xs, [max(cells[n][metric][0], 1e-4) for n in xs], label=label, **style)
         (cell,) = rows['converged'].values()
         ax.axhline(max(cell[metric][0], 1e-4), color='gray', ls='--', lw=1, label='converged (heun, 100 NFE)')

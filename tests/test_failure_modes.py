@@ -344,7 +344,7 @@ def test_train_resume_with_other_options_is_refused(tmp_path):
 def test_model_files_by_content(model_dir, tmp_path):
     accepted = ('accepted: an EDM network pickle, a Stable Diffusion checkpoint (.ckpt torch zip or .safetensors), '
                 'a folder with model.json (models.edm.save_model), a diffusers folder, a URL of a network pickle, '
-                'or a zoo name')
+                'a zoo name, or a cm/adm/ldm checkpoint with its kind (--model_kind)')
     m = ['--outdir', tmp_path / 's', '--seeds=0']
     noise = tmp_path / 'random.safetensors'
     noise.write_bytes(np.random.RandomState(0).bytes(4096))

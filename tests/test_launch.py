@@ -12,14 +12,12 @@ import sys
 
 import pytest
 
-from models.zoo import ZOO
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FAKE_PYTHON = '''#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
 case "$1" in
-train.py) mkdir -p exps/00000-digits-4-5-adasde-dpm-3-uni1.0-afs-demo; exit "${TRAIN_RC:-0}" ;;
+train.py) mkdir -p exps/00000-digits-7-5-adasde_deis-dpm-1-uni2.0-afs-demo; exit "${TRAIN_RC:-0}" ;;
 sample.py) exit "${SAMPLE_RC:-0}" ;;
 fid.py)
     if [ -n "${FID_ERROR:-}" ]; then
@@ -48,7 +46,8 @@ def _launch(checkout, *args, **env):
     folder, bin_dir = checkout
     calls = folder.parent / 'calls.txt'
     full_env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}', CALLS=str(calls),
-                    REAL_PYTHON=sys.executable, PYTHONPATH=REPO, OMP_NUM_THREADS='1', **env)
+                    REAL_PYTHON=sys.executable, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
+    full_env.update(env)
     proc = subprocess.run(['bash', str(folder / 'launch.sh'), *args], env=full_env, capture_output=True, text=True,
                           timeout=120)
     lines = calls.read_text().splitlines() if calls.exists() else []
@@ -63,18 +62,24 @@ def test_help_lists_the_presets_that_can_run(checkout):
     proc, steps = _launch(checkout, '--help')
     assert proc.returncode == 0 and not steps, proc.stderr
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith('  ')]
-    assert listed == ['demo', 'digits-nfe3', 'cifar10', 'ffhq', 'imagenet64', 'ms_coco']
+    assert listed == ['demo', 'digits-nfe3', 'cifar10', 'ffhq', 'imagenet64', 'lsun_bedroom', 'imagenet256',
+                      'lsun_bedroom_ldm', 'ms_coco']
     assert 'digits-nfe5|7|9' in proc.stdout
-    # The zoo's unbuilt models are not offered (lsun_bedroom is a preset, waiting for its adapter).
-    assert ZOO['lsun_bedroom'].missing and 'lsun_bedroom' not in proc.stdout
 
 
 def test_a_preset_that_cannot_run_is_refused_before_any_step(checkout):
-    proc, steps = _launch(checkout, 'lsun_bedroom')
-    assert proc.returncode == 2 and not steps
-    assert _launch_lines(proc.stderr) == [f"launch.sh: preset 'lsun_bedroom' cannot run yet: "
-                                          f"{ZOO['lsun_bedroom'].missing}"]
-    assert sorted(os.listdir(checkout[0])) == ['launch.sh']  # no run directory left behind
+    # Every zoo model is built now; a preset whose model is marked missing is refused before any step.
+    zoo_py = checkout[0] / 'models' / 'zoo.py'
+    shutil.copytree(os.path.join(REPO, 'models'), zoo_py.parent)
+    for name in ('torch_utils', 'dnnlib', 'solvers'):
+        shutil.copytree(os.path.join(REPO, name), checkout[0] / name)
+    zoo_py.write_text(zoo_py.read_text() + "\nZOO['lsun_bedroom'] = dataclasses.replace(ZOO['lsun_bedroom'], "
+                      "missing='its adapter is not built (test)')\n")
+    proc, steps = _launch(checkout, 'lsun_bedroom', PYTHONPATH=str(checkout[0]))
+    assert proc.returncode == 2 and not steps, proc.stderr
+    assert _launch_lines(proc.stderr) == ["launch.sh: preset 'lsun_bedroom' cannot run yet: its adapter is not built "
+                                          '(test)']
+    assert not [d for d in os.listdir(checkout[0]) if d.startswith(('exps', 'samples'))]  # no run directory
     proc, steps = _launch(checkout, 'nonsense')
     assert proc.returncode == 2 and not steps
     assert _launch_lines(proc.stderr) == ["launch.sh: unknown preset 'nonsense'; bash launch.sh --help lists the "
@@ -85,24 +90,24 @@ def test_a_preset_that_cannot_run_is_refused_before_any_step(checkout):
 def test_a_stopped_training_stops_the_demo(checkout, code):
     proc, steps = _launch(checkout, TRAIN_RC=str(code))
     assert proc.returncode == code and steps == ['train.py']  # sample.py never ran
-    assert _launch_lines(proc.stderr) == ['launch.sh: stopped during train.py (step 1/3). To continue: bash '
+    assert _launch_lines(proc.stderr) == ['launch.sh: stopped during train.py (step 1/4). To continue: bash '
                                           'launch.sh demo (it resumes: train.py from its saved state, sample.py '
                                           'skips the images it has)']
-    assert '=== 1/3 train.py' in proc.stdout and '=== 2/3' not in proc.stdout
+    assert '=== 1/4 train.py' in proc.stdout and '=== 2/4' not in proc.stdout
 
 
 def test_a_failing_sample_step_stops_the_demo(checkout):
     proc, steps = _launch(checkout, SAMPLE_RC='2')
     assert proc.returncode == 2 and steps == ['train.py', 'sample.py']
-    assert _launch_lines(proc.stderr) == ['launch.sh: sample.py adasde (step 2/3) failed (exit code 2; its error '
+    assert _launch_lines(proc.stderr) == ['launch.sh: sample.py adasde (step 2/4) failed (exit code 2; its error '
                                           'is above). After fixing it: bash launch.sh demo']
 
 
 def test_a_failing_fid_step_shows_its_error(checkout):
     proc, steps = _launch(checkout, FID_ERROR='Cannot read image 000000/000003.png: truncated')
-    assert proc.returncode == 1 and steps == ['train.py'] + ['sample.py'] * 8 + ['fid.py']
+    assert proc.returncode == 1 and steps == ['train.py'] + ['sample.py'] * 9 + ['fid.py']
     assert 'Error: Cannot read image 000000/000003.png: truncated' in proc.stderr.splitlines()
-    assert _launch_lines(proc.stderr) == ['launch.sh: fid.py adasde (step 3/3) failed (exit code 1; its error is '
+    assert _launch_lines(proc.stderr) == ['launch.sh: fid.py adasde (step 4/4) failed (exit code 1; its error is '
                                           'above). After fixing it: bash launch.sh demo']
     assert 'Demo done' not in proc.stdout
 
@@ -110,11 +115,11 @@ def test_a_failing_fid_step_shows_its_error(checkout):
 def test_the_demo_explains_its_table(checkout):
     proc, steps = _launch(checkout)
     assert proc.returncode == 0, proc.stderr
-    assert steps == ['train.py'] + ['sample.py'] * 8 + ['fid.py'] * 8
+    assert steps == ['train.py'] + ['sample.py'] * 9 + ['fid.py'] * 16  # FID and RMSE of each
     out = proc.stdout
-    for header in ('=== 1/3 train.py', '=== 2/3 sample.py', '=== 3/3 fid.py'):
+    for header in ('=== 1/4 train.py', '=== 2/4 sample.py', '=== 3/4 sample.py', '=== 4/4 fid.py'):
         assert header in out
-    assert '| adasde | learned, N=4, AFS | 1.234 |' in out
+    assert '| adasde | learned, deis base, N=7, AFS | 1.234 | 1.234 |' in out
     flat = ' '.join(out.split())
     assert 'Lower is better; a converged sampler (Heun, 100 NFE) scores 0.68 on this model' in flat
     assert 'training digits (src/digits/fid-ref.npz)' in flat
@@ -122,5 +127,8 @@ def test_the_demo_explains_its_table(checkout):
     # The AdaSDE step writes the grid; train.py continues a stopped demo run.
     calls = [line for line in (checkout[0].parent / 'calls.txt').read_text().splitlines()
              if line.split() and line.split()[0].endswith('.py')]
-    assert '--grid' in calls[1] and '--predictor_path=exps/00000-digits-4-5-adasde-dpm-3-uni1.0-afs-demo' in calls[1]
+    assert '--grid' in calls[1] and '--predictor_path=exps/00000-digits-7-5-adasde_deis-dpm-1-uni2.0-afs-demo' \
+        in calls[1]
+    assert 'fid.py rmse --images=samples/demo/adasde --reference=samples/demo/converged' in ' '.join(calls)
+    assert 'the same seed, averaged over seeds 0-999; it needs no network' in flat
     assert '--resume' in calls[0] and '--desc=-demo' in calls[0]
