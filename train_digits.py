@@ -192,31 +192,50 @@ def accuracy(net, images, labels):
         return float((net.classify(images.float()).argmax(1) == labels).float().mean())
 
 
-@main.command()
-@click.option('--data', help='Dataset zip or folder', metavar='PATH', default=DEFAULT_DATA, show_default=True)
-@click.option('--outdir', help='Where to write detector.safetensors + detector.json', metavar='DIR', required=True)
-@click.option('--seed', help='Random seed', type=int, default=0, show_default=True)
-@click.option('--num_test', help='Held-out images for the accuracy check', type=click.IntRange(min=1), default=297,
-              show_default=True)
-@click.option('--steps', help='Adam steps', type=click.IntRange(min=1), default=3000, show_default=True)
-@click.option('--batch', help='Batch size', type=click.IntRange(min=1), default=128, show_default=True)
-@click.option('--lr', help='Adam learning rate (linear decay to 0)', type=float, default=2e-3, show_default=True)
-@click.option('--threads', help='torch CPU threads (1 is fastest on a shared machine)', type=click.IntRange(min=1),
-              default=1, show_default=True)
-def detector(data, outdir, seed, num_test, steps, batch, lr, threads):
-    """Train the digits classifier whose penultimate features are the digits FID detector."""
+def classifier_options(files, seed, seed_help):
+    """The options shared by the two digits classifiers (the FID detector and the loss network)."""
+    def decorate(fn):
+        options = [
+            click.option('--data', help='Dataset zip or folder', metavar='PATH', default=DEFAULT_DATA,
+                         show_default=True),
+            click.option('--outdir', help=f'Where to write {files}', metavar='DIR', required=True),
+            click.option('--seed', help=seed_help, type=int, default=seed, show_default=True),
+            click.option('--num_test', help='Held-out images for the accuracy check', type=click.IntRange(min=1),
+                         default=297, show_default=True),
+            click.option('--steps', help='Adam steps', type=click.IntRange(min=1), default=3000, show_default=True),
+            click.option('--batch', help='Batch size', type=click.IntRange(min=1), default=128, show_default=True),
+            click.option('--lr', help='Adam learning rate (linear decay to 0)', type=float, default=2e-3,
+                         show_default=True),
+            click.option('--threads', help='torch CPU threads (1 is fastest on a shared machine)',
+                         type=click.IntRange(min=1), default=1, show_default=True),
+        ]
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+def train_heldout(cls, data, seed, num_test, steps, batch, lr, threads):
+    """Train cls() on all but `num_test` images (a seeded split); returns the data, the net and its accuracies."""
     torch.set_num_threads(threads)
     images, labels = load_data(data)
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     test, train = perm[:num_test], perm[num_test:]
-    start = time.time()
-
     torch.manual_seed(seed)
-    net = train_classifier(detectors.DigitsClassifier(), images[train], labels[train], steps, batch, lr, seed)
+    net = train_classifier(cls(), images[train], labels[train], steps, batch, lr, seed)
     train_acc, test_acc = accuracy(net, images[train], labels[train]), accuracy(net, images[test], labels[test])
     print(f'Held-out split: {len(train)} train / {len(test)} test images: train accuracy {train_acc:.4f}, '
           f'test accuracy {test_acc:.4f}')
+    return images, labels, net, train_acc, test_acc
 
+
+@main.command()
+@classifier_options('detector.safetensors + detector.json', 0, 'Random seed')
+def detector(data, outdir, seed, num_test, steps, batch, lr, threads):
+    """Train the digits classifier whose penultimate features are the digits FID detector."""
+    start = time.time()
+    images, labels, _, train_acc, test_acc = train_heldout(detectors.DigitsClassifier, data, seed, num_test, steps,
+                                                           batch, lr, threads)
     torch.manual_seed(seed)
     net = train_classifier(detectors.DigitsClassifier(), images, labels, steps, batch, lr, seed)
     all_acc = accuracy(net, images, labels)
@@ -231,30 +250,14 @@ def detector(data, outdir, seed, num_test, steps, batch, lr, threads):
 
 
 @main.command('feature_net')
-@click.option('--data', help='Dataset zip or folder', metavar='PATH', default=DEFAULT_DATA, show_default=True)
-@click.option('--outdir', help='Where to write feature_net.safetensors + feature_net.json', metavar='DIR',
-              required=True)
-@click.option('--seed', help='Random seed (the detector uses 0)', type=int, default=1, show_default=True)
-@click.option('--num_test', help='Held-out images, never used for training', type=click.IntRange(min=1), default=297,
-              show_default=True)
-@click.option('--steps', help='Adam steps', type=click.IntRange(min=1), default=3000, show_default=True)
-@click.option('--batch', help='Batch size', type=click.IntRange(min=1), default=128, show_default=True)
-@click.option('--lr', help='Adam learning rate (linear decay to 0)', type=float, default=2e-3, show_default=True)
-@click.option('--threads', help='torch CPU threads (1 is fastest on a shared machine)', type=click.IntRange(min=1),
-              default=1, show_default=True)
+@classifier_options('feature_net.safetensors + feature_net.json', 1, 'Random seed (the detector uses 0)')
 def feature_net(data, outdir, seed, num_test, steps, batch, lr, threads):
     """Train the digits loss network of the distillation (another architecture, split and seed than the FID
-    detector, so that FID with the detector stays an independent judge of what was trained against this one)."""
-    torch.set_num_threads(threads)
-    images, labels = load_data(data)
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    test, train = perm[:num_test], perm[num_test:]
+    detector, so that FID with the detector stays an independent judge of what was trained against this one).
+    The held-out images are never trained on: the network shipped is the one of the split."""
     start = time.time()
-    torch.manual_seed(seed)
-    net = train_classifier(detectors.DigitsLossNet(), images[train], labels[train], steps, batch, lr, seed)
-    train_acc, test_acc = accuracy(net, images[train], labels[train]), accuracy(net, images[test], labels[test])
-    print(f'{len(train)} train / {len(test)} held-out images: train accuracy {train_acc:.4f}, '
-          f'held-out accuracy {test_acc:.4f}')
+    _, _, net, train_acc, test_acc = train_heldout(detectors.DigitsLossNet, data, seed, num_test, steps, batch, lr,
+                                                   threads)
     options = dict(command='python train_digits.py feature_net', data=os.path.basename(data), seed=seed,
                    num_test=num_test, steps=steps, batch=batch, lr=lr, train_accuracy=train_acc,
                    heldout_accuracy=test_acc, wall_time_s=round(time.time() - start, 1))

@@ -12,8 +12,8 @@ reachable, and for each judge the better of the two is reported (a baseline is n
 it can do). AdaSDE uses the predictors shipped in exp/ (`bash launch.sh digits-nfe<N>`), one row per form (the paper's
 single-step form on the dpm base, the plug-in form on deis), and any given with --predictor LABEL=PATH.
 
-    python bench/quality.py [--num 10000] [--out docs/quality]     # writes docs/quality.json, .md and .png
-    python bench/quality.py --out docs/quality --replot            # redraw .md and .png from the .json
+    python bench/quality.py [--num 10000] [--out docs/quality-bench]   # writes docs/quality-bench.json, .md, .png
+    python bench/quality.py --out docs/quality-bench --replot          # redraw .md and .png from the .json
     python bench/quality.py --first_seed 100000 --num 2000 --nfe 5 --solvers deis --predictor mine=exps/00003-...
 """
 
