@@ -510,7 +510,9 @@ def main(**kwargs):
     guidance = models.sd.cfg_nfe_factor(net)
     dist.print0(f'Model:    {c.model_path or c.dataset_name} ({net.img_channels}x{net.img_resolution}x'
                 f'{net.img_resolution}, {net.label_dim} classes, sigma {net.sigma_min:g}-{net.sigma_max:g})')
-    dist.print0(f'Solver:   {c.solver} {shown}' + (f' predictor={c.predictor_file}' if c.predictor_path else '')
+    predictor = c.options.get('predictor')
+    form = f' ({predictor.base} base)' if predictor is not None else ''
+    dist.print0(f'Solver:   {c.solver}{form} {shown}' + (f' predictor={c.predictor_file}' if c.predictor_path else '')
                 + f' afs={c.afs}')
     dist.print0(f'Schedule: {schedule_type} rho={schedule_rho:g}, {c.num_steps} points: '
                 + ' '.join(f'{float(s):.4g}' for s in sigmas))
