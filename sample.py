@@ -494,7 +494,7 @@ def main(**kwargs):
 
     # Seeds still to do. Every rank looks before any rank writes.
     todo = [s for s in seeds if c.overwrite or not (c.resume and os.path.isfile(image_path(outdir, s, c.subdirs)))]
-    pixels = 3 * (8 * net.img_resolution) ** 2 if hasattr(net, 'decode') else net.img_channels * net.img_resolution ** 2
+    pixels = 3 * net.decoded_resolution ** 2 if hasattr(net, 'decode') else net.img_channels * net.img_resolution ** 2
     cli.check_output_dir(outdir, need_bytes=len(todo) * (pixels + 1024))
     dist.barrier()
     rank0 = dist.get_rank() == 0
