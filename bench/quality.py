@@ -214,8 +214,8 @@ def load_rows(path):
 @click.option('--no_shipped', help='Leave out the predictors shipped in exp/', is_flag=True)
 @click.option('--out', help='Write <out>.json (the measurements), <out>.md and <out>.png', type=str, default=None)
 @click.option('--replot', help='Only redraw <out>.md and <out>.png from <out>.json', is_flag=True)
-@click.option('--merge', help='Start from the rows of this earlier .json (same seeds), replacing those measured again',
-              type=str, default=None)
+@click.option('--merge', help='Start from the rows of earlier .json files (same seeds; repeatable, e.g. one per '
+              'NFE run in parallel), replacing those measured again', multiple=True)
 def main(num, first_seed, nfes, only, predictors, no_shipped, out, replot, merge):
     """Quality vs NFE of every solver on the digits model, by FID, KID and RMSE to the converged sampler."""
     nfes = tuple(int(n) for n in nfes.split(','))
@@ -232,14 +232,19 @@ def main(num, first_seed, nfes, only, predictors, no_shipped, out, replot, merge
                 raise click.BadParameter(f'expected LABEL=PATH, got {item!r}', param_hint='--predictor')
             extra.setdefault(label, []).append(path)
         only = None if only is None else set(only.split(','))
-        rows = measure(list(range(first_seed, first_seed + num)), nfes, only, extra)
-        if merge:
-            old_num, old_first, old_nfes, old_rows = load_rows(merge)
+        merged, nfes_all = {}, set(nfes)
+        for path in merge:  # checked before any measurement
+            old_num, old_first, old_nfes, old_rows = load_rows(path)
             if (old_num, old_first) != (num, first_seed):
-                raise click.UsageError(f'{merge} was measured on other seeds')
-            for label, cells in rows.items():
-                old_rows.setdefault(label, {}).update(cells)
-            rows, nfes = old_rows, tuple(sorted(set(old_nfes) | set(nfes)))
+                raise click.UsageError(f'{path} was measured on other seeds')
+            for label, cells in old_rows.items():
+                merged.setdefault(label, {}).update(cells)
+            nfes_all |= set(old_nfes)
+        rows = measure(list(range(first_seed, first_seed + num)), nfes, only, extra)
+        for label, cells in rows.items():
+            merged.setdefault(label, {}).update(cells)
+        rows = merged
+        nfes = tuple(sorted(nfes_all))
     text = markdown(rows, num, first_seed, nfes)
     print(text)
     if out:

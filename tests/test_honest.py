@@ -315,3 +315,14 @@ def test_bench_quality_runs_on_a_few_seeds(tmp_path):
     assert set(rows) == {'converged', 'deis'} and set(rows['deis']['3']) == {'fid', 'kid', 'rmse'}
     assert rows['converged']['100']['rmse'][0] == 0 and rows['deis']['3']['rmse'][0] > 0
     assert '### RMSE to converged' in open(tmp_path / 'q.md').read()
+    # Runs split by NFE merge into one table.
+    res = subprocess.run([sys.executable, 'bench/quality.py', '--num=20', '--first_seed=500', '--nfe=5',
+                          '--solvers=dpm', '--no_shipped', f'--merge={tmp_path / "q.json"}', f'--out={tmp_path / "m"}'],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    merged = json.load(open(tmp_path / 'm.json'))
+    assert merged['nfes'] == [3, 5] and set(merged['rows']['deis']) == {'3'} and set(merged['rows']['dpm']) == {'5'}
+    res = subprocess.run([sys.executable, 'bench/quality.py', '--num=21', '--first_seed=500', '--nfe=5',
+                          '--solvers=none', '--no_shipped', f'--merge={tmp_path / "q.json"}'],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and 'measured on other seeds' in res.stderr
