@@ -2,7 +2,8 @@
 # Named presets: distill an AdaSDE predictor, sample, score. Edit freely.
 #
 #   bash launch.sh                 # the demo: digits model, 5 NFE, AdaSDE vs 7 baselines, ~6 min on 2 CPU cores
-#   bash launch.sh digits-nfe5     # (re)train one shipped digits predictor into exp/ (also digits-nfe3/7/9)
+#   bash launch.sh digits-nfe5     # (re)train one shipped digits predictor into exp/ (also digits-nfe3/7/9,
+#                                  #   and the paper's form: digits-paper-nfe3/5)
 #   bash launch.sh cifar10         # the paper's recipes: train, sample 50k, FID (GPUs; also ffhq, imagenet64,
 #                                  #   lsun_bedroom, imagenet256, lsun_bedroom_ldm, ms_coco)
 #   bash launch.sh --help          # the presets this checkout can run
@@ -16,10 +17,11 @@ run() { if [ "$GPUS" -gt 1 ]; then torchrun --standalone --nproc_per_node="$GPUS
 
 # The presets, in --help order. A preset named after a zoo model whose adapter is not built yet (models/zoo.py,
 # `missing`) is not offered, and appears by itself once it is: add a preset here and as a case below.
-PRESETS="demo digits-nfe3 digits-nfe5 digits-nfe7 digits-nfe9 cifar10 ffhq imagenet64 lsun_bedroom imagenet256
+PRESETS="demo digits-nfe3 digits-nfe5 digits-nfe7 digits-nfe9 digits-paper-nfe3 digits-paper-nfe5 cifar10 ffhq imagenet64 lsun_bedroom imagenet256
     lsun_bedroom_ldm ms_coco"
 declare -A ABOUT=([demo]="(default) digits model, 5 NFE: distill AdaSDE, sample 10k with it and 7 baselines, FID + RMSE table"
     [digits-nfe3]="(re)train the shipped digits predictor at 3 NFE into exp/ (also digits-nfe5|7|9)"
+    [digits-paper-nfe3]="(re)train the shipped paper-form digits predictor at 3 NFE (also digits-paper-nfe5)"
     [cifar10]="the paper's recipe: train, sample 50k, FID (GPUs)" [ffhq]="the paper's recipe (GPUs)"
     [imagenet64]="the paper's recipe (GPUs)" [lsun_bedroom]="the paper's recipe (GPUs)"
     [imagenet256]="guided diffusion 256 with classifier guidance, lsun_bedroom's recipe (GPUs)"
@@ -33,7 +35,7 @@ offered() { ! printf '%s\n' "$not_built" | grep -q "^$1: "; }
 usage() {
     printf 'Usage: bash launch.sh [PRESET]    (GPUS=<n>: processes per run, torchrun; default 1)\n\nPresets:\n'
     for p in $PRESETS; do
-        case "$p" in digits-nfe[579]) continue ;; esac
+        case "$p" in digits-nfe[579] | digits-paper-nfe5) continue ;; esac
         if offered "$p"; then printf '  %-17s %s\n' "$p" "${ABOUT[$p]}"; fi
     done
 }
@@ -89,6 +91,13 @@ DIGITS_PLUGIN="--base=deis --feature_net=none --schedule_type=time_uniform --sch
 digits_predictor() {  # num_steps M [other train.py flags]
     step "train.py" python train.py --dataset_name=digits --outdir=exp --num_steps="$1" --M="$2" --gamma=0.02 \
         --lr=0.2 --batch=32 --total_kimg=10 $ADASDE $DIGITS_PLUGIN "${@:3}" --resume
+}
+# The paper's single-step form for comparison (bench/quality.py reports both forms): its recipe as published,
+# with the digits loss network (not the FID detector) on the last step.
+# exp/<id>-digits-<N>-<NFE>-adasde-dpm-3-uni1.0-afs.
+digits_paper_predictor() {  # num_steps
+    step "train.py" python train.py --dataset_name=digits --outdir=exp --num_steps="$1" --M=3 --gamma=0.02 --lr=0.2 \
+        --batch=32 --total_kimg=10 $ADASDE $UNIFORM --feature_net=digits_loss --resume
 }
 
 case "$PRESET" in
@@ -159,6 +168,8 @@ digits-nfe3) digits_predictor 5 2 ;;
 digits-nfe5) digits_predictor 7 1 ;;
 digits-nfe7) digits_predictor 9 1 ;;
 digits-nfe9) digits_predictor 11 1 --total_kimg=5 ;;  # 5 kimg: N=11 costs 4x N=4 per sample on a CPU
+digits-paper-nfe3) digits_paper_predictor 3 ;;
+digits-paper-nfe5) digits_paper_predictor 4 ;;
 cifar10)
     paper_recipe cifar10 "--num_steps=4 --M=3 --gamma=0.02 --lr=0.2 --batch=64 --total_kimg=10" cifar10 ;;
 ffhq)

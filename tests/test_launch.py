@@ -62,8 +62,8 @@ def test_help_lists_the_presets_that_can_run(checkout):
     proc, steps = _launch(checkout, '--help')
     assert proc.returncode == 0 and not steps, proc.stderr
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith('  ')]
-    assert listed == ['demo', 'digits-nfe3', 'cifar10', 'ffhq', 'imagenet64', 'lsun_bedroom', 'imagenet256',
-                      'lsun_bedroom_ldm', 'ms_coco']
+    assert listed == ['demo', 'digits-nfe3', 'digits-paper-nfe3', 'cifar10', 'ffhq', 'imagenet64', 'lsun_bedroom',
+                      'imagenet256', 'lsun_bedroom_ldm', 'ms_coco']
     assert 'digits-nfe5|7|9' in proc.stdout
 
 
@@ -132,3 +132,27 @@ def test_the_demo_explains_its_table(checkout):
     assert 'fid.py rmse --images=samples/demo/adasde --reference=samples/demo/converged' in ' '.join(calls)
     assert 'the same seed, averaged over seeds 0-999; it needs no network' in flat
     assert '--resume' in calls[0] and '--desc=-demo' in calls[0]
+
+
+@pytest.mark.parametrize('preset', ['digits-nfe3', 'digits-nfe5', 'digits-nfe7', 'digits-nfe9', 'digits-paper-nfe3',
+                                    'digits-paper-nfe5'])
+def test_each_shipped_predictor_is_what_its_preset_trains(checkout, preset):
+    """The predictors in exp/ (and so every number measured with them) come from the launch.sh presets as written:
+    the preset's train.py command gives exactly the options recorded in the shipped run."""
+    import glob
+    import json
+    proc, steps = _launch(checkout, preset)
+    assert proc.returncode == 0 and steps == ['train.py'], proc.stderr
+    line, = [c for c in (checkout[0].parent / 'calls.txt').read_text().splitlines() if c.startswith('train.py ')]
+    args = line.split()[1:]
+    dry = subprocess.run([sys.executable, 'train.py', *args, '-n'], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    options = json.loads(dry.stdout[dry.stdout.index('{'):dry.stdout.index('\n}\n') + 3])
+    nfe, num_steps = options['predictor_kwargs']['settings']['nfe'], options['predictor_kwargs']['num_steps']
+    form = '' if options['predictor_kwargs']['base'] == 'dpm' else '_' + options['predictor_kwargs']['base']
+    run, = glob.glob(os.path.join(REPO, 'exp', f'*-digits-{num_steps}-{nfe}-adasde{form}-dpm-*'))
+    with open(os.path.join(run, 'training_options.json')) as f:
+        shipped = json.load(f)
+    assert {k: v for k, v in options.items() if k != 'run_dir'} == {k: v for k, v in shipped.items() if k != 'run_dir'}
+    assert glob.glob(os.path.join(run, 'network-snapshot-*.safetensors'))
