@@ -126,6 +126,8 @@ def check_training_state(path):
               'multistep base, ipndm or deis (1 call per step, past derivatives reused)',
               type=click.Choice(['dpm', 'ipndm', 'deis']), default='dpm')
 @click.option('--max_order', help='Derivatives kept by a multistep base', type=click.IntRange(1, 4), default=4)
+@click.option('--loss_steps', help='all: a loss and an Adam step per student step (the official code); last: only '
+              'the final state is fitted', type=click.Choice(['all', 'last']), default='all')
 @click.option('--alpha', help='Weight of the feature loss on the last step (0: L2 there too)',
               type=click.FloatRange(min=0), default=20.0)
 @click.option('--feature_net', help='Loss network of that loss: inception (official code), lpips (the paper), '
@@ -212,7 +214,8 @@ def main(**kwargs):
         predictor_kwargs=dict(num_steps=opts.num_steps, num_points=opts.num_points, scale_dir=opts.scale_dir,
                               scale_time=opts.scale_time, gamma=opts.gamma, fcn=opts.fcn, base=opts.base,
                               max_order=opts.max_order, settings=settings),
-        alpha=opts.alpha if feature_net else 0.0, feature_net=feature_net, prompts=prompts, lr=opts.lr,
+        alpha=opts.alpha if feature_net else 0.0, feature_net=feature_net, loss_steps=opts.loss_steps,
+        prompts=prompts, lr=opts.lr,
         coslr=opts.coslr,
         batch=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.total_kimg, seed=opts.seed, device=opts.device)
     student = opts.sampler_stu if opts.base == 'dpm' else f'{opts.sampler_stu}_{opts.base}'

@@ -149,6 +149,7 @@ def markdown(rows, num, first_seed, nfes):
              'never draws), from `python bench/quality.py`. Each baseline in its best setting for that judge (AFS '
              'on or off; the setting follows each value), AdaSDE with the predictor named. Lower is better; bold: '
              'best at that NFE. No predictor here was trained against the digits detector.', '']
+    lines += summary(rows, nfes) + ['']
     for metric, title in METRICS.items():
         lines += [f'### {title}', '', '| solver | ' + ' | '.join(f'NFE {n}' for n in nfes) + ' |',
                   '|---|' + '---|' * len(nfes)]
@@ -163,6 +164,25 @@ def markdown(rows, num, first_seed, nfes):
         (nfe, cell), = rows['converged'].items()
         lines += ['', f'Converged sampler ({CONVERGED[0]}, {nfe} NFE): {cell[metric][0]:.4g}.', '']
     return '\n'.join(lines)
+
+
+def summary(rows, nfes):
+    """One line per NFE and judge: the best training-free solver against each AdaSDE row (bold: better)."""
+    learned = [label for label in rows if label.startswith('adasde')]
+    lines = ['### Summary: the best training-free solver against AdaSDE, per judge', '',
+             '| NFE | judge | best training-free solver (setting) | ' + ' | '.join(learned) + ' |',
+             '|---|---|---|' + '---|' * len(learned)]
+    for n in nfes:
+        for metric in METRICS:
+            free = [(cells[n][metric][0], label, cells[n][metric][1]) for label, cells in rows.items()
+                    if n in cells and label != 'converged' and label not in learned]
+            if not free:
+                continue
+            value, label, note = min(free)
+            cells = [rows[a][n][metric][0] if n in rows[a] else None for a in learned]
+            shown = ['-' if v is None else (f'**{v:.4g}**' if v < value else f'{v:.4g}') for v in cells]
+            lines.append(f'| {n} | {metric.upper()} | {value:.4g} ({label}, {note}) | ' + ' | '.join(shown) + ' |')
+    return lines
 
 
 def plot(rows, path, nfes):
@@ -182,10 +202,16 @@ def plot(rows, path, nfes):
                 style = dict(lw=2.5, color='k' if '(dpm)' in label else 'C3', marker='o')
             else:
                 style = dict(lw=1, color=colors[2 * k % 20 + k // 10], marker='.^sv'[k % 4], ms=4)
-            ax.plot(xs, [max(cells[n][metric][0], 1e-4) for n in xs], label=label, **style)
+            ax.plot(xs, [cells[n][metric][0] for n in xs], label=label, **style)
         (cell,) = rows['converged'].values()
-        ax.axhline(max(cell[metric][0], 1e-4), color='gray', ls='--', lw=1, label='converged (heun, 100 NFE)')
-        ax.set_yscale('log')
+        if metric != 'rmse':  # the converged sampler is the RMSE's reference: 0 there
+            ax.axhline(cell[metric][0], color='gray', ls='--', lw=1, label='converged (heun, 100 NFE)')
+        # KID is unbiased and so can be negative near 0: linear within [-1, 1], logarithmic beyond.
+        if metric == 'kid':
+            ax.set_yscale('symlog', linthresh=1)
+            ax.set_ylim(bottom=-1)
+        else:
+            ax.set_yscale('log')
         ax.set_xlabel('NFE (real network calls)')
         ax.set_title(title, fontsize=10)
         ax.set_xticks(nfes)

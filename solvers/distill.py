@@ -98,7 +98,8 @@ def training_seeds(seed, first, count):
 
 
 def distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas, M, afs, it, seed,
-                      batch, batch_gpu, feature_loss=None, substeps=2, device='cpu', dtype=torch.float32):
+                      batch, batch_gpu, feature_loss=None, substeps=2, device='cpu', dtype=torch.float32,
+                      loss_steps='all'):
     rank, world = dist.get_rank(), dist.get_world_size()
     per_rank = batch // world
     first = it * batch + rank * per_rank  # index of this rank's first sample in the run
@@ -116,6 +117,7 @@ def distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas,
     coeffs = base_coefficients(predictor, grid)
     losses = []
     for s in range(num_steps - 1):
+        trained = loss_steps == 'all' or s == num_steps - 2  # 'last': the earlier steps only carry the state
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for r in rounds:
@@ -127,14 +129,16 @@ def distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas,
             else:
                 per_sample = ((x - y) ** 2).flatten(1).sum(1)
             loss = per_sample.sum() / batch
-            loss.backward(retain_graph=True)  # the student state is carried, not detached: BPTT (spec §3.5)
+            if trained:
+                loss.backward(retain_graph=True)  # the student state is carried, not detached: BPTT
             step_loss += float(loss.detach())
             r['x'] = x
-        grads = [p.grad for p in predictor.parameters() if p.grad is not None]
-        for g in grads:
-            dist.all_reduce(g)
-            torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5, out=g)
-        optimizer.step()
+        if trained:
+            grads = [p.grad for p in predictor.parameters() if p.grad is not None]
+            for g in grads:
+                dist.all_reduce(g)
+                torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5, out=g)
+            optimizer.step()
         losses.append(float(dist.all_reduce(torch.tensor(step_loss, dtype=torch.float64))))
     return losses
 
@@ -176,6 +180,7 @@ def training_loop(
     seed                = 0,            # Seed of the predictor initialisation and of every latent.
     device              = None,         # torch device; default: this process's device.
     dtype               = None,         # Solver state; default: float64 for a float64 model, else float32.
+    loss_steps          = 'all',        # 'all': a loss and Adam step per student step (official); 'last': final only.
     resume_state        = None,         # Path of a training-state.pt to continue from.
 ):
     import json
@@ -269,7 +274,7 @@ def training_loop(
                     file=console)
     while cur_iter < total_iters:
         losses = distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas, M, afs, cur_iter, seed,
-                                   batch, batch_gpu, feature_loss, substeps, device, dtype)
+                                   batch, batch_gpu, feature_loss, substeps, device, dtype, loss_steps)
         if scheduler is not None:
             scheduler.step()
         cur_iter += 1

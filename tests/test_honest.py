@@ -224,6 +224,18 @@ def test_every_table_gets_an_adam_step_at_every_student_step(fcn):
     assert predictor.step_params(0)['gamma'].requires_grad
 
 
+def test_loss_on_the_last_step_only_takes_one_adam_step_per_iteration():
+    net = mixture()
+    sig_s, sig_t = student_and_teacher_sigmas(net, 4, 1, 'time_uniform', 1)
+    for loss_steps, expected in (('all', 3), ('last', 1)):
+        predictor = AdaSDEPredictor(4, gamma=0.02, seed=0)
+        optimizer = torch.optim.Adam(predictor.parameters(), lr=0.1)
+        losses = distill_iteration(net, predictor, optimizer, sig_s, sig_t, 1, True, 0, 0, 4, 4, dtype=torch.float64,
+                                   loss_steps=loss_steps)
+        assert len(losses) == 3 and all(v > 0 for v in losses)  # every step's loss is still reported
+        assert {int(optimizer.state[p]['step']) for p in predictor.parameters()} == {expected}
+
+
 def test_training_state_dtype_follows_the_model(tmp_path):
     seen = []
 
