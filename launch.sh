@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Named presets: distill an AdaSDE predictor, sample, score. Edit freely.
 #
-#   bash launch.sh                 # the demo: digits model, 5 NFE, AdaSDE vs 7 baselines, 10-20 min on 2 CPU cores
+#   bash launch.sh                 # the demo: digits model, 5 NFE, AdaSDE vs 7 baselines, ~9 min on 2 CPU cores
 #   bash launch.sh digits-nfe5     # (re)train one shipped digits predictor into exp/ (also digits-nfe3/7/9,
 #                                  #   and the paper's form: digits-paper-nfe3/5)
 #   bash launch.sh cifar10         # the paper's recipes: train, sample 50k, FID (GPUs; also ffhq, imagenet64,
