@@ -210,13 +210,18 @@ def load_official(path):
 #   x_next = x_hat + (t_next - t_hat) sum_j w_j c_j d_j
 
 
-def adasde_step(net, x, t_cur, t_next, params, extra_args=None, randn_like=torch.randn_like, afs=False):
-    """Apply one AdaSDE step from t_cur to t_next with the mapped coefficients `params` (see step_params)."""
+def churn(x, t_cur, params, randn_like):
+    """The learned noise inflation of a step: (x_hat, t_hat) with t_hat = (1 + gamma_bar) t_cur."""
     gamma_bar = (params['w'] * params['gamma']).sum()
     t_hat = (1 + gamma_bar) * t_cur
-    x_hat = x
-    if bool(gamma_bar != 0):  # sqrt'(0) is infinite: skip the branch instead of zeroing NaN gradients later
-        x_hat = x + torch.sqrt(t_hat ** 2 - t_cur ** 2).to(x.dtype) * randn_like(x)
+    if not bool(gamma_bar != 0):  # sqrt'(0) is infinite: skip the branch instead of zeroing NaN gradients later
+        return x, t_hat
+    return x + torch.sqrt(t_hat ** 2 - t_cur ** 2).to(x.dtype) * randn_like(x), t_hat
+
+
+def adasde_step(net, x, t_cur, t_next, params, extra_args=None, randn_like=torch.randn_like, afs=False):
+    """Apply one AdaSDE step from t_cur to t_next with the mapped coefficients `params` (see step_params)."""
+    x_hat, t_hat = churn(x, t_cur, params, randn_like)
     t_hat_x = t_hat.to(x.dtype)
     d_hat = (x_hat - denoise(net, x_hat, t_hat_x, extra_args, afs=afs)) / t_hat_x
     direction = 0
@@ -253,11 +258,7 @@ def base_coefficients(predictor, sigmas):
 def multistep_step(net, x, t_cur, t_next, params, coeffs, history, extra_args=None, randn_like=torch.randn_like,
                    afs=False):
     """One AdaSDE step on a multistep base; returns (x_next, history with this step's derivative first)."""
-    gamma_bar = (params['w'] * params['gamma']).sum()
-    t_hat = (1 + gamma_bar) * t_cur
-    x_hat = x
-    if bool(gamma_bar != 0):
-        x_hat = x + torch.sqrt(t_hat ** 2 - t_cur ** 2).to(x.dtype) * randn_like(x)
+    x_hat, t_hat = churn(x, t_cur, params, randn_like)
     t_hat_x = t_hat.to(x.dtype)
     d = (x_hat - denoise(net, x_hat, t_hat_x if afs else params['a'][0].to(x.dtype) * t_hat_x, extra_args,
                          afs=afs)) / t_hat_x
