@@ -52,9 +52,9 @@ def is_rank0():
 
 
 def one_line(err):
-    """The message of an exception on one line (its type name when it has none)."""
-    text = ' '.join(str(err).split())
-    return text or type(err).__name__
+    """The first line of an exception's message (its type name when it has none): errors here are one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def run(command):

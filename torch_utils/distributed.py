@@ -4,6 +4,7 @@ Under torchrun (WORLD_SIZE > 1) init() joins the process group (NCCL with CUDA, 
 `python script.py` run stays a single process and never opens a port, so two such runs cannot collide.
 """
 
+import contextlib
 import os
 import sys
 
@@ -63,6 +64,16 @@ def barrier():
     """torch.distributed.barrier() in a process group, a no-op in a single process."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Run the body on rank 0 first, then on the other ranks (downloads, caches written once)."""
+    if get_rank() != 0:
+        barrier()
+    yield
+    if get_rank() == 0:
+        barrier()
 
 
 def all_reduce(tensor, op=None):

@@ -1,10 +1,42 @@
 """Miscellaneous PyTorch helpers (EDM names): cached constants, shape checks, parameter copies, per-seed RNG."""
 
+import os
 import re
+import tempfile
 import warnings
 
 import numpy as np
 import torch
+
+#----------------------------------------------------------------------------
+# Files are written whole or not at all: into a temporary file in the target's
+# folder, then renamed over the target (atomic on POSIX and Windows).
+
+
+def atomic_write(path, write_fn):
+    """Call write_fn(tmp_path) on a temporary file beside `path`, then move it onto `path` (mode 0644)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_' + os.path.basename(path))
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+#----------------------------------------------------------------------------
+# EDM's map from model images in [-1, 1] to pixel values: x * 127.5 + 128,
+# clipped to [0, 255]; .to(torch.uint8) then truncates, i.e. rounds x * 127.5 +
+# 127.5 to the nearest integer.
+
+
+def to_pixels(x):
+    """Pixel values (floats in [0, 255], same dtype) of images in [-1, 1]."""
+    return (x * 127.5 + 128).clip(0, 255)
 
 #----------------------------------------------------------------------------
 # Cached construction of constant tensors. Avoids CPU=>GPU copies when the same constant is used repeatedly.
