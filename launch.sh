@@ -67,7 +67,7 @@ if printf ' %s ' $PRESETS | grep -q " $PRESET " && ! offered "$PRESET"; then
     exit 2
 fi
 
-# The settings of every AdaSDE recipe of the paper (spec/solvers.md §2.4).
+# The settings of every AdaSDE recipe of the paper (the official AdaSDE launch scripts and README; docs/references.md).
 ADASDE="--sampler_stu=adasde --sampler_tea=dpm --afs=True --scale_dir=0.05 --scale_time=0.2 --seed=0 --coslr"
 UNIFORM="--schedule_type=time_uniform --schedule_rho=1"
 

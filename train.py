@@ -19,7 +19,7 @@ from dnnlib.util import EasyDict, Logger
 from torch_utils import distributed as dist
 
 #----------------------------------------------------------------------------
-# Run directory name of the reference (spec §3.8), with the NFE counted for
+# Run directory name of the official AdaSDE train.py, with the NFE counted for
 # any number of points: <id>-<dataset>-<N>-<nfe>-adasde-dpm-<M>-<sched>[-afs]<desc>
 
 
@@ -142,7 +142,7 @@ def check_training_state(path):
               'captions of the zoo entry "prompts"]', type=str, default=None)
 # Optimisation.
 @click.option('--lr', help='Adam learning rate', type=click.FloatRange(min=0, min_open=True), default=0.2)
-@click.option('--coslr', help='Cosine learning-rate decay (to the reference\'s absolute floor 0.01)', is_flag=True)
+@click.option('--coslr', help='Cosine learning-rate decay (to the official code\'s absolute floor 0.01)', is_flag=True)
 @click.option('--batch', help='Total batch size', type=click.IntRange(min=1), default=32)
 @click.option('--batch-gpu', 'batch_gpu', help='Per-process batch per round (gradient accumulation)',
               type=click.IntRange(min=1), default=None)

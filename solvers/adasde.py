@@ -1,8 +1,9 @@
 """AdaSDE (Wang et al., NeurIPS 2025): a single-step SDE solver with learned per-step coefficients.
 
 Each step is EDM-style noise inflation by a learned churn gamma, followed by a DPM-Solver-2-like step through
-learned intermediate point(s) (spec/solvers.md §2). The coefficients live in AdaSDEPredictor: free tables with one
-row per step, trained by solvers.distill against a DPM-Solver-2 teacher.
+learned intermediate point(s), as the official AdaSDE code (Westlake-AGI-Lab/AdaSDE, docs/references.md) does. The
+coefficients live in AdaSDEPredictor: free tables with one row per step, distilled from a DPM-Solver-2 teacher
+(training/).
 """
 
 import io
@@ -23,7 +24,7 @@ FORMAT_VERSION = 1
 
 #----------------------------------------------------------------------------
 # The predictor: raw tables [num_steps - 1, num_points], mapped to the solver
-# coefficients exactly as the reference does (spec §2.1):
+# coefficients exactly as the official AdaSDE code does:
 #   r = sigmoid(u)                                 position of the intermediate point, in log-sigma
 #   c = 1 + min(scale_dir, 0.99) tanh(u / 2)       scale of the final direction ("c_n")
 #   a = 1 + min(scale_time, 0.99) tanh(u / 2)      scale of the noise level fed to the net ("a_n")
@@ -38,7 +39,7 @@ class AdaSDEPredictor(torch.nn.Module):
         scale_dir   = 0.05,         # Half-width of the c_n range; 0 disables it (c = 1).
         scale_time  = 0.2,          # Half-width of the a_n range; 0 disables it (a = 1).
         gamma       = 0.02,         # Upper end of the churn range; 0 disables the noise (an ODE solver).
-        gamma_min   = 2e-4,         # Lower end of the churn range (the reference's constant).
+        gamma_min   = 2e-4,         # Lower end of the churn range (the official code's constant).
         fcn         = False,        # Force c = 1 on the last step.
         base        = 'dpm',        # Step structure: 'dpm' (the paper's), or a multistep base 'ipndm' / 'deis'.
         max_order   = 4,            # Derivatives kept by a multistep base.
@@ -143,7 +144,7 @@ class AdaSDEPredictor(torch.nn.Module):
 
 #----------------------------------------------------------------------------
 # Import of the official snapshots (a pickle of persistence-decorated classes,
-# spec/formats.md §1). The embedded source is never executed: the unpickler
+# EDM persistence format, docs/references.md). The embedded source is never executed: the unpickler
 # captures each persistent object's class name and state as plain data, and
 # resolves only torch's own tensor-rebuilding functions.
 
@@ -203,7 +204,7 @@ def load_official(path):
     return predictor.requires_grad_(False).eval()
 
 #----------------------------------------------------------------------------
-# One AdaSDE step (spec §2.2), differentiable with respect to the predictor:
+# One AdaSDE step (the official adasde_sampler), differentiable with respect to the predictor:
 #   gamma_bar = sum_j w_j gamma_j;  t_hat = (1 + gamma_bar) t_cur;  x_hat = x + sqrt(t_hat^2 - t_cur^2) eps
 #   d_hat = d(x_hat, t_hat)                                     (analytical with AFS on the first step)
 #   s_j = t_next^r_j t_hat^(1 - r_j);  x_j = x_hat + (s_j - t_hat) d_hat;  d_j = (x_j - D(x_j, a_j s_j)) / s_j

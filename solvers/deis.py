@@ -1,4 +1,5 @@
-"""DEIS, time-based Adams-Bashforth mode tAB (Zhang & Chen 2023, arXiv:2204.13902), spec/solvers.md §4.8.
+"""DEIS, time-based Adams-Bashforth mode tAB (Zhang & Chen 2023, arXiv:2204.13902), as diff-sampler's deis_sampler
+(docs/references.md).
 The derivative d = dx/dsigma is interpolated by a Lagrange polynomial in the VP time tau."""
 
 import torch
@@ -12,8 +13,8 @@ from .schedules import VPTime
 # Coefficients of step i with p = min(i + 1, max_order) points tau_i, ..., tau_{i-p+1}:
 #   c_{i,j} = int_{tau_i}^{tau_{i+1}} sigma'(tau) l_j(tau) dtau = int_{sigma_i}^{sigma_{i+1}} l_j(tau(sigma)) dsigma,
 # taken in log(sigma) by 32-point Gauss-Legendre (agrees with adaptive quadrature to ~1e-14
-# relative; the reference uses a 10000-point Riemann sum in float32). The tau map uses the fixed
-# EDM-range constants (sigma 0.002..80) as in the reference: it is only a reparametrisation.
+# relative; diff-sampler uses a 10000-point Riemann sum in float32). The tau map uses the fixed
+# EDM-range constants (sigma 0.002..80) as diff-sampler does: it is only a reparametrisation.
 
 
 def deis_coefficients(sigmas, max_order):

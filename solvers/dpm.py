@@ -8,7 +8,7 @@ from .registry import register
 #----------------------------------------------------------------------------
 # With `substeps=k`, each interval [t_cur, t_next] is split into k DPM-2
 # sub-steps on an inner polynomial rho=7 grid; k=2, r=0.5 is the AdaSDE
-# teacher (spec/solvers.md §3.2). AFS replaces only the first call of the run.
+# teacher (the official AdaSDE code's dpm_sampler; docs/references.md). AFS replaces only the first call of the run.
 
 
 @register('dpm', nfe=lambda num_steps, r=0.5, substeps=1: 2 * substeps * (num_steps - 1), schedule=('polynomial', 7))

@@ -1,5 +1,5 @@
 """Multistep DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095), orders 1-3, in the VE sigma-form
-(spec/solvers.md §4.4). Data prediction (predict_x0=True) or noise prediction."""
+(as diff-sampler's dpm_pp_sampler; docs/references.md). Data prediction (predict_x0=True) or noise prediction."""
 
 import math
 
@@ -28,7 +28,7 @@ def dpmpp_update(x, m_hist, t_hist, t_next, order, predict_x0=True, exact_third_
         return x_next - 0.5 * phi_1 * D1_0 if predict_x0 else x_next - 0.5 * t_next * phi_1 * D1_0
     r_1 = math.log(t_hist[-3] / t_hist[-2]) / h
     D1_1 = (m_hist[-2] - m_hist[-3]) / r_1
-    # D1 ~ h m'(lambda_s) but D2 ~ h^2 m''/2, so the published update (the reference, copied there from the
+    # D1 ~ h m'(lambda_s) but D2 ~ h^2 m''/2, so the published update (diff-sampler's, copied there from the
     # official DPM-Solver code) gives the h^2 m'' Taylor term half its weight and is globally second order. It is
     # the default, for parity with published baselines; exact_third_order doubles D2 (docs/deviations.md).
     D1 = D1_0 + r_0 / (r_0 + r_1) * (D1_0 - D1_1)

@@ -25,7 +25,7 @@ NOISE_FNS = {
 
 #----------------------------------------------------------------------------
 # The integrals S1 = int 1/phi and S2 = int (sigma - t_cur)/phi over
-# [t_next, t_cur], as the reference computes them: a left Riemann sum of
+# [t_next, t_cur], as the ER-SDE-Solver code (QinpengCui/ER-SDE-Solver) computes them: a left Riemann sum of
 # `num_quad` points t_next + k (t_cur - t_next) / num_quad, k = 0 ... num_quad-1.
 
 

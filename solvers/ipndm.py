@@ -1,5 +1,6 @@
-"""Pseudo linear multistep solvers on the probability-flow ODE in sigma: iPNDM (Zhang & Chen 2023,
-fixed Adams-Bashforth weights, spec/solvers.md §4.5) and iPNDM_v (variable-step Adams-Bashforth, §4.6)."""
+"""Pseudo linear multistep solvers on the probability-flow ODE in sigma: iPNDM (Zhang & Chen 2023, fixed
+Adams-Bashforth weights) and iPNDM_v (variable-step Adams-Bashforth), as diff-sampler's ipndm_sampler and
+ipndm_v_sampler (docs/references.md)."""
 
 import torch
 

@@ -1,4 +1,5 @@
-"""Time discretizations: the noise levels a sampler visits (spec/solvers.md §1), in float64."""
+"""Time discretizations: the noise levels a sampler visits, in float64 (diff-sampler's and the official AdaSDE
+code's get_schedule; docs/references.md)."""
 
 import math
 

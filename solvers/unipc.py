@@ -1,5 +1,6 @@
 """UniPC: unified predictor-corrector (Zhao et al. 2023, arXiv:2302.04867), orders 1-3, variants B1/B2,
-in the VE sigma-form (spec/solvers.md §4.7). Every network call goes through common.denoise."""
+in the VE sigma-form, as diff-sampler's unipc_sampler (docs/references.md). Every network call goes through
+common.denoise."""
 
 import math
 

@@ -69,7 +69,7 @@ def test_one_step_by_hand():
 
 @pytest.mark.parametrize('afs', [False, True])
 def test_reduces_to_dpm_solver_2(afs):
-    """One point, gamma 0, no c_n / a_n, r = 1/2: exactly the 'dpm' solver (spec §2.2)."""
+    """One point, gamma 0, no c_n / a_n, r = 1/2: exactly the 'dpm' solver (the official adasde_sampler)."""
     net = gaussian()
     p = AdaSDEPredictor(6, scale_dir=0, scale_time=0, gamma=0)
     with torch.no_grad():

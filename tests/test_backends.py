@@ -312,19 +312,6 @@ def test_classifier_layouts(files):
 # arch for tiny nets; every failure is one line.
 
 
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    import urllib.error
-    import urllib.request
-    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
-    monkeypatch.setenv('ADASDE_SRC_DIR', str(tmp_path / 'src'))
-    calls = []
-
-    def urlopen(request, *args, **kwargs):
-        calls.append(request.full_url)
-        raise urllib.error.URLError('network is unreachable (test)')
-    monkeypatch.setattr(urllib.request, 'urlopen', urlopen)
-    return tmp_path, calls
 
 
 def _one_line(err):

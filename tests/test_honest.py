@@ -7,8 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -31,18 +29,6 @@ def mixture():
     return GaussianMixture(means, torch.tensor([0.1, 0.2, 0.15, 0.3]))
 
 
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
-    calls = []
-
-    def urlopen(request, *args, **kwargs):
-        calls.append(getattr(request, 'full_url', request))
-        raise urllib.error.URLError('network is unreachable (test)')
-    monkeypatch.setattr(urllib.request, 'urlopen', urlopen)
-    detectors._cache.clear()
-    yield tmp_path, calls
-    detectors._cache.clear()
 
 #----------------------------------------------------------------------------
 # The loss network of the digits recipe is not its FID detector.

@@ -228,24 +228,13 @@ class _FakeResponse(io.BytesIO):
     headers = {}
 
 
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
-    monkeypatch.setenv('ADASDE_SRC_DIR', str(tmp_path / 'src'))
-    calls = []
-
-    def urlopen(request, *args, **kwargs):
-        calls.append(request.full_url)
-        raise urllib.error.URLError('network is unreachable (test)')
-    monkeypatch.setattr(urllib.request, 'urlopen', urlopen)
-    return tmp_path, calls
 
 
 def test_zoo_table():
     assert set(zoo.ZOO) == {'digits', 'cifar10', 'ffhq', 'afhqv2', 'imagenet64', 'lsun_bedroom', 'imagenet256',
                             'lsun_bedroom_ldm', 'ms_coco', 'prompts'}
     md5 = lambda url: hashlib.md5(url.encode()).hexdigest()  # noqa: E731
-    # URLs checked against the md5 table of spec/formats.md §2.3.
+    # URLs checked against the md5 table of the official AdaSDE download list (docs/references.md).
     assert md5(zoo.ZOO['cifar10'].url) == 'c320a0e2338e26e7ce763402b5b56d98'
     assert md5(zoo.ZOO['ffhq'].url) == '35d31d0db80c6846cfe376859f74d64c'
     assert md5(zoo.ZOO['afhqv2'].url) == 'c3238fd63e57b9ea1562999e0c55f411'

@@ -60,13 +60,14 @@ def check_golden(name, sigmas, hand, **options):
 
 #----------------------------------------------------------------------------
 # 1. Golden values: every solver on a 3- or 4-point schedule, coordinate by
-# coordinate, from the scalar formulas of spec/solvers.md §4.4-4.8.
+# coordinate, from the scalar formulas of diff-sampler's dpm_pp, ipndm, ipndm_v, unipc and deis samplers
+# (docs/references.md).
 
 
 def test_golden_dpmpp_data_prediction_3m():
     # Steps of order 1, 2, 3 (lower_order_final=False). The order-3 update is written with Newton divided
     # differences in lambda = -log(sigma): D1 = h * (slope of the quadratic interpolant at lambda_s),
-    # D2 = h^2 * f[l0, l1, l2] (the reference's D2, i.e. half of h^2 m'').
+    # D2 = h^2 * f[l0, l1, l2] (diff-sampler's D2, i.e. half of h^2 m'').
     def hand(x, s):
         lam = [-math.log(v) for v in s]
         m = []
@@ -144,7 +145,7 @@ def test_golden_ipndm_v():
 
 
 # DEIS-tAB coefficients by hand: c_j = int sigma'(tau) l_j(tau) dtau over [tau_i, tau_{i+1}] by adaptive
-# quadrature in tau, with the VP constants of spec §1 for sigma in [0.002, 80] and
+# quadrature in tau, with the VP constants of diff-sampler's get_schedule for sigma in [0.002, 80] and
 # sigma'(tau) = (beta_min + beta_d tau)(sigma + 1/sigma) / 2.
 BETA_D = 2 * (math.log(1 + 0.002 ** 2) / 1e-3 - math.log(1 + 80 ** 2)) / (1e-3 - 1)
 BETA_MIN = math.log(1 + 80 ** 2) - BETA_D / 2
@@ -275,7 +276,7 @@ def test_dynamic_threshold():
 # errors (>= 1e-7) sit far above float64 round-off. Measured slopes in comments.
 
 ORDER_CASES = [
-    # DPM-Solver++: 1M 0.99, 2M 2.03, 2M noise prediction 2.08. 3M measures 1.85 (1.78 -> 1.91 -> 2): the reference
+    # DPM-Solver++: 1M 0.99, 2M 2.03, 2M noise prediction 2.08. 3M measures 1.85 (1.78 -> 1.91 -> 2): diff-sampler's
     # 3M update weights the h^2 m'' term by 1/2 (see dpmpp_update and docs/deviations.md), so it is second order;
     # with the weight corrected it measures 3.03. lower_order_final=False because a first-order last step caps
     # the global order in general (here the cap is hidden: that step's error is scaled by dD/dlambda ~ sigma_min^2).

@@ -98,7 +98,7 @@ def test_attributes(net, sd_dir):
     assert (net.img_channels, net.img_resolution, net.decoded_resolution, net.label_dim) == (4, 8, 16, 0)
     assert net.guidance_type == 'classifier-free' and net.guidance_rate == 7.5 and net.M == 1000
     assert net.dtype == torch.float32 and net.prediction_type == 'epsilon'
-    # SD v1's schedule range (spec/formats.md §5.3): sigma(1e-3) and sigma(1).
+    # SD v1's schedule range (the official AdaSDE code's CFGPrecond; docs/references.md): sigma(1e-3) and sigma(1).
     assert net.sigma_min == pytest.approx(0.029168, abs=2e-6)
     assert net.sigma_max == pytest.approx(14.6146, abs=2e-4)
     assert not any(p.requires_grad for p in net.parameters())
@@ -143,7 +143,8 @@ def _count_unet_calls(net):
 
 @pytest.mark.parametrize('guidance_rate', [1.0, 7.5])
 def test_denoiser_matches_hand_computation(net, guidance_rate):
-    # Batch 8 == latent width: a [B]-shaped c_in would broadcast silently along the width (the reference's bug).
+    # Batch 8 == latent width: a [B]-shaped c_in would broadcast silently along the width (the bug of the official
+    # AdaSDE CFGPrecond).
     batch = 8
     index = torch.tensor([0, 13, 140, 333, 500, 720, 901, 999])
     sigma = table_sigmas(net)[index]
