@@ -205,15 +205,13 @@ def main(**kwargs):
                                                                                      base=opts.base))
 
     # Configuration: click -> EasyDict -> training_options.json -> training_loop.
-    settings = dict(dataset_name=opts.dataset_name, model=model, schedule_type=opts.schedule_type,
-                    schedule_rho=opts.schedule_rho, afs=opts.afs, guidance_type=opts.guidance_type,
-                    guidance_rate=opts.guidance_rate, M=opts.M, sampler_tea=opts.sampler_tea, nfe=nfe)
     c = EasyDict(
-        model=model, M=opts.M, afs=opts.afs, schedule_type=opts.schedule_type, schedule_rho=opts.schedule_rho,
-        model_kwargs=model_kwargs,
+        dataset_name=opts.dataset_name, model=model, model_kwargs=model_kwargs,
         predictor_kwargs=dict(num_steps=opts.num_steps, num_points=opts.num_points, scale_dir=opts.scale_dir,
                               scale_time=opts.scale_time, gamma=opts.gamma, fcn=opts.fcn, base=opts.base,
-                              max_order=opts.max_order, settings=settings),
+                              max_order=opts.max_order),
+        sampler_tea=opts.sampler_tea, M=opts.M, afs=opts.afs, schedule_type=opts.schedule_type,
+        schedule_rho=opts.schedule_rho,
         alpha=opts.alpha if feature_net else 0.0, feature_net=feature_net, loss_steps=opts.loss_steps,
         prompts=prompts, lr=opts.lr,
         coslr=opts.coslr,
@@ -247,7 +245,7 @@ def main(**kwargs):
         cli.write_settings(os.path.join(c.run_dir, 'training_options.json'), c)
         Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
     dist.barrier()
-    from solvers.distill import training_loop
+    from training.training_loop import training_loop
     state = os.path.join(c.run_dir, 'training-state.pt')
     try:
         training_loop(**c, resume_state=state if resume_dir else None)

@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import solvers  # noqa: E402
 from fid import frechet_distance  # noqa: E402
 from models.analytic import GaussianMixture  # noqa: E402
-from solvers.distill import training_loop  # noqa: E402
 from torch_utils.misc import StackedRandomGenerator  # noqa: E402
+from training.training_loop import training_loop  # noqa: E402
 
 NFES = (3, 5, 7, 9, 15)
 BASELINES = [('euler', {}), ('heun', {}), ('dpm', {}), ('dpmpp', dict(max_order=2)), ('dpmpp', dict(max_order=3)),

@@ -11,8 +11,9 @@ import torch
 import solvers
 from models.analytic import GaussianMixture
 from solvers.adasde import AdaSDEPredictor
-from solvers.distill import student_and_teacher_sigmas, teacher_targets, training_loop
+from solvers.distill import student_and_teacher_sigmas, teacher_targets
 from torch_utils.misc import StackedRandomGenerator
+from training.training_loop import training_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +61,7 @@ SCRIPT = textwrap.dedent('''
     import sys, torch
     sys.path.insert(0, {root!r})
     from torch_utils import distributed as dist
-    from solvers.distill import training_loop
+    from training.training_loop import training_loop
     from tests.test_distill import mixture
     dist.init()
     run_dir, total_kimg, resume, stop_after = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])

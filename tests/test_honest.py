@@ -18,7 +18,8 @@ import solvers
 from models import ModelError, detectors, lpips, zoo
 from models.analytic import GaussianMixture
 from solvers.adasde import AdaSDEPredictor
-from solvers.distill import TRAIN_SEEDS, distill_iteration, student_and_teacher_sigmas, training_loop, training_seeds
+from solvers.distill import student_and_teacher_sigmas
+from training.training_loop import TRAIN_SEEDS, distill_iteration, training_loop, training_seeds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,6 +6,7 @@ outcome (what train.py, sample.py and fid.py really do on Ctrl-C or bad input is
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -149,7 +150,8 @@ def test_each_shipped_predictor_is_what_its_preset_trains(checkout, preset):
                          env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=120)
     assert dry.returncode == 0, dry.stderr
     options = json.loads(dry.stdout[dry.stdout.index('{'):dry.stdout.index('\n}\n') + 3])
-    nfe, num_steps = options['predictor_kwargs']['settings']['nfe'], options['predictor_kwargs']['num_steps']
+    num_steps = options['predictor_kwargs']['num_steps']
+    nfe = int(re.search(r'(\d+) NFE', dry.stdout).group(1))
     form = '' if options['predictor_kwargs']['base'] == 'dpm' else '_' + options['predictor_kwargs']['base']
     run, = glob.glob(os.path.join(REPO, 'exp', f'*-digits-{num_steps}-{nfe}-adasde{form}-dpm-*'))
     with open(os.path.join(run, 'training_options.json')) as f:

@@ -321,8 +321,8 @@ def test_nfe_factor(net):
 
 
 def test_training_conditioning(net):
-    from solvers.distill import training_conditioning
     from torch_utils.misc import StackedRandomGenerator
+    from training.training_loop import training_conditioning
     captions = [f'caption number {i}' for i in range(50)]
     with pytest.raises(ValueError, match='set it to models.sd.load_prompts'):
         training_conditioning(net, StackedRandomGenerator('cpu', [0]), 1, 'cpu')
