@@ -28,12 +28,7 @@ import models
 import models.sd
 import solvers
 from torch_utils import distributed as dist
-from torch_utils.misc import StackedRandomGenerator, parse_int_list
-
-# Solver options that have a CLI flag, with their click types.
-SOLVER_OPTIONS = dict(max_order=int, predict_x0=bool, lower_order_final=bool, thresholding=bool,
-                      exact_third_order=bool, variant=str, r=float, substeps=int, S_churn=float, S_min=float,
-                      S_max=float, S_noise=float, order=int, noise_fn=int, num_quad=int)
+from torch_utils.misc import StackedRandomGenerator, atomic_write, parse_int_list, to_pixels
 
 # Seeds are taken modulo 2^32 by the generators: a larger one would repeat a smaller one's image.
 MAX_SEED = 2**32 - 1
@@ -93,16 +88,13 @@ def image_path(outdir, seed, subdirs=True):
 
 def to_uint8(images):
     """[-1, 1] NCHW floats -> NHWC uint8 (x * 127.5 + 128, clipped, truncated: round to nearest)."""
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return to_pixels(images).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_image(array, path):
     """Write one HWC uint8 image as PNG ('L' for 1 channel, 'RGB' for 3) through a temporary file."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     image = PIL.Image.fromarray(array[:, :, 0], 'L') if array.shape[2] == 1 else PIL.Image.fromarray(array, 'RGB')
-    tmp = f'{path}.{os.getpid()}.tmp'
-    image.save(tmp, format='PNG')
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: image.save(tmp, format='PNG'))
 
 
 def grid_path_for(outdir):
@@ -174,8 +166,16 @@ def generate_images(net, seeds, solver='dpmpp', options=None, *, num_steps=6, af
     schedule_type = schedule_type or info.schedule[0]
     schedule_rho = info.schedule[1] if schedule_rho is None else schedule_rho
     sigmas = solvers.get_schedule(num_steps, net.sigma_min, net.sigma_max, schedule_type, schedule_rho, net=net)
+    yield from generate_batches(net, split_seeds(list(seeds), max_batch_size, world_size)[rank], solver, options,
+                                sigmas, afs=afs, net_batch=net_batch, class_idx=class_idx, condition_fn=condition_fn,
+                                dtype=dtype, device=device)
+
+
+def generate_batches(net, batches, solver, options, sigmas, *, afs=False, net_batch=64, class_idx=None,
+                     condition_fn=None, dtype=torch.float32, device=None):
+    """Yield (batch_seeds, images) for each non-empty batch of seeds in `batches`, down the schedule `sigmas`."""
     evaluator = FixedBatchDenoiser(net, net_batch)
-    for batch_seeds in split_seeds(list(seeds), max_batch_size, world_size)[rank]:
+    for batch_seeds in batches:
         if not batch_seeds:
             continue
         extra_args = condition_fn(batch_seeds) if condition_fn is not None else None
@@ -261,7 +261,7 @@ def solver_config(c, given):
         solvers.solver_info(c.solver)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    explicit = {k: c[k] for k in SOLVER_OPTIONS if k in given}
+    explicit = {k: c[k] for k in solvers.option_table() if k in given and k in c}
     if c.solver == 'adasde' and 'predictor' not in c.options:
         raise click.UsageError('the adasde solver needs a trained predictor: give --predictor_path')
     try:
@@ -288,18 +288,13 @@ def load_net(c, device):
     kwargs = {k: c[k] for k in ('guidance_type', 'guidance_rate', 'classifier_path', 'classifier_arch')
               if c[k] is not None}
     kwargs.update({k: v for k, v in (('kind', c.model_kind), ('arch', c.model_arch)) if v is not None})
-    if dist.get_rank() != 0:
-        dist.barrier()
     try:
-        net = models.load_model(c.model_path or c.dataset_name, device=device, **kwargs)
+        with dist.rank0_first():  # only rank 0 downloads
+            return models.load_model(c.model_path or c.dataset_name, device=device, **kwargs)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(f'cannot load model {c.model_path or c.dataset_name!r}: {e}') from None
-    finally:
-        if dist.get_rank() == 0:
-            dist.barrier()
-    return net
 
 
 def condition_fn_for(net, prompt, seeds):
@@ -374,6 +369,95 @@ def check_folder_settings(outdir, settings, overwrite):
                                'images, or another --outdir')
 
 
+def build_config(kwargs):
+    """The run's configuration from the command-line options: the predictor's settings, the solver and its options,
+    seeds, device, dtype, schedule, NFE and output folder, each checked (one-line errors) before any model loads."""
+    given = {k for k, v in kwargs.items() if v is not None}
+    c = dnnlib.EasyDict(kwargs)
+    c.options = {}
+    if c.predictor_path is not None:
+        predictor_config(c, given)
+    elif c.dataset_name is None and c.model_path is None:
+        raise click.UsageError('give --dataset_name, --model_path or --predictor_path')
+    if c.dataset_name is not None and c.model_path is not None and c.predictor_path is None:
+        raise click.UsageError('give --dataset_name or --model_path, not both')
+    c.solver = c.solver or 'dpmpp'
+    c.num_steps = c.num_steps or 6
+    c.afs = bool(c.afs)
+    solver_config(c, given)
+    try:
+        c.seed_list = parse_int_list(c.seeds, max_value=MAX_SEED)
+    except ValueError as e:
+        raise click.UsageError(f'--seeds: {e}') from None
+    if len(set(c.seed_list)) != len(c.seed_list):
+        raise click.UsageError('--seeds: a seed appears twice')
+    device = cli.resolve_device(c.device) if c.device else dist.device()
+    if device.type == 'cuda' and device.index is None:
+        device = dist.device()  # cuda:LOCAL_RANK under torchrun
+    c.device = device
+    c.dtype = getattr(torch, c.dtype) if c.dtype else (torch.float64 if device.type == 'cpu' else torch.float32)
+    info = solvers.solver_info(c.solver)
+    c.schedule_type = c.schedule_type or info.schedule[0]
+    c.schedule_rho = info.schedule[1] if c.schedule_rho is None else c.schedule_rho
+    c.nfe = solvers.nfe(c.solver, c.num_steps, afs=c.afs, **c.options)
+    c.outdir = c.outdir or os.path.join('samples', _dataset_label(c), f'{c.solver}_nfe{c.nfe}')
+    cli.check_output_dir(c.outdir)
+    return c
+
+
+def plan_run(c, net):
+    """What the loaded model decides: the schedule (once, for every batch), the conditioning, a dry run of the
+    solver, the folder settings, the seeds still to do and their split into batches per rank."""
+    if c.class_idx is not None and not 0 <= c.class_idx < net.label_dim:
+        raise click.UsageError(f'--class={c.class_idx}: the model has {net.label_dim} classes')
+    run = dnnlib.EasyDict(condition_fn=condition_fn_for(net, c.prompt, c.seed_list))
+    try:
+        run.sigmas = solvers.get_schedule(c.num_steps, net.sigma_min, net.sigma_max, c.schedule_type, c.schedule_rho,
+                                          net=net)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    check_solver_runs(c, run.sigmas)
+    run.shown = {k: v for k, v in solvers.check_options(c.solver, c.options).items() if k != 'predictor'}
+    run.settings = folder_settings(c, run.shown, c.schedule_type, c.schedule_rho, c.dtype)
+    check_folder_settings(c.outdir, run.settings, c.overwrite)
+    run.todo = [s for s in c.seed_list
+                if c.overwrite or not (c.resume and os.path.isfile(image_path(c.outdir, s, c.subdirs)))]
+    pixels = 3 * net.decoded_resolution ** 2 if hasattr(net, 'decode') else net.img_channels * net.img_resolution ** 2
+    cli.check_output_dir(c.outdir, need_bytes=len(run.todo) * (pixels + 1024))
+    run.per_rank = split_seeds(run.todo, c.max_batch_size, dist.get_world_size())
+    run.images_per_step = [sum(len(b[i]) for b in run.per_rank) for i in range(len(run.per_rank[0]))]
+    return run
+
+
+def print_summary(c, net, run):
+    guidance = models.sd.cfg_nfe_factor(net)
+    dist.print0(f'Model:    {c.model_path or c.dataset_name} ({net.img_channels}x{net.img_resolution}x'
+                f'{net.img_resolution}, {net.label_dim} classes, sigma {net.sigma_min:g}-{net.sigma_max:g})')
+    predictor = c.options.get('predictor')
+    form = f' ({predictor.base} base)' if predictor is not None else ''
+    dist.print0(f'Solver:   {c.solver}{form} {run.shown}' + (f' predictor={c.predictor_file}' if c.predictor_path
+                                                             else '') + f' afs={c.afs}')
+    dist.print0(f'Schedule: {c.schedule_type} rho={c.schedule_rho:g}, {c.num_steps} points: '
+                + ' '.join(f'{float(s):.4g}' for s in run.sigmas))
+    dist.print0(f'NFE:      {c.nfe}' + (f' ({c.nfe * guidance} model evaluations with guidance)' if guidance > 1
+                                        else ''))
+    dist.print0(f'Seeds:    {len(c.seed_list)} ({len(c.seed_list) - len(run.todo)} already done) -> {c.outdir}, '
+                f'{dist.get_world_size()} process(es), {c.device}, {str(c.dtype).removeprefix("torch.")}')
+
+
+def solver_option_flags(fn):
+    """One click option per solver option of the registry (solvers.registry.OPTION_DOCS), naming its solvers."""
+    metavars = {int: 'INT', bool: 'BOOL', str: 'STR', float: 'FLOAT'}
+    for name, (kind, doc, owners) in reversed(solvers.option_table().items()):
+        if kind is None:  # an object (a predictor), given through its own flag
+            continue
+        decls = [f'--{name}', name]
+        if name == 'r':  # torchrun takes --r for its own options
+            decls, doc = ['--r', '--dpm_r', 'r'], f'{doc}; under torchrun write --dpm_r'
+        fn = click.option(*decls, help=f'{doc} ({", ".join(owners)})', metavar=metavars[kind], type=kind)(fn)
+    return fn
+
+
 def _dataset_label(c):
     name = c.dataset_name or c.model_path
     return os.path.splitext(os.path.basename(os.path.normpath(name)))[0] or 'model'
@@ -381,13 +465,7 @@ def _dataset_label(c):
 
 @click.command(context_settings=dict(max_content_width=120))
 # Model and solver.
-@click.option('--dataset_name', help='Model zoo name (e.g. digits, cifar10)', metavar='STR', type=str)
-@click.option('--model_path', help='Zoo name, pickle path/URL or model folder', metavar='PATH|URL', type=str)
-@click.option('--model_kind', help='Family of a --model_path checkpoint (.pt/.ckpt/.zip)',
-              type=click.Choice(['cm', 'adm', 'ldm']))
-@click.option('--model_arch', help='Its architecture, JSON in the original code\'s names', metavar='JSON', type=str)
-@click.option('--classifier_path', help='Guided-diffusion classifier checkpoint (adm)', metavar='PATH', type=str)
-@click.option('--classifier_arch', help='Its architecture, JSON (create_classifier flags)', metavar='JSON', type=str)
+@cli.model_options()
 @click.option('--predictor_path', help='AdaSDE predictor (file, folder, experiment number); sets every sampling '
               'setting', metavar='PATH|INT', type=str)
 @click.option('--solver', help=f'Solver: {", ".join(sorted(solvers.SOLVERS))}  [default: dpmpp]', metavar='NAME',
@@ -396,27 +474,9 @@ def _dataset_label(c):
 @click.option('--afs', help='Analytical first step  [default: False]', metavar='BOOL', type=bool)
 @click.option('--schedule_type', help="Time schedule  [default: the solver's]", type=click.Choice(solvers.SCHEDULES))
 @click.option('--schedule_rho', help="Schedule exponent  [default: the solver's]", metavar='FLOAT', type=float)
-# Solver options (each only for the solvers that have it).
-@click.option('--max_order', help='Order (dpmpp, unipc, ipndm, ipndm_v, deis)', metavar='INT', type=int)
-@click.option('--predict_x0', help='Data prediction (dpmpp, unipc)', metavar='BOOL', type=bool)
-@click.option('--lower_order_final', help='Lower order at the end (dpmpp, unipc)', metavar='BOOL', type=bool)
-@click.option('--thresholding', help='Dynamic thresholding (dpmpp, unipc)', metavar='BOOL', type=bool)
-@click.option('--exact_third_order', help='Full-weight 2nd-derivative term in 3M (dpmpp)', metavar='BOOL', type=bool)
-@click.option('--variant', help='bh1 or bh2 (unipc)', metavar='STR', type=str)
-@click.option('--r', '--dpm_r', 'r', help='Intermediate point (dpm; under torchrun write --dpm_r: torchrun takes '
-              '--r for its own options)', metavar='FLOAT', type=float)
-@click.option('--substeps', help='Sub-steps per step (dpm)', metavar='INT', type=int)
-@click.option('--S_churn', 'S_churn', help='Stochasticity strength (edm)', metavar='FLOAT', type=float)
-@click.option('--S_min', 'S_min', help='Stochasticity min noise level (edm)', metavar='FLOAT', type=float)
-@click.option('--S_max', 'S_max', help='Stochasticity max noise level (edm)', metavar='FLOAT', type=float)
-@click.option('--S_noise', 'S_noise', help='Stochasticity noise inflation (edm)', metavar='FLOAT', type=float)
-@click.option('--order', help='Order 1-3 (er_sde)', metavar='INT', type=int)
-@click.option('--noise_fn', help='Noise-scale function 1-7 (er_sde)', metavar='INT', type=int)
-@click.option('--num_quad', help='Quadrature points of the coefficients (er_sde)', metavar='INT', type=int)
+@solver_option_flags  # each only for the solvers that have it
 # Conditioning.
 @click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0))
-@click.option('--guidance_type', help='Guidance of guided models', metavar='STR', type=str)
-@click.option('--guidance_rate', help='Guidance scale of guided models', metavar='FLOAT', type=float)
 @click.option('--prompt', help='Text, or a .csv of prompts (row = seed)', metavar='STR|PATH', type=str)
 # Output and runtime.
 @click.option('--seeds', help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=str, default='0-63',
@@ -445,103 +505,41 @@ def main(**kwargs):
     # AdaSDE from a trained predictor (experiment 0 under ./exps), 50k images on 2 GPUs
     torchrun --standalone --nproc_per_node=2 sample.py --predictor_path=0 --seeds=0-49999
     """
-    given = {k for k, v in kwargs.items() if v is not None}
-    c = dnnlib.EasyDict(kwargs)
-    c.options = {}
     dist.init()
+    c = build_config(kwargs)
+    net = load_net(c, c.device)
+    run = plan_run(c, net)
 
-    # Settings: from the predictor, or from the options and the solver's defaults.
-    if c.predictor_path is not None:
-        predictor_config(c, given)
-    elif c.dataset_name is None and c.model_path is None:
-        raise click.UsageError('give --dataset_name, --model_path or --predictor_path')
-    if c.dataset_name is not None and c.model_path is not None and c.predictor_path is None:
-        raise click.UsageError('give --dataset_name or --model_path, not both')
-    c.solver = c.solver or 'dpmpp'
-    c.num_steps = c.num_steps or 6
-    c.afs = bool(c.afs)
-    solver_config(c, given)
-    try:
-        seeds = parse_int_list(c.seeds, max_value=MAX_SEED)
-    except ValueError as e:
-        raise click.UsageError(f'--seeds: {e}') from None
-    if len(set(seeds)) != len(seeds):
-        raise click.UsageError('--seeds: a seed appears twice')
-    device = cli.resolve_device(c.device) if c.device else dist.device()
-    if device.type == 'cuda' and device.index is None:
-        device = dist.device()  # cuda:LOCAL_RANK under torchrun
-    dtype = getattr(torch, c.dtype) if c.dtype else (torch.float64 if device.type == 'cpu' else torch.float32)
-    info = solvers.solver_info(c.solver)
-    schedule_type = c.schedule_type or info.schedule[0]
-    schedule_rho = info.schedule[1] if c.schedule_rho is None else c.schedule_rho
-    num_nfe = solvers.nfe(c.solver, c.num_steps, afs=c.afs, **c.options)
-    outdir = c.outdir or os.path.join('samples', _dataset_label(c), f'{c.solver}_nfe{num_nfe}')
-    cli.check_output_dir(outdir)
-
-    # Model, schedule and a dry run of the solver.
-    net = load_net(c, device)
-    if c.class_idx is not None and not 0 <= c.class_idx < net.label_dim:
-        raise click.UsageError(f'--class={c.class_idx}: the model has {net.label_dim} classes')
-    condition_fn = condition_fn_for(net, c.prompt, seeds)
-    try:
-        sigmas = solvers.get_schedule(c.num_steps, net.sigma_min, net.sigma_max, schedule_type, schedule_rho, net=net)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-    check_solver_runs(c, sigmas)
-    shown = {k: v for k, v in solvers.check_options(c.solver, c.options).items() if k != 'predictor'}
-    settings = folder_settings(c, shown, schedule_type, schedule_rho, dtype)
-    check_folder_settings(outdir, settings, c.overwrite)
-
-    # Seeds still to do. Every rank looks before any rank writes.
-    todo = [s for s in seeds if c.overwrite or not (c.resume and os.path.isfile(image_path(outdir, s, c.subdirs)))]
-    pixels = 3 * net.decoded_resolution ** 2 if hasattr(net, 'decode') else net.img_channels * net.img_resolution ** 2
-    cli.check_output_dir(outdir, need_bytes=len(todo) * (pixels + 1024))
+    # Every rank looks for existing images before any rank writes.
     dist.barrier()
-    rank0 = dist.get_rank() == 0
-    if rank0:
+    if dist.get_rank() == 0:
         if c.overwrite:
-            removed = existing_images(outdir)
+            removed = existing_images(c.outdir)
             for path in removed:
                 os.remove(path)
             if removed:
-                print(f'--overwrite: removed the {len(removed)} images of the earlier run in {outdir}')
-        cli.write_settings(os.path.join(outdir, SETTINGS_FILE), settings)
+                print(f'--overwrite: removed the {len(removed)} images of the earlier run in {c.outdir}')
+        cli.write_settings(os.path.join(c.outdir, SETTINGS_FILE), run.settings)
     dist.barrier()
-    guidance = models.sd.cfg_nfe_factor(net)
-    dist.print0(f'Model:    {c.model_path or c.dataset_name} ({net.img_channels}x{net.img_resolution}x'
-                f'{net.img_resolution}, {net.label_dim} classes, sigma {net.sigma_min:g}-{net.sigma_max:g})')
-    predictor = c.options.get('predictor')
-    form = f' ({predictor.base} base)' if predictor is not None else ''
-    dist.print0(f'Solver:   {c.solver}{form} {shown}' + (f' predictor={c.predictor_file}' if c.predictor_path else '')
-                + f' afs={c.afs}')
-    dist.print0(f'Schedule: {schedule_type} rho={schedule_rho:g}, {c.num_steps} points: '
-                + ' '.join(f'{float(s):.4g}' for s in sigmas))
-    dist.print0(f'NFE:      {num_nfe}' + (f' ({num_nfe * guidance} model evaluations with guidance)'
-                                          if guidance > 1 else ''))
-    dist.print0(f'Seeds:    {len(seeds)} ({len(seeds) - len(todo)} already done) -> {outdir}, '
-                f'{dist.get_world_size()} process(es), {device}, {str(dtype).removeprefix("torch.")}')
+    print_summary(c, net, run)
 
     # Generate, rank by rank, with one barrier per batch as EDM does.
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    per_rank = split_seeds(todo, c.max_batch_size, world_size)
-    images_per_step = [sum(len(b[i]) for b in per_rank) for i in range(len(per_rank[0]))]
-    batches = generate_images(net, todo, c.solver, c.options, num_steps=c.num_steps, afs=c.afs,
-                              schedule_type=schedule_type, schedule_rho=schedule_rho,
-                              max_batch_size=c.max_batch_size, net_batch=c.net_batch, class_idx=c.class_idx,
-                              condition_fn=condition_fn, dtype=dtype, device=device, rank=rank,
-                              world_size=world_size)
-    with tqdm.tqdm(total=len(todo), unit='img', disable=rank != 0 or not todo) as bar:
-        for step, batch_size in enumerate(images_per_step):
+    rank = dist.get_rank()
+    batches = generate_batches(net, run.per_rank[rank], c.solver, c.options, run.sigmas, afs=c.afs,
+                               net_batch=c.net_batch, class_idx=c.class_idx, condition_fn=run.condition_fn,
+                               dtype=c.dtype, device=c.device)
+    with tqdm.tqdm(total=len(run.todo), unit='img', disable=rank != 0 or not run.todo) as bar:
+        for step, batch_size in enumerate(run.images_per_step):
             dist.barrier()
-            if per_rank[rank][step]:
+            if run.per_rank[rank][step]:
                 batch_seeds, images = next(batches)
                 for seed, array in zip(batch_seeds, to_uint8(images)):
-                    save_image(array, image_path(outdir, seed, c.subdirs))
+                    save_image(array, image_path(c.outdir, seed, c.subdirs))
             bar.update(batch_size)
     dist.barrier()
-    if c.grid and rank0 and seeds:
-        save_grid([image_path(outdir, s, c.subdirs) for s in seeds[:64]], grid_path_for(outdir))
-        print(f'Grid:     {grid_path_for(outdir)}')
+    if c.grid and rank == 0 and c.seed_list:
+        save_grid([image_path(c.outdir, s, c.subdirs) for s in c.seed_list[:64]], grid_path_for(c.outdir))
+        print(f'Grid:     {grid_path_for(c.outdir)}')
     dist.barrier()
     dist.print0('Done.')
 

@@ -90,16 +90,7 @@ def check_training_state(path):
 
 @click.command(context_settings=dict(show_default=True, max_content_width=120))
 # Main options.
-@click.option('--dataset_name', help='Pretrained model from the zoo (e.g. digits, cifar10, ms_coco)', type=str,
-              default='digits')
-@click.option('--model_path', help='Or: a network pickle, URL or local model directory (overrides the zoo path). '
-              'Loading a pickle runs code stored in it: only load files you trust.', type=str, default=None)
-@click.option('--model_kind', help='Family of a --model_path checkpoint (.pt, .ckpt or .zip): consistency-models, '
-              'guided-diffusion or latent-diffusion', type=click.Choice(['cm', 'adm', 'ldm']), default=None)
-@click.option('--model_arch', help='Its architecture as JSON, in the original code\'s names (omitted keys: the '
-              'published model\'s)', type=str, default=None)
-@click.option('--classifier_path', help='Guided-diffusion classifier checkpoint (adm guidance)', type=str, default=None)
-@click.option('--classifier_arch', help='Its architecture as JSON (create_classifier flags)', type=str, default=None)
+@cli.model_options(dataset_default='digits')
 @click.option('--outdir', help='Where to put the run directories', type=str, default='./exps')
 @click.option('--desc', help='String appended to the run directory name', type=str, default='')
 @click.option('--num_steps', help='Time points of the student (num_steps - 1 steps)', type=click.IntRange(min=2),
@@ -134,10 +125,7 @@ def check_training_state(path):
               'digits_loss, digits (the digits FID detector: ablations only), none  [default: the zoo entry\'s, '
               'digits_loss for digits, else inception]', type=click.Choice(['inception', 'lpips', 'digits_loss',
               'digits', 'none']), default=None)
-# Guidance (guided models).
-@click.option('--guidance_type', help='Guidance of the model', type=click.Choice(['cg', 'cfg', 'uncond']),
-              default=None)
-@click.option('--guidance_rate', help='Guidance strength', type=float, default=None)
+# Text-to-image models.
 @click.option('--prompts', help='Captions CSV (column "text") of text-to-image models  [default: the 30k MS-COCO '
               'captions of the zoo entry "prompts"]', type=str, default=None)
 # Optimisation.

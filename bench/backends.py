@@ -23,7 +23,6 @@ import click
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 CASES = ('cm', 'adm', 'adm+cg', 'ldm', 'ldm-decode')
 

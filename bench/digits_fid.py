@@ -8,7 +8,6 @@ against the same statistics. The model should be within 3x of that floor.
 """
 
 import os
-import sys
 import time
 
 import click
@@ -16,13 +15,13 @@ import numpy as np
 import PIL.Image
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import dataset_tool  # noqa: E402
-import fid  # noqa: E402
-from models import load_model  # noqa: E402
-from models.detectors import get_detector  # noqa: E402
-from models.zoo import ZOO  # noqa: E402
-from sample import generate_images  # noqa: E402
+import dataset_tool
+import fid
+from models import load_model
+from models.detectors import get_detector
+from models.zoo import ZOO
+from sample import generate_images
+from torch_utils.misc import to_pixels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, 'src', 'digits', 'digits-8x8.zip')
@@ -32,8 +31,8 @@ REF = ZOO['digits'].fid_ref
 
 
 def to_uint8(x):
-    """EDM's conversion of [-1, 1] images: (x * 127.5 + 128).clip(0, 255) truncated to uint8."""
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+    """EDM's conversion of [-1, 1] images to uint8 NCHW (to_pixels, truncated)."""
+    return to_pixels(x).to(torch.uint8)
 
 
 def save_grid(images, path, cols=20, scale=6, pad=1):

@@ -21,20 +21,19 @@ import glob
 import json
 import os
 import re
-import sys
 import time
 
 import click
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import solvers  # noqa: E402
-from fid import ImageFolder, frechet_distance, kernel_distance, load_stats, rmse_to_reference  # noqa: E402
-from models import load_model  # noqa: E402
-from models.detectors import get_detector  # noqa: E402
-from sample import generate_images  # noqa: E402
-from solvers.adasde import AdaSDEPredictor  # noqa: E402
+import solvers
+from fid import ImageFolder, frechet_distance, kernel_distance, load_stats, rmse_to_reference
+from models import load_model
+from models.detectors import get_detector
+from sample import generate_images
+from solvers.adasde import AdaSDEPredictor
+from torch_utils.misc import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = os.path.join(ROOT, 'src', 'digits', 'fid-ref.npz')
@@ -76,8 +75,7 @@ class Judges:
             self.converged = torch.load(path, weights_only=True)
         else:
             self.converged = images_of(net, seeds, CONVERGED[0], {}, CONVERGED[1], False)
-            torch.save(self.converged, path + '.tmp')
-            os.replace(path + '.tmp', path)
+            atomic_write(path, lambda tmp: torch.save(self.converged, tmp))
 
     def features(self, pixels):
         with torch.no_grad():

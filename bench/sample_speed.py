@@ -15,19 +15,16 @@ a random predictor (the tables' values do not change the cost).
     python bench/sample_speed.py [--model digits] [--batch 500] [--num_steps 6]
 """
 
-import os
-import sys
 import time
 
 import click
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import models  # noqa: E402
-import solvers  # noqa: E402
-from sample import FixedBatchDenoiser  # noqa: E402
-from solvers.adasde import AdaSDEPredictor  # noqa: E402
-from torch_utils.misc import StackedRandomGenerator  # noqa: E402
+import models
+import solvers
+from sample import FixedBatchDenoiser
+from solvers.adasde import AdaSDEPredictor
+from torch_utils.misc import StackedRandomGenerator
 
 #----------------------------------------------------------------------------
 

@@ -11,20 +11,17 @@ the two when both do). AdaSDE predictors are distilled on the spot (5 kimg, seco
     python bench/solvers.py [--num 2000] [--out docs/bench-solvers.md]
 """
 
-import os
-import sys
 import tempfile
 
 import click
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import solvers  # noqa: E402
-from fid import frechet_distance  # noqa: E402
-from models.analytic import GaussianMixture  # noqa: E402
-from torch_utils.misc import StackedRandomGenerator  # noqa: E402
-from training.training_loop import training_loop  # noqa: E402
+import solvers
+from fid import frechet_distance
+from models.analytic import GaussianMixture
+from torch_utils.misc import StackedRandomGenerator
+from training.training_loop import training_loop
 
 NFES = (3, 5, 7, 9, 15)
 BASELINES = [('euler', {}), ('heun', {}), ('dpm', {}), ('dpmpp', dict(max_order=2)), ('dpmpp', dict(max_order=3)),

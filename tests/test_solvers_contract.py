@@ -144,3 +144,40 @@ def test_schedule_endpoints_and_errors():
         solvers.get_schedule(1, 0.002, 80)
 
 #----------------------------------------------------------------------------
+# One option list: the registry's. Every option of every solver has a sample.py flag (except objects, which come
+# from their own flag), is documented in OPTION_DOCS, and is named in README's solver table on its solver's row.
+
+
+def test_every_solver_option_has_a_flag_and_a_readme_mention():
+    import os
+    import re
+
+    import sample
+    table = solvers.option_table()
+    assert set(table) == {name for info in solvers.SOLVERS.values() for name in info.options}
+    flags = {p.name: p for p in sample.main.params}
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')).read()
+    rows = {m.group(1): m.group(0) for m in re.finditer(r'^\| `(\w+)` \|.*$', readme, re.M)}
+    for name, (kind, doc, owners) in table.items():
+        if kind is not None:
+            assert name in flags and doc in flags[name].help, name
+            assert flags[name].type.name == {int: 'integer', bool: 'boolean', float: 'float', str: 'text'}[kind]
+        for solver in owners:
+            assert solver in rows and f'`{name}`' in rows[solver], (solver, name)
+    for solver in solvers.SOLVERS:
+        assert solver in rows, f'README has no row for solver {solver}'
+
+
+def test_option_docs_refuse_an_undocumented_option():
+    from solvers.registry import SOLVERS, SolverInfo
+
+    def fn(net, x, sigmas, extra_args=None, callback=None, randn_like=None, afs=False, *, warp=1.0):
+        return x
+    SOLVERS['_probe'] = SolverInfo('_probe', fn, lambda n, **o: n, ('polynomial', 7), lambda **o: False)
+    try:
+        with pytest.raises(KeyError, match="'_probe' has an option 'warp' that OPTION_DOCS does not describe"):
+            solvers.option_table()
+    finally:
+        del SOLVERS['_probe']
+
+#----------------------------------------------------------------------------

@@ -183,3 +183,37 @@ def mismatch_message(folder, old, new):
     return f'{folder} was made with {key}={_normalized(old).get(key)!r}, not {_normalized(new).get(key)!r}{more}'
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# Options that train.py and sample.py share: one declaration, one meaning. Only the default of --dataset_name
+# differs (train.py: digits; sample.py: none, since a predictor may name the model).
+
+GUIDANCE_TYPES = ('cg', 'cfg', 'uncond')  # classifier guidance, classifier-free guidance, none (the zoo's names)
+
+
+def model_options(dataset_default=None):
+    """click options that choose and configure the pretrained model."""
+    options = [
+        click.option('--dataset_name', help='Pretrained model from the zoo (e.g. digits, cifar10, ms_coco)',
+                     metavar='STR', type=str, default=dataset_default, show_default=dataset_default is not None),
+        click.option('--model_path', help='Or: a network pickle, URL or local model directory (overrides the zoo '
+                     'path). Loading a pickle runs code stored in it: only load files you trust.', metavar='PATH|URL',
+                     type=str),
+        click.option('--model_kind', help='Family of a --model_path checkpoint (.pt, .ckpt or .zip): '
+                     'consistency-models, guided-diffusion or latent-diffusion', type=click.Choice(['cm', 'adm', 'ldm'])),
+        click.option('--model_arch', help='Its architecture as JSON, in the original code\'s names (omitted keys: '
+                     'the published model\'s)', metavar='JSON', type=str),
+        click.option('--classifier_path', help='Guided-diffusion classifier checkpoint (adm guidance)', metavar='PATH',
+                     type=str),
+        click.option('--classifier_arch', help='Its architecture as JSON (create_classifier flags)', metavar='JSON',
+                     type=str),
+        click.option('--guidance_type', help='Guidance: cg (classifier), cfg (classifier-free), uncond  [default: the '
+                     'model\'s]', type=click.Choice(GUIDANCE_TYPES)),
+        click.option('--guidance_rate', help='Guidance strength  [default: the model\'s]', metavar='FLOAT', type=float),
+    ]
+
+    def decorator(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorator

@@ -71,9 +71,11 @@ def rank0_first():
     """Run the body on rank 0 first, then on the other ranks (downloads, caches written once)."""
     if get_rank() != 0:
         barrier()
-    yield
-    if get_rank() == 0:
-        barrier()
+    try:
+        yield
+    finally:  # also when rank 0 fails, so that the others do not wait for ever
+        if get_rank() == 0:
+            barrier()
 
 
 def all_reduce(tensor, op=None):
