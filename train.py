@@ -16,6 +16,7 @@ import click
 
 import solvers
 from dnnlib.util import EasyDict, Logger
+from solvers.distill import TEACHERS
 from torch_utils import distributed as dist
 
 #----------------------------------------------------------------------------
@@ -97,8 +98,9 @@ def check_training_state(path):
               default=4)
 @click.option('--num_points', help='Parallel intermediate points per step (K)', type=click.IntRange(min=1), default=1)
 @click.option('--sampler_stu', help='Student solver', type=click.Choice(['adasde']), default='adasde')
-@click.option('--sampler_tea', help='Teacher solver (DPM-Solver-2 with 2 sub-steps per interval)',
-              type=click.Choice(['dpm']), default='dpm')
+@click.option('--sampler_tea', help='Teacher solver on the teacher grid: dpm (the official AdaSDE teacher: '
+              'DPM-Solver-2 with 2 sub-steps per interval), heun (2 sub-steps: the EPD teacher), ipndm, dpmpp, '
+              'euler (order --max_order)', type=click.Choice(list(TEACHERS)), default='dpm')
 @click.option('--M', 'M', help='Teacher intervals inserted per student interval', type=click.IntRange(min=0),
               default=3)
 @click.option('--afs', help='Analytical first step (saves one NFE)', type=bool, default=True)
@@ -220,7 +222,7 @@ def main(**kwargs):
     c.run_dir = resume_dir or next_run_dir(opts.outdir, desc)
 
     dist.print0(json.dumps(c, indent=2))
-    dist.print0(f'Student: {student}, {opts.num_steps} time points, {nfe} NFE; teacher: dpm on '
+    dist.print0(f'Student: {student}, {opts.num_steps} time points, {nfe} NFE; teacher: {opts.sampler_tea} on '
                 f'{(opts.M + 1) * (opts.num_steps - 1) + 1} points.')
     dist.print0(f'Output directory: {c.run_dir}')
     if opts.dry_run:

@@ -39,6 +39,7 @@ def nfe(name, num_steps, afs=False, **options):
     return solver_info(name).nfe(num_steps, **options) - int(bool(afs))
 
 
-__all__ = ['SOLVERS', 'SCHEDULES', 'OPTION_DOCS', 'option_table', 'get_schedule', 'get_solver', 'solver_info', 'check_options', 'nfe']
+__all__ = ['SOLVERS', 'SCHEDULES', 'OPTION_DOCS', 'option_table', 'get_schedule', 'get_solver', 'solver_info',
+           'check_options', 'nfe']
 
 #----------------------------------------------------------------------------

@@ -23,6 +23,21 @@ def to_d(x, denoised, sigma):
     return (x - denoised) / sigma
 
 
+def inner_grid(t_cur, t_next, substeps, rho=7):
+    """`substeps` + 1 noise levels from t_cur to t_next, uniform in sigma^(1/rho), with exact endpoints: the
+    sub-steps of the official AdaSDE and EPD teachers (dpm, heun with substeps=2)."""
+    v = [(t_cur ** (1 / rho) + j / substeps * (t_next ** (1 / rho) - t_cur ** (1 / rho))) ** rho
+         for j in range(substeps + 1)]
+    v[0], v[-1] = t_cur, t_next
+    return v
+
+
+def check_substeps(name, substeps):
+    if int(substeps) != substeps or substeps < 1:
+        raise ValueError(f'{name}: substeps must be a positive integer, got {substeps}')
+    return int(substeps)
+
+
 def _sqrt(v):
     return torch.sqrt(v) if torch.is_tensor(v) else math.sqrt(v)
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from .common import check_sigmas, denoise, to_d
+from .common import check_sigmas, check_substeps, denoise, inner_grid, to_d
 from .registry import register
 
 #----------------------------------------------------------------------------
@@ -17,16 +17,10 @@ def sample_dpm(net, x, sigmas, extra_args=None, callback=None, randn_like=None, 
     """DPM-Solver-2: Euler to t_mid = t_next^r t_cur^(1-r), then a full step along d_mid / 2r + (1 - 1 / 2r) d_cur."""
     if not 0 < r <= 1:
         raise ValueError(f'dpm: r must be in (0, 1], got {r}')
-    if int(substeps) != substeps or substeps < 1:
-        raise ValueError(f'dpm: substeps must be a positive integer, got {substeps}')
-    substeps = int(substeps)
+    substeps = check_substeps('dpm', substeps)
     sigmas = check_sigmas(sigmas)
-    rho = 7
     for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        # Inner grid, uniform in sigma^(1/rho), with exact endpoints.
-        v = [(t_cur ** (1 / rho) + j / substeps * (t_next ** (1 / rho) - t_cur ** (1 / rho))) ** rho
-             for j in range(substeps + 1)]
-        v[0], v[-1] = t_cur, t_next
+        v = inner_grid(t_cur, t_next, substeps)
         for j, (v_cur, v_next) in enumerate(zip(v[:-1], v[1:])):
             denoised_sub = denoise(net, x, v_cur, extra_args, afs=afs and i == 0 and j == 0)
             if j == 0:

@@ -95,6 +95,19 @@ def test_golden_dpm_substeps_is_the_adasde_teacher():
     check_golden(run('dpm', golden_input(), [s0, s2], substeps=2), expected)
 
 
+def test_golden_heun_substeps_is_the_epd_teacher():
+    # Two Heun sub-steps split at the rho=7 midpoint (the official EPD code's heun teacher): 4 calls per interval.
+    s0, s2 = 2.3, 0.7
+    s1 = ((s0 ** (1 / 7) + s2 ** (1 / 7)) / 2) ** 7
+    expected = []
+    for x in X_GOLDEN:
+        for a, b in [(s0, s1), (s1, s2)]:
+            x_euler = x + (b - a) * d(x, a)
+            x = x + (b - a) * (d(x, a) + d(x_euler, b)) / 2
+        expected.append(x)
+    check_golden(run('heun', golden_input(), [s0, s2], substeps=2), expected)
+
+
 def test_golden_edm_churn():
     # N = 2 levels + the appended 0: gamma = min(S_churn / 2, sqrt(2) - 1) = 0.25 on both steps.
     s0, s1, S_churn, S_noise = 2.3, 0.7, 0.5, 1.1
@@ -203,6 +216,7 @@ CONVERGENCE = [
     ('heun', {}, 2),
     ('dpm', {}, 2),
     ('dpm', dict(substeps=2), 2),
+    ('heun', dict(substeps=2), 2),
     ('edm', {}, 2),
     ('er_sde', dict(order=1, noise_fn=1), 1),
     ('er_sde', dict(order=2, noise_fn=1), 2),
@@ -288,6 +302,7 @@ def test_dpm_r1_is_heun():
     ('dpm', dict(r=1.5), r'r must be in \(0, 1\]'),
     ('dpm', dict(substeps=0), 'substeps must be a positive integer'),
     ('dpm', dict(substeps=1.5), 'substeps must be a positive integer'),
+    ('heun', dict(substeps=0), 'substeps must be a positive integer'),
     ('edm', dict(S_churn=-1), 'S_churn must be >= 0'),
     ('edm', dict(S_min=2, S_max=1), 'need 0 <= S_min <= S_max'),
     ('edm', dict(S_min=-1), 'need 0 <= S_min <= S_max'),

@@ -23,7 +23,7 @@ def predictor(num_steps, **kwargs):
 
 CONFIGS = [
     ('euler', {}), ('heun', {}),
-    ('dpm', {}), ('dpm', dict(r=0.3)), ('dpm', dict(substeps=2)),
+    ('dpm', {}), ('dpm', dict(r=0.3)), ('dpm', dict(substeps=2)), ('heun', dict(substeps=2)),
     *[('dpmpp', dict(max_order=o, predict_x0=p, lower_order_final=l))
       for o, p, l in itertools.product([1, 2, 3], [True, False], [True, False])],
     ('dpmpp', dict(thresholding=True)), ('dpmpp', dict(exact_third_order=True)),

@@ -200,7 +200,8 @@ def model_options(dataset_default=None):
                      'path). Loading a pickle runs code stored in it: only load files you trust.', metavar='PATH|URL',
                      type=str),
         click.option('--model_kind', help='Family of a --model_path checkpoint (.pt, .ckpt or .zip): '
-                     'consistency-models, guided-diffusion or latent-diffusion', type=click.Choice(['cm', 'adm', 'ldm'])),
+                     'consistency-models, guided-diffusion or latent-diffusion',
+                     type=click.Choice(['cm', 'adm', 'ldm'])),
         click.option('--model_arch', help='Its architecture as JSON, in the original code\'s names (omitted keys: '
                      'the published model\'s)', metavar='JSON', type=str),
         click.option('--classifier_path', help='Guided-diffusion classifier checkpoint (adm guidance)', metavar='PATH',

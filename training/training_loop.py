@@ -15,7 +15,7 @@ import tqdm
 
 import solvers
 from solvers.adasde import AdaSDEPredictor, base_coefficients, predictor_step
-from solvers.distill import student_and_teacher_sigmas, teacher_targets
+from solvers.distill import TEACHERS, student_and_teacher_sigmas, teacher_options, teacher_targets
 from torch_utils import distributed as dist
 from torch_utils import training_stats
 from torch_utils.misc import StackedRandomGenerator, atomic_write, to_pixels
@@ -77,7 +77,7 @@ def training_seeds(seed, first, count):
 
 def distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas, M, afs, it, seed,
                       batch, batch_gpu, feature_loss=None, substeps=2, device='cpu', dtype=torch.float32,
-                      loss_steps='all'):
+                      loss_steps='all', teacher='dpm', teacher_opts=None):
     rank, world = dist.get_rank(), dist.get_world_size()
     per_rank = batch // world
     first = it * batch + rank * per_rank  # index of this rank's first sample in the run
@@ -87,7 +87,7 @@ def distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas,
         latents = rnd.randn([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
         extra_args = training_conditioning(net, rnd, batch_gpu, device)
         x = latents.to(dtype) * float(student_sigmas[0])
-        targets = teacher_targets(net, x, teacher_sigmas, M, extra_args, substeps)
+        targets = teacher_targets(net, x, teacher_sigmas, M, extra_args, substeps, teacher, teacher_opts)
         rounds.append(dict(rnd=rnd, x=x, targets=targets, extra_args=extra_args))
 
     num_steps = len(student_sigmas)
@@ -144,7 +144,7 @@ def training_loop(
     predictor_kwargs    = None,         # AdaSDEPredictor hyperparameters.
     sampler_tea         = 'dpm',        # Teacher solver.
     M                   = 3,            # Teacher intervals inserted per student interval, minus one.
-    substeps            = 2,            # DPM-Solver-2 sub-steps per teacher interval.
+    substeps            = 2,            # Sub-steps per teacher interval of a dpm or heun teacher.
     afs                 = True,         # Analytical first step (saves one NFE).
     schedule_type       = 'time_uniform',
     schedule_rho        = 1.0,
@@ -167,8 +167,8 @@ def training_loop(
         predictor_kwargs = {}
     if model_kwargs is None:
         model_kwargs = {}
-    if sampler_tea != 'dpm':
-        raise ValueError(f'unknown teacher {sampler_tea!r}; the AdaSDE teacher is dpm')
+    if sampler_tea not in TEACHERS:
+        raise ValueError(f'unknown teacher {sampler_tea!r}; choose from {", ".join(TEACHERS)}')
     device = torch.device(device) if device is not None else dist.device()
     rank, world = dist.get_rank(), dist.get_world_size()
     if batch % world:
@@ -202,6 +202,7 @@ def training_loop(
 
     # Predictor, optimizer, LR schedule (stepped once per iteration, as the reference).
     predictor = AdaSDEPredictor(**predictor_kwargs, seed=seed).to(device).train()
+    teacher_opts = teacher_options(sampler_tea, substeps, max_order=getattr(predictor, 'max_order', None))
     # The sampling settings it is trained for, recorded in its file; sample.py refuses others.
     name = model if isinstance(model, str) else None
     predictor.settings = dict(
@@ -245,7 +246,8 @@ def training_loop(
                     file=console)
     while cur_iter < total_iters:
         losses = distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas, M, afs, cur_iter, seed,
-                                   batch, batch_gpu, feature_loss, substeps, device, dtype, loss_steps)
+                                   batch, batch_gpu, feature_loss, substeps, device, dtype, loss_steps,
+                                   sampler_tea, teacher_opts)
         if scheduler is not None:
             scheduler.step()
         cur_iter += 1
