@@ -5,17 +5,38 @@ import math
 import torch
 
 #----------------------------------------------------------------------------
-# Denoiser call. `sigma` is a float or a 0-d tensor; a tensor stays in the
-# autograd graph (AdaSDE distillation differentiates through it). The output
-# is cast to x's dtype so that solvers can run in float64 around a float32 net.
+# Denoiser call. `sigma` is a float, a 0-d tensor, or a [B] tensor with one
+# noise level per row of x (EPD evaluates its K points in one call); a tensor
+# stays in the autograd graph (distillation differentiates through it). The
+# output is cast to x's dtype so that solvers can run in float64 around a
+# float32 net.
 
 
 def denoise(net, x, sigma, extra_args=None, afs=False):
     """D(x; sigma), or with `afs` the analytical first step of AMED: D = x - sigma * x / sqrt(1 + sigma^2)."""
+    if torch.is_tensor(sigma) and sigma.ndim > 0:
+        if sigma.ndim != 1 or sigma.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f'sigma must be a scalar or hold one level per row ({x.shape[0]}), '
+                             f'got shape {tuple(sigma.shape)}')
+        if afs:  # one level per row: broadcast over the row's pixels
+            sigma = sigma.reshape(-1, *([1] * (x.ndim - 1)))
     if afs:
         return x - sigma * x / _sqrt(1 + sigma ** 2)
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     return net(x, sigma.expand(x.shape[0]), **(extra_args or {})).to(x.dtype)
+
+
+def repeat_rows(extra_args, copies, batch):
+    """extra_args for a call on `copies` stacked copies of a batch of `batch` rows (copy-major: row j * batch + b).
+
+    Every tensor whose first dimension is the batch (class labels, text conditions, ...) is repeated `copies`
+    times along it; tensors with one row (shared by the batch) and all other values pass unchanged.
+    """
+    def rows(value):
+        if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+            return value.repeat(copies, *([1] * (value.ndim - 1)))
+        return value
+    return {key: rows(value) for key, value in (extra_args or {}).items()}
 
 
 def to_d(x, denoised, sigma):

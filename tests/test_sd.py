@@ -172,6 +172,29 @@ def test_denoiser_matches_hand_computation(net, guidance_rate):
     assert calls == ([batch] * 2 if guidance_rate == 1 else [2 * batch] * 2)
 
 
+def test_epd_points_in_one_call(net):
+    """EPD's K points in one call of K * B rows (one sigma per row, the text conditions repeated) give the
+    K separate calls' result; with guidance each call runs the UNet once on the doubled batch."""
+    from solvers.epd import EPDPredictor, predictor_step
+    p = EPDPredictor(3, num_points=2, scale_dir=0.05, scale_time=0.2, seed=0)
+    sigmas = solvers.get_schedule(3, net.sigma_min, net.sigma_max, 'discrete', 1, net=net).tolist()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * sigmas[1]
+    args = net.prompt_args(PROMPTS)
+    out = {}
+    with torch.no_grad():
+        for batched in (True, False):
+            calls, handle = _count_unet_calls(net)
+            try:
+                out[batched] = predictor_step(net, p, 1, x, sigmas, None, args, batched=batched)[0]
+            finally:
+                handle.remove()
+            assert calls == ([4, 8] if batched else [4, 4, 4])
+        # Each point uses its own sample's prompt: swapping the prompts changes both samples.
+        swapped = predictor_step(net, p, 1, x, sigmas, None, net.prompt_args(PROMPTS[::-1]))[0]
+    torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-4)
+    assert (swapped - out[True]).flatten(1).abs().amax(1).min() > 1e-3
+
+
 def test_v_prediction(net):
     # SD 2.x-style v-prediction: x0 = alpha x_vp - sqrt(1 - alpha^2) v in VP terms.
     sigma = torch.tensor([0.5, 3.0])

@@ -1,0 +1,273 @@
+"""EPD-Solver (Zhu et al., ICCV 2025) and EPD-Plugin on iPNDM: K learned parallel directions per step.
+
+Each step places K points between sigma_i and sigma_{i+1}, geometric at learned ratios r_j, along the state's
+derivative (EPD) or along iPNDM's Adams-Bashforth extrapolation of it (the plug-in), evaluates the ODE derivative
+at every point -- the K points in one batched network call -- and moves the state along a learned convex
+combination of those derivatives. The coefficients live in EPDPredictor: four free tables with one row per step.
+docs/epd.md describes the maps, the steps, the three NFE counts and what differs from the reference code
+(BeierZhu/EPD, docs/references.md).
+"""
+
+import json
+import pickle
+
+import safetensors
+import safetensors.torch
+import torch
+
+from torch_utils.misc import atomic_write
+
+from .adasde import _SnapshotUnpickler
+from .common import check_sigmas, denoise, repeat_rows, to_d
+from .ipndm import AB_WEIGHTS
+from .registry import register
+
+TABLES = ('r_params', 'scale_dir_params', 'scale_time_params', 'weight_params')
+OFFICIAL_TABLES = dict(r_params='r_params', scale_dir_params='scale_dir_params',
+                       scale_time_params='scale_time_params', weight_params='weight_s')
+BASES = ('epd', 'ipndm')
+DEFAULT_POINTS = 2  # the reference's default K
+FORMAT = 'epd-predictor'
+FORMAT_VERSION = 1
+OFFICIAL_SETTINGS = ('dataset_name', 'schedule_type', 'schedule_rho', 'afs', 'guidance_type', 'guidance_rate', 'M',
+                     'sampler_tea')
+
+#----------------------------------------------------------------------------
+# The predictor: raw tables [num_steps - 1, K], mapped per step to
+#   r = sigmoid(u_r)                        position of point j between sigma_i and sigma_{i+1}, in log sigma
+#   c = 1 + scale_dir tanh(u_c / 4)         scale of point j's derivative in the update (1 when scale_dir = 0)
+#   a = 1 + scale_time tanh(u_a / 4)        scale of the noise level the net sees at point j (1 when scale_time = 0)
+#   w = softmax_j(u_w)                      weights of the K points
+# (the reference writes c as 2 sigmoid(u / 2) s + 1 - s, the same function; unlike AdaSDE's maps there is no
+# 0.99 cap and the slope is tanh(u / 4)). `fcn` forces c = 1 on the last step.
+
+
+class EPDPredictor(torch.nn.Module):
+    kind = 'epd'
+    detach_state = False    # the student state carries its graph from step to step (BPTT), as in the reference
+    teacher_forcing = False  # every step starts from the student's own state
+
+    def __init__(self,
+        num_steps,                  # Time points of the student schedule (num_steps - 1 steps).
+        num_points  = DEFAULT_POINTS,  # Parallel points per step (K).
+        base        = 'epd',        # 'epd' (EPD-Solver) or 'ipndm' (EPD-Plugin: points placed by Adams-Bashforth).
+        scale_dir   = 0.01,         # Half-width of the c range; 0 disables it (c = 1).
+        scale_time  = 0.0,          # Half-width of the a range; 0 disables it (a = 1).
+        max_order   = 3,            # Adams-Bashforth order of the ipndm base (1 to 4); kept but unused by 'epd'.
+        fcn         = False,        # Force c = 1 on the last step.
+        settings    = None,         # Sampling settings it was trained for: schedule, AFS, model, guidance, ...
+        seed        = None,         # Seed of the N(0, 1) initialisation of the raw tables.
+    ):
+        super().__init__()
+        if int(num_steps) != num_steps or num_steps < 2:
+            raise ValueError(f'EPD needs num_steps >= 2, got {num_steps}')
+        if int(num_points) != num_points or num_points < 1:
+            raise ValueError(f'EPD needs num_points >= 1, got {num_points}')
+        if base not in BASES:
+            raise ValueError(f'unknown EPD base {base!r}; choose from {", ".join(BASES)}')
+        if int(max_order) != max_order or not 1 <= max_order <= 4:
+            raise ValueError(f'EPD max_order must be 1 to 4, got {max_order}')
+        if not (scale_dir >= 0 and scale_time >= 0):
+            raise ValueError(f'EPD scale_dir and scale_time must be >= 0, got {scale_dir}, {scale_time}')
+        self.num_steps = int(num_steps)
+        self.num_points = int(num_points)
+        self.base = str(base)
+        self.scale_dir = float(scale_dir)
+        self.scale_time = float(scale_time)
+        self.max_order = int(max_order)
+        self.fcn = bool(fcn)
+        self.settings = dict(settings or {})
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        for name in TABLES:  # drawn in the reference's order: r, c, a, w
+            table = torch.randn([self.num_steps - 1, self.num_points], generator=generator, dtype=torch.float32)
+            setattr(self, name, torch.nn.Parameter(table))
+
+    def hyperparams(self):
+        return dict(num_steps=self.num_steps, num_points=self.num_points, base=self.base, scale_dir=self.scale_dir,
+                    scale_time=self.scale_time, max_order=self.max_order, fcn=self.fcn)
+
+    def step_params(self, i):
+        """Mapped coefficients of step i, each a float64 tensor [num_points]: r, c, a, w."""
+        if not 0 <= i < self.num_steps - 1:
+            raise IndexError(f'step {i} out of range for an EPD predictor of {self.num_steps - 1} steps')
+        row = {name: getattr(self, name)[i].double() for name in TABLES}
+        ones = torch.ones_like(row['r_params'])
+        r = torch.sigmoid(row['r_params'])
+        c = 1 + self.scale_dir * torch.tanh(row['scale_dir_params'] / 4) if self.scale_dir > 0 else ones
+        a = 1 + self.scale_time * torch.tanh(row['scale_time_params'] / 4) if self.scale_time > 0 else ones
+        if self.fcn and i == self.num_steps - 2:
+            c = c * 0 + 1  # inside the graph, as the reference's in-place fill: the table gets a zero gradient
+        w = torch.softmax(row['weight_params'], dim=0)
+        return dict(r=r, c=c, a=a, w=w)
+
+    def check_compatible(self, **settings):
+        """Refuse sampling settings that differ from those the predictor was trained for."""
+        for key, value in settings.items():
+            trained = self.settings.get(key)
+            if value is not None and trained is not None and value != trained:
+                raise ValueError(f'this predictor was trained for {key}={trained!r}, not {value!r}')
+
+    #------------------------------------------------------------------------
+    # Counts per image over num_steps time points, without AFS (AFS saves one of each).
+
+    def nfe(self, num_steps):
+        """Real network evaluations: the state's derivative and K points per step."""
+        return (1 + self.num_points) * (num_steps - 1)
+
+    def parallel_nfe(self, num_steps):
+        """What the reference reports ("parallel NFE"): 2 per step whatever K."""
+        return 2 * (num_steps - 1)
+
+    def network_rounds(self, num_steps, batched=True):
+        """Sequential network calls (latency): 2 per step when the K points share one call, else 1 + K."""
+        return self.parallel_nfe(num_steps) if batched else self.nfe(num_steps)
+
+    #------------------------------------------------------------------------
+    # Safe format: one .safetensors file with the raw tables; hyperparameters and
+    # settings as JSON in its metadata. No pickled code.
+
+    def save(self, path):
+        meta = dict(format=FORMAT, version=str(FORMAT_VERSION), hyperparams=json.dumps(self.hyperparams()),
+                    settings=json.dumps(self.settings))
+        tensors = {name: getattr(self, name).detach().float().cpu().contiguous() for name in TABLES}
+        atomic_write(str(path), lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path):
+        """Load a predictor written by `save`, or import an official EPD network-snapshot-*.pkl (told apart by
+        content: a pickle starts with its protocol byte 0x80, whatever the file is named)."""
+        try:
+            with open(path, 'rb') as f:
+                is_pickle = f.read(1) == b'\x80'
+        except OSError as e:
+            raise ValueError(f'cannot read EPD predictor {path}: {e.strerror or e}') from None
+        if is_pickle:
+            return load_official(path)
+        try:
+            with safetensors.safe_open(str(path), framework='pt') as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (OSError, safetensors.SafetensorError) as e:
+            raise ValueError(f'cannot read EPD predictor {path}: {e}') from None
+        if meta.get('format') != FORMAT or set(tensors) != set(TABLES):
+            raise ValueError(f'{path} is not an EPD predictor file (format {meta.get("format")!r})')
+        if meta.get('version') != str(FORMAT_VERSION):
+            raise ValueError(f'{path} is an EPD predictor of format version {meta.get("version")}, '
+                             f'this code reads version {FORMAT_VERSION}')
+        try:
+            predictor = cls(**json.loads(meta['hyperparams']), settings=json.loads(meta['settings']))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f'{path}: bad EPD predictor metadata: {e}') from None
+        return predictor._set_tables(tensors, path)
+
+    def _set_tables(self, tensors, path):
+        shape = (self.num_steps - 1, self.num_points)
+        with torch.no_grad():
+            for name in TABLES:
+                if tuple(tensors[name].shape) != shape:
+                    raise ValueError(f'{path}: table {name} has shape {tuple(tensors[name].shape)}, expected {shape}')
+                getattr(self, name).copy_(tensors[name].detach().float())
+        return self.requires_grad_(False).eval()
+
+#----------------------------------------------------------------------------
+# Import of the official snapshots: a pickle of {'model': EPD_predictor, 'loss_fn':
+# EPD_loss}, both persistence-decorated classes with their source embedded. The
+# source is never executed: solvers.adasde's unpickler captures each persistent
+# object's class name and state as data and maps every tensor storage to the CPU
+# (the loss object holds its schedule as a cuda:0 tensor).
+
+
+def load_official(path):
+    """Read the tables and settings of an official EPD `network-snapshot-*.pkl` into an EPDPredictor."""
+    try:
+        with open(path, 'rb') as f:
+            snapshot = _SnapshotUnpickler(f).load()
+        model = snapshot['model']
+        class_name, state = model.class_name, model.state
+        params = state['_parameters']
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f'cannot read an official EPD snapshot from {path}: {e!r}') from None
+    if class_name != 'EPD_predictor':
+        raise ValueError(f'{path} holds a {class_name!r} predictor, not an EPD_predictor')
+    settings = {key: state.get(key) for key in OFFICIAL_SETTINGS}
+    if settings['schedule_rho'] is not None:
+        settings['schedule_rho'] = float(settings['schedule_rho'])
+    base = state.get('sampler_stu')
+    max_order = state.get('max_order')
+    if max_order is None and base == 'epd':
+        max_order = 3  # unused by the 'epd' base
+    try:
+        predictor = EPDPredictor(num_steps=state['num_steps'], num_points=state['num_points'], base=base,
+                                 scale_dir=state['scale_dir'], scale_time=state['scale_time'], max_order=max_order,
+                                 fcn=state.get('fcn', False), settings=settings)
+        tensors = {ours: params[theirs] for ours, theirs in OFFICIAL_TABLES.items()}
+    except (KeyError, TypeError) as e:
+        raise ValueError(f'{path}: incomplete EPD snapshot: {e!r}') from None
+    return predictor._set_tables(tensors, path)
+
+#----------------------------------------------------------------------------
+# One step i, from sigma_i to sigma_{i+1}, differentiable with respect to the predictor:
+#   d_hat = (x_i - D(x_i, sigma_i)) / sigma_i              (x_i / sqrt(1 + sigma_i^2) with AFS)
+#   g = d_hat ('epd'), or AB_p(d_hat; H) ('ipndm'), p = min(max_order, |H| + 1)
+#   s_j = sigma_{i+1}^r_j sigma_i^(1 - r_j);  x_j = x_i + (s_j - sigma_i) g
+#   d_j = (x_j - D(x_j, a_j s_j)) / s_j                     (queried at a s, divided by s)
+#   x_{i+1} = x_i + (sigma_{i+1} - sigma_i) sum_j w_j c_j d_j
+# H (the ipndm state) holds the detached d_hat of earlier steps, newest last, at most max_order - 1 of them; the
+# update itself uses only the K fresh derivatives.
+
+
+def predictor_step(net, predictor, i, x, sigmas, state=None, extra_args=None, afs=False, *, batched=True):
+    """Step i of an EPD predictor of either base: returns (x_next, state). `state`: None for 'epd'; the history
+    list for 'ipndm' (ignored at step 0). `batched`: the K points in one network call of K * B rows."""
+    t_cur, t_next = float(sigmas[i]), float(sigmas[i + 1])
+    params = predictor.step_params(i)
+    d_hat = to_d(x, denoise(net, x, t_cur, extra_args, afs=afs), t_cur)
+    history = [] if predictor.base == 'epd' or i == 0 or state is None else list(state)
+    if predictor.base == 'ipndm':
+        order = min(predictor.max_order, len(history) + 1)
+        g = sum(b * d for b, d in zip(AB_WEIGHTS[order], [d_hat] + history[::-1]))
+    else:
+        g = d_hat
+
+    s = (t_next ** params['r'] * t_cur ** (1 - params['r'])).to(x.dtype)  # [K]
+    sigma_net = params['a'].to(x.dtype) * s
+    coef = (params['w'] * params['c']).to(x.dtype)
+    K, B = len(s), x.shape[0]
+    points = [x + (s[j] - t_cur) * g for j in range(K)]
+    if batched:
+        stacked = torch.cat(points)  # row j * B + b: point j of sample b
+        denoised = denoise(net, stacked, sigma_net.repeat_interleave(B), repeat_rows(extra_args, K, B))
+        derivs = [to_d(x_j, D_j, s[j]) for j, (x_j, D_j) in enumerate(zip(points, denoised.split(B)))]
+    else:
+        derivs = [to_d(x_j, denoise(net, x_j, sigma_net[j], extra_args), s[j]) for j, x_j in enumerate(points)]
+    direction = sum(coef[j] * derivs[j] for j in range(K))
+    x_next = x + (t_next - t_cur) * direction
+
+    if predictor.base == 'epd':
+        return x_next, None
+    keep = predictor.max_order - 1
+    return x_next, ((history + [d_hat.detach()])[-keep:] if keep else [])
+
+
+def epd_nfe(num_steps, predictor=None):
+    """Real network evaluations per image without AFS: (1 + K)(num_steps - 1), K = 2 without a predictor."""
+    return (1 + getattr(predictor, 'num_points', DEFAULT_POINTS)) * (num_steps - 1)
+
+
+@register('epd', nfe=epd_nfe, schedule=('time_uniform', 1), stochastic=False)
+@torch.no_grad()
+def sample_epd(net, x, sigmas, extra_args=None, callback=None, randn_like=None, afs=False, *, predictor=None):
+    """EPD-Solver / EPD-Plugin: num_steps - 1 steps with the coefficients of `predictor`, K points per call."""
+    if predictor is None:
+        raise ValueError("the 'epd' solver needs a trained predictor (predictor=...)")
+    sigmas = check_sigmas(sigmas)
+    if len(sigmas) != predictor.num_steps:
+        raise ValueError(f'this predictor was trained for num_steps={predictor.num_steps}, not {len(sigmas)}')
+    state = None
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        x, state = predictor_step(net, predictor, i, x, sigmas, state, extra_args, afs=afs and i == 0)
+        if callback is not None:
+            callback(dict(i=i, x=x, sigma=t_cur, sigma_next=t_next, denoised=None))
+    return x
+
+#----------------------------------------------------------------------------
