@@ -12,7 +12,6 @@ cli.apply_thread_policy()
 
 import functools
 import os
-import re
 import uuid
 import zipfile
 
@@ -174,7 +173,7 @@ def load_stats(ref):
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         if isinstance(err, FIDInputError):
             raise
-        raise FIDInputError(f'Cannot read reference statistics {ref}: {_one_line(err)}') from err
+        raise FIDInputError(f'Cannot read reference statistics {ref}: {cli.one_line(err)}') from err
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
         raise FIDInputError(f'Reference statistics {ref} have mismatched shapes: mu {mu.shape}, sigma {sigma.shape}')
     if image_shape is None:
@@ -223,9 +222,9 @@ def load_detector(name, device):
         from models.detectors import get_detector
         return get_detector(name, device)
     except ImportError as err:
-        raise FIDInputError(f'Unknown detector "{name}": {_one_line(err)}') from err
+        raise FIDInputError(f'Unknown detector "{name}": {cli.one_line(err)}') from err
     except (ValueError, OSError, RuntimeError) as err:
-        raise FIDInputError(f'Cannot load detector "{name}": {_one_line(err)}') from err
+        raise FIDInputError(f'Cannot load detector "{name}": {cli.one_line(err)}') from err
 
 
 def _load_detector_rank0_first(name, device):
@@ -272,7 +271,7 @@ class ImageFolder:
             try:
                 self._zip = zipfile.ZipFile(path)
             except (OSError, zipfile.BadZipFile) as err:
-                raise FIDInputError(f'Cannot read zip file {path}: {_one_line(err)}') from err
+                raise FIDInputError(f'Cannot read zip file {path}: {cli.one_line(err)}') from err
             names = self._zip.namelist()
         elif os.path.exists(path):
             raise FIDInputError(f'Image path must be a folder or a .zip file: {path}')
@@ -310,7 +309,7 @@ class ImageFolder:
                 with open(os.path.join(self.path, name), 'rb') as f:
                     image = np.array(PIL.Image.open(f))
         except Exception as err: # PIL raises OSError, SyntaxError, ValueError, ... on damaged files.
-            raise FIDInputError(f'Cannot read image {name}: {_one_line(err)}') from err
+            raise FIDInputError(f'Cannot read image {name}: {cli.one_line(err)}') from err
         if image.dtype != np.uint8:
             raise FIDInputError(f'Image {name} is not 8-bit ({image.dtype}); expected grayscale or RGB')
         if image.ndim == 2:
@@ -340,7 +339,7 @@ def _features(detector, images):
     except FIDInputError:
         raise
     except ValueError as err:
-        raise FIDInputError(f'Detector "{detector.name}" cannot take these images: {_one_line(err)}') from err
+        raise FIDInputError(f'Detector "{detector.name}" cannot take these images: {cli.one_line(err)}') from err
 
 
 def compute_dataset_stats(dataset, detector, max_batch=64, device=None):
@@ -384,11 +383,6 @@ def fid_from_images(images, ref, detector=None, batch=64):
 
 #----------------------------------------------------------------------------
 # Small helpers.
-
-
-def _one_line(err):
-    text = str(err).strip() or type(err).__name__
-    return re.sub(r'\s*\n\s*', ' ', text)
 
 
 def _shape_str(shape):

@@ -15,6 +15,8 @@ as in EDM). Load pickles only from sources you trust. This project's own models 
 
 import os
 
+from torch_utils.cli import one_line
+
 from .zoo import ZOO, ModelError
 
 #----------------------------------------------------------------------------
@@ -37,9 +39,9 @@ def load_edm_pickle(path_or_url, verbose=True):
             data = persistence.load_network_pickle(f)
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as err:
         raise ModelError(f'{path_or_url}: not a readable network pickle ({type(err).__name__}: '
-                         f'{_first_line(err)})') from err
+                         f'{one_line(err)})') from err
     except OSError as err:
-        raise ModelError(f'cannot open {path_or_url}: {_first_line(err)}') from err
+        raise ModelError(f'cannot open {path_or_url}: {one_line(err)}') from err
     if not isinstance(data, dict) or 'ema' not in data:
         if isinstance(data, dict) and 'model' in data and 'loss_fn' in data:
             raise ModelError(f'{path_or_url} is an AdaSDE predictor snapshot, not a diffusion model')
@@ -50,11 +52,6 @@ def load_edm_pickle(path_or_url, verbose=True):
     net.sigma_max = 80.0
     return net
 
-
-def _first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
 #----------------------------------------------------------------------------
 # Adapters per zoo kind.
 
@@ -64,16 +61,16 @@ def _load_sd(path_or_id, **kwargs):
         from . import sd
     except ImportError as err:
         raise ModelError(f'Stable Diffusion needs diffusers and transformers (pip install "adasde[sd]"): '
-                         f'{_first_line(err)}') from err
+                         f'{one_line(err)}') from err
     try:
         return sd.load_sd(path_or_id, **kwargs)
     except ImportError as err:
         raise ModelError(f'Stable Diffusion needs diffusers and transformers (pip install "adasde[sd]"): '
-                         f'{_first_line(err)}') from err
+                         f'{one_line(err)}') from err
     except ValueError as err:
         if isinstance(err, ModelError):
             raise
-        raise ModelError(_first_line(err)) from err
+        raise ModelError(one_line(err)) from err
 
 
 def _no_kwargs(what, kwargs):

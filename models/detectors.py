@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file
 from torch.nn.functional import silu
 
+from torch_utils.cli import one_line
+
 from .zoo import ModelError
 
 INCEPTION_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
@@ -156,9 +158,8 @@ def _inception_detector(device):
         with dnnlib.util.open_url(INCEPTION_URL, num_attempts=3, verbose=False) as f:
             net = persistence.load_network_pickle(f)
     except (OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f'cannot load the Inception detector from {INCEPTION_URL} ({reason}); without network, put '
-                         f'the file in the dnnlib cache ({dnnlib.make_cache_dir_path("downloads")}) as '
+        raise ModelError(f'cannot load the Inception detector from {INCEPTION_URL} ({one_line(err)}); without '
+                         f'network, put the file in the dnnlib cache ({dnnlib.make_cache_dir_path("downloads")}) as '
                          f'{hashlib.md5(INCEPTION_URL.encode()).hexdigest()}_inception-2015-12-05.pkl') from err
     net = net.to(device).eval().requires_grad_(False)
     return Detector('inception', 2048, lambda x: net(x, return_features=True), channels=3)

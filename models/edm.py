@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.functional import silu
 
+from torch_utils.cli import one_line
+
 from .zoo import ModelError
 
 MODEL_JSON = 'model.json'
@@ -274,7 +276,7 @@ def load_local(dirname, device='cpu'):
     try:
         net.load_state_dict(load_file(weights_path, device='cpu'))
     except (RuntimeError, OSError) as err:
-        raise ModelError(f'{weights_path}: weights do not match {json_path} ({str(err).splitlines()[0]})') from err
+        raise ModelError(f'{weights_path}: weights do not match {json_path} ({one_line(err)})') from err
     net.training_options = config.get('training_options')
     return net.eval().requires_grad_(False).to(device)
 

@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from torch_utils.cli import one_line
+
 from .discrete import DiscreteVPSchedule, _float, _interp  # noqa: F401 (the schedule helpers)
 
 SD_DEFAULT = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
@@ -171,7 +173,7 @@ def load_sd(path_or_id=SD_DEFAULT, device='cpu', guidance_rate=7.5, dtype=None, 
             pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None,
                                                            requires_safety_checker=False, **kwargs)
     except (OSError, KeyError, TypeError) as e:
-        raise ValueError(f'cannot load Stable Diffusion from {path}: {str(e).splitlines()[0]}') from e
+        raise ValueError(f'cannot load Stable Diffusion from {path}: {one_line(e)}') from e
     # Cast after loading, as plain torch modules: diffusers renamed its dtype argument across versions, and its own
     # .to() warns on every cast (SD v1/v2 have no modules that must stay in float32).
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):

@@ -11,6 +11,8 @@ import glob
 import hashlib
 import os
 
+from torch_utils.cli import one_line
+
 REPO_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'src')
 _EDM = 'https://nvlabs-fi-cdn.nvidia.com/edm/'
 _OPENAI = 'https://openaipublic.blob.core.windows.net/'
@@ -154,8 +156,7 @@ def fetch(name, file=None, url=None, verbose=True):
         with dnnlib.util.open_url(url, num_attempts=3, verbose=verbose, cache=False) as f:
             data = f.read()
     except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f'{name}: cannot download {url} ({reason}); without network, put the file at {path}') \
+        raise ModelError(f'{name}: cannot download {url} ({one_line(err)}); without network, put the file at {path}') \
             from err
 
     def write(tmp):
