@@ -7,15 +7,17 @@ and read them back as uint8 NCHW arrays.
 writes ships with the project as src/digits/digits-8x8.zip, so nothing needs scikit-learn at run time.
 """
 
+import functools
 import io
 import json
 import os
-import tempfile
 import zipfile
 
 import click
 import numpy as np
 import PIL.Image
+
+from torch_utils.misc import atomic_write
 
 #----------------------------------------------------------------------------
 # Sources. Each returns (uint8 images [N, H, W] or [N, H, W, 3], int labels [N] or None).
@@ -48,6 +50,11 @@ def encode_png(image):
     return buf.getvalue()
 
 
+def _write_bytes(path, data):
+    with open(path, 'wb') as f:
+        f.write(data)
+
+
 def write_dataset(dest, images, labels=None):
     """Write images (uint8 [N, H, W] or [N, H, W, 3]) to a .zip (atomically) or an empty/new directory."""
     images = np.asarray(images)
@@ -62,28 +69,16 @@ def write_dataset(dest, images, labels=None):
     files = [(n, encode_png(img)) for n, img in zip(names, images)] + [('dataset.json', json.dumps(meta).encode())]
 
     if dest.lower().endswith('.zip'):
-        folder = os.path.dirname(os.path.abspath(dest))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_', suffix='.zip')
-        os.close(fd)
-        try:
+        def write_zip(tmp):
             with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as zf:
                 for name, data in files:
                     zf.writestr(name, data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        except BaseException:
-            os.remove(tmp)
-            raise
+        atomic_write(dest, write_zip)
     else:
         if os.path.isdir(dest) and os.listdir(dest):
             raise click.ClickException(f'--dest folder {dest} is not empty')
         for name, data in files:
-            path = os.path.join(dest, name)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + '.tmp', 'wb') as f:
-                f.write(data)
-            os.replace(path + '.tmp', path)
+            atomic_write(os.path.join(dest, name), functools.partial(_write_bytes, data=data))
 
 #----------------------------------------------------------------------------
 # Reader: a zip or folder in the EDM layout -> (uint8 [N, C, H, W], int64

@@ -12,7 +12,6 @@ cli.apply_thread_policy()
 
 import functools
 import os
-import uuid
 import zipfile
 
 import click
@@ -24,6 +23,7 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils.misc import atomic_write
 
 #----------------------------------------------------------------------------
 # Reference statistics published with EDM, by dataset name (--ref=cifar10 etc.).
@@ -189,16 +189,11 @@ def save_stats(path, mu, sigma, detector=None, image_shape=None):
         arrays['detector'] = np.array(str(detector))
     if image_shape is not None:
         arrays['image_shape'] = np.array([int(n) for n in image_shape], dtype=np.int64)
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp_path = os.path.join(os.path.dirname(path), f'.tmp_{uuid.uuid4().hex}_{os.path.basename(path)}')
-    try:
-        with open(temp_path, 'wb') as f:
+
+    def write(tmp):
+        with open(tmp, 'wb') as f:
             np.savez(f, **arrays)
-        os.replace(temp_path, path)
-    finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
+    atomic_write(path, write)
 
 #----------------------------------------------------------------------------
 # Detectors.

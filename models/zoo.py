@@ -150,8 +150,7 @@ def fetch(name, file=None, url=None, verbose=True):
     if cached is not None:
         return cached
     import dnnlib
-
-    from .edm import _atomic_write
+    from torch_utils.misc import atomic_write  # loads torch, which the table itself does not need
     try:
         with dnnlib.util.open_url(url, num_attempts=3, verbose=verbose, cache=False) as f:
             data = f.read()
@@ -162,7 +161,7 @@ def fetch(name, file=None, url=None, verbose=True):
     def write(tmp):
         with open(tmp, 'wb') as f:
             f.write(data if not url.endswith('.zip') else _unzip_member(data, os.path.basename(path), url))
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
