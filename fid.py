@@ -222,16 +222,6 @@ def load_detector(name, device):
         raise FIDInputError(f'Cannot load detector "{name}": {cli.one_line(err)}') from err
 
 
-def _load_detector_rank0_first(name, device):
-    # Rank 0 downloads into the cache first; the other ranks then find it there.
-    if dist.get_rank() != 0:
-        dist.barrier()
-    detector = load_detector(name, device)
-    if dist.get_rank() == 0:
-        dist.barrier()
-    return detector
-
-
 def check_image_shape(ref, image_shape, images_name='The images', ref_name='the reference statistics'):
     """Reject images of another resolution or channel count than the images the statistics were made from."""
     if ref.get('image_shape') is not None and tuple(image_shape) != tuple(ref['image_shape']):
@@ -439,11 +429,8 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector):
 
     # Rank 0 loads (and downloads) the statistics first.
     dist.print0(f'Loading dataset reference statistics from "{ref_path}"...')
-    if dist.get_rank() != 0:
-        dist.barrier()
-    ref = load_stats(ref_path)
-    if dist.get_rank() == 0:
-        dist.barrier()
+    with dist.rank0_first():
+        ref = load_stats(ref_path)
 
     dist.print0(f'Loading images from "{image_path}"...')
     dataset = ImageFolder(image_path, max_size=num_expected, random_seed=seed)
@@ -455,7 +442,8 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector):
                       ref_name=f'reference statistics {ref_path}')
 
     detector_name = detector or default_detector_name(dataset.image_shape, ref)
-    det = _load_detector_rank0_first(detector_name, dist.device())
+    with dist.rank0_first():  # rank 0 downloads the detector into the cache, the others then find it there
+        det = load_detector(detector_name, dist.device())
     check_compatible(ref, det, ref_name=f'Reference statistics {ref_path}')
 
     dist.print0(f'Calculating statistics for {len(dataset)} images with detector "{det.name}"...')
@@ -518,7 +506,8 @@ def ref(dataset_path, dest_path, batch, detector):
     dataset = ImageFolder(dataset_path)
     if len(dataset) < 2:
         raise FIDInputError(f'Found {len(dataset)} image in {dataset_path}, but need at least 2')
-    det = _load_detector_rank0_first(detector or default_detector_name(dataset.image_shape), dist.device())
+    with dist.rank0_first():
+        det = load_detector(detector or default_detector_name(dataset.image_shape), dist.device())
 
     dist.print0(f'Calculating statistics for {len(dataset)} images with detector "{det.name}"...')
     mu, sigma = compute_dataset_stats(dataset, det, max_batch=batch)
