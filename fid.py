@@ -16,12 +16,12 @@ import zipfile
 
 import click
 import numpy as np
-import PIL.Image
 import scipy.linalg
 import torch
 import tqdm
 
 import dnnlib
+from dataset_tool import DatasetError, ImageFolder, shape_str
 from torch_utils import distributed as dist
 from torch_utils.misc import atomic_write
 
@@ -225,8 +225,8 @@ def load_detector(name, device):
 def check_image_shape(ref, image_shape, images_name='The images', ref_name='the reference statistics'):
     """Reject images of another resolution or channel count than the images the statistics were made from."""
     if ref.get('image_shape') is not None and tuple(image_shape) != tuple(ref['image_shape']):
-        raise FIDInputError(f'{images_name} are {_shape_str(image_shape)}, but {ref_name} are of '
-                            f'{_shape_str(ref["image_shape"])} images')
+        raise FIDInputError(f'{images_name} are {shape_str(image_shape)}, but {ref_name} are of '
+                            f'{shape_str(ref["image_shape"])} images')
 
 
 def check_compatible(ref, detector, ref_name='the reference statistics'):
@@ -236,70 +236,6 @@ def check_compatible(ref, detector, ref_name='the reference statistics'):
     if ref['mu'].shape[0] != detector.feature_dim:
         raise FIDInputError(f'{ref_name} have {ref["mu"].shape[0]} features, but detector "{detector.name}" '
             f'gives {detector.feature_dim}')
-
-#----------------------------------------------------------------------------
-# Images of a folder (walked recursively) or a zip, read like EDM's ImageFolderDataset: sorted by relative
-# path, uint8 CHW (grayscale keeps 1 channel), an optional random subset chosen by seed.
-
-
-class ImageFolder:
-    """uint8 [C, H, W] arrays of the images under `path` (folder or .zip); `max_size` picks a seeded subset."""
-
-    def __init__(self, path, max_size=None, random_seed=0):
-        self.path = path
-        self._zip = None
-        PIL.Image.init()
-        if os.path.isdir(path):
-            names = [os.path.relpath(os.path.join(root, fname), start=path)
-                for root, _dirs, files in os.walk(path) for fname in files]
-        elif os.path.isfile(path) and path.lower().endswith('.zip'):
-            try:
-                self._zip = zipfile.ZipFile(path)
-            except (OSError, zipfile.BadZipFile) as err:
-                raise FIDInputError(f'Cannot read zip file {path}: {cli.one_line(err)}') from err
-            names = self._zip.namelist()
-        elif os.path.exists(path):
-            raise FIDInputError(f'Image path must be a folder or a .zip file: {path}')
-        else:
-            raise FIDInputError(f'Image path not found: {path}')
-        self.names = sorted(name for name in names if os.path.splitext(name)[1].lower() in PIL.Image.EXTENSION)
-        if len(self.names) == 0:
-            raise FIDInputError(f'No images found in {path}')
-        self.num_found = len(self.names)
-
-        # Random subset, as EDM: shuffle all indices with the seed, keep the first max_size, sorted.
-        self.indices = np.arange(self.num_found, dtype=np.int64)
-        if max_size is not None and self.indices.size > max_size:
-            np.random.RandomState(random_seed % (1 << 31)).shuffle(self.indices)
-            self.indices = np.sort(self.indices[:max_size])
-        self.image_shape = self._load(self.names[self.indices[0]]).shape
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, idx):
-        name = self.names[self.indices[idx]]
-        image = self._load(name)
-        if image.shape != self.image_shape:
-            raise FIDInputError(f'Images of mixed sizes: {name} is {_shape_str(image.shape)}, but '
-                f'{self.names[self.indices[0]]} is {_shape_str(self.image_shape)}')
-        return image
-
-    def _load(self, name):
-        try:
-            if self._zip is not None:
-                with self._zip.open(name, 'r') as f:
-                    image = np.array(PIL.Image.open(f))
-            else:
-                with open(os.path.join(self.path, name), 'rb') as f:
-                    image = np.array(PIL.Image.open(f))
-        except Exception as err: # PIL raises OSError, SyntaxError, ValueError, ... on damaged files.
-            raise FIDInputError(f'Cannot read image {name}: {cli.one_line(err)}') from err
-        if image.dtype != np.uint8:
-            raise FIDInputError(f'Image {name} is not 8-bit ({image.dtype}); expected grayscale or RGB')
-        if image.ndim == 2:
-            image = image[:, :, np.newaxis] # HW => HWC
-        return image.transpose(2, 0, 1) # HWC => CHW
 
 #----------------------------------------------------------------------------
 # Statistics of images: a folder/zip split over processes, or an in-memory batch.
@@ -370,17 +306,13 @@ def fid_from_images(images, ref, detector=None, batch=64):
 # Small helpers.
 
 
-def _shape_str(shape):
-    return f'{shape[1]}x{shape[2]} with {shape[0]} channel{"s" if shape[0] != 1 else ""}'
-
-
 def _click_errors(fn):
-    """Turn FIDInputError into a one-line click error."""
+    """Turn FIDInputError and DatasetError (image folders) into a one-line click error."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except FIDInputError as err:
+        except (FIDInputError, DatasetError) as err:
             raise click.ClickException(str(err)) from err
     return wrapper
 
@@ -466,8 +398,8 @@ def rmse_to_reference(images, reference):
     """Mean over images of the per-image RMSE in [0, 1] pixel units; both [N, C, H, W], uint8 or floats in
     0..255, row i of one belonging to row i of the other."""
     if images.shape != reference.shape:
-        raise FIDInputError(f'cannot compare {_shape_str(images.shape[1:])} images with '
-                            f'{_shape_str(reference.shape[1:])} ones (or {len(images)} with {len(reference)})')
+        raise FIDInputError(f'cannot compare {shape_str(images.shape[1:])} images with '
+                            f'{shape_str(reference.shape[1:])} ones (or {len(images)} with {len(reference)})')
     diff = (images.to(torch.float64) - reference.to(torch.float64)) / 255
     return float(diff.pow(2).flatten(1).mean(1).sqrt().mean())
 

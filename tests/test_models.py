@@ -16,6 +16,7 @@ import uuid
 import zipfile
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -351,6 +352,24 @@ def test_dataset_round_trip(tmp_path):
             dataset_tool.write_dataset(str(tmp_path / dest), images, [4, 0, 9])
         x, labels = dataset_tool.read_dataset(str(tmp_path / dest))
         assert x.dtype == np.uint8 and np.array_equal(x[:, 0], images) and labels.tolist() == [4, 0, 9]
+
+
+def test_one_reader_of_edm_image_folders(tmp_path):
+    import fid
+    assert fid.ImageFolder is dataset_tool.ImageFolder  # fid.py reads image folders with the same class
+    images = np.random.RandomState(1).randint(0, 256, [6, 8, 8]).astype(np.uint8)
+    dataset_tool.write_dataset(str(tmp_path / 'd.zip'), images, [5, 4, 3, 2, 1, 0])
+    # A seeded subset, as EDM: the labels follow the images they belong to.
+    folder = dataset_tool.ImageFolder(str(tmp_path / 'd.zip'), max_size=4, random_seed=7)
+    x, labels = dataset_tool.read_dataset(str(tmp_path / 'd.zip'), max_size=4, random_seed=7)
+    assert len(folder) == 4 and np.array_equal(x[:, 0], images[folder.indices])
+    assert labels.tolist() == (5 - folder.indices).tolist() == folder.labels().tolist()
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(dataset_tool.DatasetError, match='No images found in'):
+        dataset_tool.read_dataset(str(tmp_path / 'empty'))
+    PIL.Image.fromarray(np.zeros([8, 8], dtype=np.uint16)).save(tmp_path / 'empty' / 'deep.png')
+    with pytest.raises(dataset_tool.DatasetError, match='is not 8-bit'):
+        dataset_tool.read_dataset(str(tmp_path / 'empty'))
 
 
 def test_shipped_digits_dataset():
