@@ -23,7 +23,7 @@ SINGLE_FILE_SUFFIXES = ('.ckpt', '.safetensors')
 
 
 class SDDenoiser(DiscreteVPSchedule, torch.nn.Module):
-    guidance_type = 'classifier-free'
+    guidance_type = 'cfg'  # classifier-free, spelled as in the zoo (models/zoo.py)
     label_dim = 0  # no class labels: conditioning is text, passed as `condition=...`
 
     def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod, guidance_rate=7.5, epsilon_t=1e-3,
@@ -139,8 +139,9 @@ class SDDenoiser(DiscreteVPSchedule, torch.nn.Module):
 
 
 def cfg_nfe_factor(net):
-    """Model evaluations per network call: 2 for a guided classifier-free denoiser, else 1."""
-    guided = getattr(net, 'guidance_type', None) == 'classifier-free' and getattr(net, 'guidance_rate', 1) != 1
+    """Model evaluations per network call: 2 for a denoiser with classifier-free guidance ('cfg') at a rate
+    other than 1, else 1."""
+    guided = getattr(net, 'guidance_type', None) == 'cfg' and getattr(net, 'guidance_rate', 1) != 1
     return 2 if guided else 1
 
 #----------------------------------------------------------------------------
@@ -149,12 +150,12 @@ def cfg_nfe_factor(net):
 
 
 def load_sd(path_or_id=SD_DEFAULT, device='cpu', guidance_rate=7.5, dtype=None, epsilon_t=1e-3,
-            guidance_type='classifier-free', prompts=None, **kwargs):
+            guidance_type='cfg', prompts=None, **kwargs):
     """Load Stable Diffusion as an SDDenoiser. dtype (torch dtype or name) defaults to float16 on CUDA and float32
     elsewhere; extra kwargs go to diffusers (e.g. local_files_only=True, config=<dir> for single files)."""
     from diffusers import StableDiffusionPipeline
 
-    if guidance_type not in ('classifier-free', 'cfg'):
+    if guidance_type != 'cfg':
         raise ValueError(f"Stable Diffusion uses classifier-free guidance (guidance_type 'cfg'), not {guidance_type!r}")
     device = torch.device(device)
     if dtype is None:

@@ -96,7 +96,7 @@ def table_sigmas(net):
 def test_attributes(net, sd_dir):
     assert is_sd_path(sd_dir) and not is_sd_path(os.path.dirname(sd_dir))
     assert (net.img_channels, net.img_resolution, net.decoded_resolution, net.label_dim) == (4, 8, 16, 0)
-    assert net.guidance_type == 'classifier-free' and net.guidance_rate == 7.5 and net.M == 1000
+    assert net.guidance_type == 'cfg' and net.guidance_rate == 7.5 and net.M == 1000
     assert net.dtype == torch.float32 and net.prediction_type == 'epsilon'
     # SD v1's schedule range (spec/formats.md §5.3): sigma(1e-3) and sigma(1).
     assert net.sigma_min == pytest.approx(0.029168, abs=2e-6)
