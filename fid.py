@@ -22,19 +22,9 @@ import tqdm
 
 import dnnlib
 from dataset_tool import DatasetError, ImageFolder, shape_str
+from models.zoo import ZOO, detector_for
 from torch_utils import distributed as dist
 from torch_utils.misc import atomic_write
-
-#----------------------------------------------------------------------------
-# Reference statistics published with EDM, by dataset name (--ref=cifar10 etc.).
-
-_ref_base = 'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/'
-REF_URLS = dict(
-    cifar10     = _ref_base + 'cifar10-32x32.npz',
-    ffhq        = _ref_base + 'ffhq-64x64.npz',
-    afhqv2      = _ref_base + 'afhqv2-64x64.npz',
-    imagenet64  = _ref_base + 'imagenet-64x64.npz',
-)
 
 
 class FIDInputError(ValueError):
@@ -131,28 +121,38 @@ def feature_stats(features):
 
 #----------------------------------------------------------------------------
 # Reference statistics files: np.savez with mu, sigma and, for this project's own files, the detector name.
+# A zoo name (--ref=cifar10) stands for the fid_ref of its row in models/zoo.py, which also knows the shape of
+# the images behind it.
+
+REF_NAMES = [name for name, entry in ZOO.items() if entry.fid_ref is not None]
+
+
+def ref_location(ref):
+    """The path or URL of reference statistics given as a path, a URL or a zoo name (its row's fid_ref)."""
+    entry = ZOO.get(ref)
+    return entry.fid_ref if entry is not None and entry.fid_ref is not None else ref
 
 
 def published_image_shape(url):
     """[C, H, W] of the images behind statistics the model zoo lists (EDM's published files, the digits
     reference), which do not record it themselves; None for any other file."""
-    from models.zoo import ZOO
     for entry in ZOO.values():
-        if entry.fid_ref is None or entry.resolution is None:
+        if entry.ref_image_shape is None:
             continue
         same = entry.fid_ref == url or (os.path.isfile(url) and os.path.isfile(entry.fid_ref)
                                         and os.path.samefile(url, entry.fid_ref))
         if same:
-            return (entry.channels, entry.resolution, entry.resolution)
+            return entry.ref_image_shape
     return None
 
 
 def load_stats(ref):
-    """Statistics from a .npz path, URL or EDM dataset name -> dict(mu, sigma, detector or None, image_shape
+    """Statistics from a .npz path, URL or zoo name (REF_NAMES) -> dict(mu, sigma, detector or None, image_shape
     [C, H, W] or None)."""
-    url = REF_URLS.get(ref, ref)
+    url = ref_location(ref)
     if not dnnlib.util.is_url(url, allow_file_urls=True) and not os.path.isfile(url):
-        raise FIDInputError(f'Reference statistics not found: {ref}')
+        unlisted = f' (zoo model {ref!r} has no FID statistics; listed: {", ".join(REF_NAMES)})' if ref in ZOO else ''
+        raise FIDInputError(f'Reference statistics not found: {ref}{unlisted}')
     # Read only the arrays needed: some published files (ADM reference batches) also hold images. Anything but a
     # zip is refused before NumPy sees it (NumPy's own message advises unpickling the file).
     try:
@@ -200,13 +200,13 @@ def save_stats(path, mu, sigma, detector=None, image_shape=None):
 
 
 def default_detector_name(image_shape, ref=None):
-    """The detector recorded in `ref`; else Inception for 2048-d (EDM) statistics or for any image but the
-    1x8x8 digits, which get the embedded digits classifier."""
+    """The detector recorded in `ref`; else Inception for 2048-d statistics (EDM's, which record none); else the
+    zoo's detector of images of `image_shape` (models.zoo.detector_for: digits for 1x8x8, else Inception)."""
     if ref is not None and ref['detector'] is not None:
         return ref['detector']
     if ref is not None and ref['mu'].shape[0] == 2048:
         return 'inception'
-    return 'digits' if tuple(image_shape) == (1, 8, 8) else 'inception'
+    return detector_for(image_shape=image_shape)
 
 
 def load_detector(name, device):
@@ -343,7 +343,7 @@ def main():
 
 @main.command()
 @click.option('--images', 'image_path', help='Path to the images', metavar='PATH|ZIP', type=str, required=True)
-@click.option('--ref', 'ref_path', help='Reference statistics, or cifar10|ffhq|afhqv2|imagenet64', metavar='NPZ|URL',
+@click.option('--ref', 'ref_path', help=f'Reference statistics, or {"|".join(REF_NAMES)}', metavar='NPZ|URL',
               type=str, required=True)
 @click.option('--num', '--num_images', 'num_expected', metavar='INT', type=click.IntRange(min=2), default=None,
               help='Number of images to use (under torchrun write --num_images: torchrun takes --num for its '

@@ -27,11 +27,11 @@ from torch.nn.functional import silu
 
 from torch_utils.cli import one_line
 
-from .zoo import ModelError
+from .zoo import REPO_SRC, ModelError
 
 INCEPTION_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
                  'inception-2015-12-05.pkl')
-DIGITS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'src', 'digits')
+DIGITS_DIR = os.path.join(REPO_SRC, 'digits')  # the embedded digits row's folder (models/zoo.py)
 DIGITS_WEIGHTS = 'detector.safetensors'
 DIGITS_JSON = 'detector.json'
 LOSS_NET_WEIGHTS = 'feature_net.safetensors'

@@ -1,6 +1,7 @@
 """models: the one loader (zoo names, EDM network pickles, safetensors model directories), the zoo table, EDM
 preconditioning, the digits dataset and detector. Nothing here touches the network: downloads are intercepted."""
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -314,6 +315,41 @@ def test_zoo_download(offline, edm_pickle, monkeypatch):
     assert os.listdir(tmp_path / 'src' / 'afhqv2') == [zoo.ZOO['afhqv2'].file]
     load_model('afhqv2')
     assert len(calls) == 1  # stored: not downloaded again
+
+
+def test_zoo_rows_are_what_their_loaders_produce(offline, edm_pickle, monkeypatch):
+    """A row states what runs: the embedded model as loaded, and the sigma range the loader gives EDM pickles (the
+    openai-UNet rows are checked in tests/test_backends.py, ms_coco in tests/test_sd.py)."""
+    tmp_path, calls = offline
+    for name, e in zoo.ZOO.items():
+        assert e.detector in detectors.DETECTORS and e.feature_net in detectors.FEATURE_NETS, name
+        assert e.guidance_type in (None, 'cfg', 'cg', 'uncond') and zoo.detector_for(name) == e.detector, name
+        if e.fid_ref is not None:  # images shaped like a row's reference statistics are judged by its detector
+            assert zoo.detector_for(image_shape=e.ref_image_shape) == e.detector, name
+    assert zoo.detector_for('my-model') == zoo.detector_for(image_shape=(3, 8, 8)) == zoo.DEFAULT_DETECTOR
+
+    e, net = zoo.ZOO['digits'], load_model('digits')
+    assert (net.img_channels, net.img_resolution, net.label_dim) == (e.channels, e.resolution, e.label_dim)
+    assert (net.sigma_min, net.sigma_max, getattr(net, 'guidance_type', None)) == (e.sigma_min, e.sigma_max,
+                                                                                   e.guidance_type)
+    with np.load(e.fid_ref) as ref:
+        assert str(ref['detector']) == e.detector
+        assert ref['mu'].shape == (detectors.get_detector(e.detector).feature_dim,)
+
+    # EDM's networks carry sigma_min = 0, sigma_max = inf, as the stand-in does: the range that runs is the row's.
+    path = edm_pickle[0]
+    for name in [name for name, e in zoo.ZOO.items() if e.kind == 'edm']:
+        e = zoo.ZOO[name]
+        (tmp_path / 'src' / name).mkdir(parents=True)
+        (tmp_path / 'src' / name / e.file).write_bytes(open(path, 'rb').read())
+        net = load_model(name)
+        assert (net.sigma_min, net.sigma_max) == (e.sigma_min, e.sigma_max), name
+        # Resolution and class conditioning as EDM's file names state them.
+        size = f'-{e.resolution}x{e.resolution}'
+        assert size in e.url and size in e.fid_ref and ('-cond-' in e.url) == (e.label_dim > 0), name
+    monkeypatch.setitem(zoo.ZOO, 'cifar10', dataclasses.replace(zoo.ZOO['cifar10'], sigma_min=0.01, sigma_max=50.0))
+    net = load_model('cifar10')
+    assert (net.sigma_min, net.sigma_max) == (0.01, 50.0) and calls == []
 
 
 def test_zoo_ms_coco_offline(tmp_path):
