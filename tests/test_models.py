@@ -107,6 +107,17 @@ def test_safetensors_round_trip(tmp_path):
         edm.load_local(str(tmp_path))
 
 
+def test_an_error_without_a_message_is_named(tmp_path, monkeypatch):
+    edm.save_model(edm.EDMPrecond(8, 1, model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[]),
+                   tmp_path / 'm')
+
+    def load_file(*args, **kwargs):
+        raise RuntimeError()
+    monkeypatch.setattr(edm, 'load_file', load_file)
+    with pytest.raises(ModelError, match=r'model.safetensors: weights do not match .*model.json \(RuntimeError\)$'):
+        edm.load_local(str(tmp_path / 'm'))
+
+
 def test_edm_precond_gradients():
     net = edm.EDMPrecond(8, 1, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
     x = torch.randn(2, 1, 8, 8, requires_grad=True)
