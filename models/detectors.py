@@ -220,9 +220,13 @@ FEATURE_NETS = {
 
 
 def get_feature_net(name, device='cpu'):
-    """The loss network `name` (see FEATURE_NETS) on `device`, built once per (name, device)."""
+    """The loss network `name` (see FEATURE_NETS) on `device`, built once per (name, device). The loss on a FID
+    detector wraps get_detector's own cached network, so it is not cached a second time (a second copy would
+    outlive a replaced or cleared detector)."""
     if name not in FEATURE_NETS:
         raise ValueError(f'unknown feature network {name!r}; choose from {", ".join(FEATURE_NETS)} or none')
+    if name in DETECTORS:
+        return FEATURE_NETS[name](torch.device(device))
     key = ('feature_net', name, str(torch.device(device)))
     if key not in _cache:
         _cache[key] = FEATURE_NETS[name](torch.device(device))

@@ -447,6 +447,13 @@ def test_digits_detector():
         detectors.get_detector('resnet', 'cpu')
 
 
+def test_a_loss_on_a_detector_follows_the_detector(monkeypatch):
+    detectors.get_feature_net('digits')  # once with the real detector
+    monkeypatch.setattr(detectors, 'get_detector', lambda name, device: lambda images: images.flatten(1).float())
+    x, y = torch.rand(3, 1, 8, 8) * 255, torch.rand(3, 1, 8, 8) * 255
+    torch.testing.assert_close(detectors.get_feature_net('digits').distance(x, y), ((x - y) ** 2).flatten(1).mean(1))
+
+
 INCEPTION_SRC = '''
     """Stand-in for the Inception pickle (test fixture): 2048 features from the 3 channel means."""
     import torch
