@@ -27,6 +27,7 @@ from torch.nn.functional import silu
 
 from torch_utils.cli import one_line
 
+from .edm import save_weights_and_config
 from .zoo import REPO_SRC, ModelError
 
 INCEPTION_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
@@ -98,7 +99,6 @@ _DIGITS_NETS = {  # kind -> (class, weights file, json file, train_digits.py com
 
 def save_digits_net(net, dirname, **extra):
     """Write a DigitsClassifier (detector.*) or a DigitsLossNet (feature_net.*) as safetensors + JSON (atomically)."""
-    from .edm import save_weights_and_config
     kind, = [k for k, (cls, *_) in _DIGITS_NETS.items() if type(net) is cls]
     _, weights, config_name, _ = _DIGITS_NETS[kind]
     config = dict(format=1, kind=kind, channels=list(net.channels), feature_dim=net.feature_dim, **extra)
