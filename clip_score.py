@@ -8,6 +8,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from torch_utils.cli import one_line
+
 CLIP_DEFAULT = 'openai/clip-vit-large-patch14'
 
 #----------------------------------------------------------------------------
@@ -21,7 +23,7 @@ def load_clip(path_or_id=CLIP_DEFAULT, device='cpu', **kwargs):
         model = CLIPModel.from_pretrained(path_or_id, **kwargs)
         processor = CLIPProcessor.from_pretrained(path_or_id, **kwargs)
     except OSError as e:
-        raise ValueError(f'cannot load CLIP from {path_or_id}: {str(e).splitlines()[0]}') from e
+        raise ValueError(f'cannot load CLIP from {path_or_id}: {one_line(e)}') from e
     return model.eval().requires_grad_(False).to(device), processor
 
 

@@ -1,5 +1,5 @@
 """Write image datasets in the EDM dataset format (an uncompressed zip or a folder of PNGs + dataset.json),
-and read them back as uint8 NCHW arrays.
+and read them back as uint8 NCHW arrays (ImageFolder, read_dataset).
 
     python dataset_tool.py --source=digits --dest=src/digits/digits-8x8.zip
 
@@ -7,15 +7,18 @@ and read them back as uint8 NCHW arrays.
 writes ships with the project as src/digits/digits-8x8.zip, so nothing needs scikit-learn at run time.
 """
 
+import functools
 import io
 import json
 import os
-import tempfile
 import zipfile
 
 import click
 import numpy as np
 import PIL.Image
+
+from torch_utils.cli import one_line
+from torch_utils.misc import atomic_write
 
 #----------------------------------------------------------------------------
 # Sources. Each returns (uint8 images [N, H, W] or [N, H, W, 3], int labels [N] or None).
@@ -48,6 +51,11 @@ def encode_png(image):
     return buf.getvalue()
 
 
+def _write_bytes(path, data):
+    with open(path, 'wb') as f:
+        f.write(data)
+
+
 def write_dataset(dest, images, labels=None):
     """Write images (uint8 [N, H, W] or [N, H, W, 3]) to a .zip (atomically) or an empty/new directory."""
     images = np.asarray(images)
@@ -62,72 +70,108 @@ def write_dataset(dest, images, labels=None):
     files = [(n, encode_png(img)) for n, img in zip(names, images)] + [('dataset.json', json.dumps(meta).encode())]
 
     if dest.lower().endswith('.zip'):
-        folder = os.path.dirname(os.path.abspath(dest))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_', suffix='.zip')
-        os.close(fd)
-        try:
+        def write_zip(tmp):
             with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as zf:
                 for name, data in files:
                     zf.writestr(name, data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        except BaseException:
-            os.remove(tmp)
-            raise
+        atomic_write(dest, write_zip)
     else:
         if os.path.isdir(dest) and os.listdir(dest):
             raise click.ClickException(f'--dest folder {dest} is not empty')
         for name, data in files:
-            path = os.path.join(dest, name)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + '.tmp', 'wb') as f:
-                f.write(data)
-            os.replace(path + '.tmp', path)
+            atomic_write(os.path.join(dest, name), functools.partial(_write_bytes, data=data))
 
 #----------------------------------------------------------------------------
-# Reader: a zip or folder in the EDM layout -> (uint8 [N, C, H, W], int64
-# labels [N] or None). Files are every image with a PIL extension, sorted.
+# Reader: the images of a folder (walked recursively) or a zip, as EDM's ImageFolderDataset reads them: every file
+# with a PIL image extension, sorted by relative path, uint8 [C, H, W] (grayscale keeps 1 channel), an optional
+# random subset chosen by seed, and the labels of dataset.json. fid.py reads image folders through it too.
+
+
+class DatasetError(ValueError):
+    """An unreadable dataset: missing path, damaged archive or image, mixed sizes. One-line message."""
+
+
+def shape_str(shape):
+    """An image shape [C, H, W] in words: 'HxW with C channel(s)'."""
+    return f'{shape[1]}x{shape[2]} with {shape[0]} channel{"s" if shape[0] != 1 else ""}'
+
+
+class ImageFolder:
+    """uint8 [C, H, W] arrays of the images under `path` (folder or .zip); `max_size` picks a seeded subset."""
+
+    def __init__(self, path, max_size=None, random_seed=0):
+        self.path = path
+        self._zip = None
+        PIL.Image.init()
+        if os.path.isdir(path):
+            files = [os.path.relpath(os.path.join(root, fname), start=path)
+                     for root, _dirs, fnames in os.walk(path) for fname in fnames]
+        elif os.path.isfile(path) and path.lower().endswith('.zip'):
+            try:
+                self._zip = zipfile.ZipFile(path)
+            except (OSError, zipfile.BadZipFile) as err:
+                raise DatasetError(f'Cannot read zip file {path}: {one_line(err)}') from err
+            files = self._zip.namelist()
+        elif os.path.exists(path):
+            raise DatasetError(f'Image path must be a folder or a .zip file: {path}')
+        else:
+            raise DatasetError(f'Image path not found: {path}')
+        self._has_labels = 'dataset.json' in files
+        self.names = sorted(name for name in files if os.path.splitext(name)[1].lower() in PIL.Image.EXTENSION)
+        if len(self.names) == 0:
+            raise DatasetError(f'No images found in {path}')
+        self.num_found = len(self.names)
+
+        # Random subset, as EDM: shuffle all indices with the seed, keep the first max_size, sorted.
+        self.indices = np.arange(self.num_found, dtype=np.int64)
+        if max_size is not None and self.indices.size > max_size:
+            np.random.RandomState(random_seed % (1 << 31)).shuffle(self.indices)
+            self.indices = np.sort(self.indices[:max_size])
+        self.image_shape = self._load(self.names[self.indices[0]]).shape
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, idx):
+        name = self.names[self.indices[idx]]
+        image = self._load(name)
+        if image.shape != self.image_shape:
+            raise DatasetError(f'Images of mixed sizes: {name} is {shape_str(image.shape)}, but '
+                               f'{self.names[self.indices[0]]} is {shape_str(self.image_shape)}')
+        return image
+
+    def labels(self):
+        """int64 labels [len(self)] from dataset.json ({"labels": [[name, label], ...]}), or None without them."""
+        if not self._has_labels:
+            return None
+        with self._open('dataset.json') as f:
+            labels = json.load(f).get('labels')
+        if labels is None:
+            return None
+        labels = dict(labels)
+        return np.array([labels[self.names[i].replace(os.sep, '/')] for i in self.indices], dtype=np.int64)
+
+    def _open(self, name):
+        return self._zip.open(name, 'r') if self._zip is not None else open(os.path.join(self.path, name), 'rb')
+
+    def _load(self, name):
+        try:
+            with self._open(name) as f:
+                image = np.array(PIL.Image.open(f))
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on damaged files.
+            raise DatasetError(f'Cannot read image {name}: {one_line(err)}') from err
+        if image.dtype != np.uint8:
+            raise DatasetError(f'Image {name} is not 8-bit ({image.dtype}); expected grayscale or RGB')
+        if image.ndim == 2:
+            image = image[:, :, np.newaxis]  # HW => HWC
+        return image.transpose(2, 0, 1)  # HWC => CHW
 
 
 def read_dataset(path, max_size=None, random_seed=0):
-    """Read all images of a dataset zip or folder, as EDM's ImageFolderDataset orders and subsets them."""
-    PIL.Image.init()
-    if os.path.isdir(path):
-        names = sorted(os.path.relpath(os.path.join(root, f), path).replace('\\', '/')
-                       for root, _dirs, fs in os.walk(path) for f in fs)
-        def read(name):
-            with open(os.path.join(path, name), 'rb') as f:
-                return f.read()
-    elif os.path.isfile(path) and path.lower().endswith('.zip'):
-        zf = zipfile.ZipFile(path)
-        names = sorted(zf.namelist())
-        read = zf.read
-    else:
-        raise ValueError(f'{path}: not a dataset folder or .zip file')
-    image_names = [n for n in names if os.path.splitext(n)[1].lower() in PIL.Image.EXTENSION]
-    if not image_names:
-        raise ValueError(f'{path}: no images found')
-    idx = np.arange(len(image_names))
-    if max_size is not None and len(idx) > max_size:
-        np.random.RandomState(random_seed % (1 << 31)).shuffle(idx)
-        idx = np.sort(idx[:max_size])
-    image_names = [image_names[i] for i in idx]
-
-    images = []
-    for name in image_names:
-        image = np.array(PIL.Image.open(io.BytesIO(read(name))))
-        image = image[:, :, np.newaxis] if image.ndim == 2 else image
-        images.append(image.transpose(2, 0, 1))
-        if images[-1].shape != images[0].shape:
-            raise ValueError(f'{path}: {name} has shape {images[-1].shape}, expected {images[0].shape}')
-    labels = None
-    if 'dataset.json' in names:
-        meta = json.loads(read('dataset.json')).get('labels')
-        if meta is not None:
-            meta = dict(meta)
-            labels = np.array([meta[n] for n in image_names], dtype=np.int64)
-    return np.stack(images), labels
+    """All images of a dataset zip or folder (uint8 [N, C, H, W]) and their labels (int64 [N], or None), in
+    ImageFolder's order and subset."""
+    dataset = ImageFolder(path, max_size=max_size, random_seed=random_seed)
+    return np.stack([dataset[i] for i in range(len(dataset))]), dataset.labels()
 
 #----------------------------------------------------------------------------
 

@@ -12,30 +12,19 @@ cli.apply_thread_policy()
 
 import functools
 import os
-import re
-import uuid
 import zipfile
 
 import click
 import numpy as np
-import PIL.Image
 import scipy.linalg
 import torch
 import tqdm
 
 import dnnlib
+from dataset_tool import DatasetError, ImageFolder, shape_str
+from models.zoo import ZOO, detector_for
 from torch_utils import distributed as dist
-
-#----------------------------------------------------------------------------
-# Reference statistics published with EDM, by dataset name (--ref=cifar10 etc.).
-
-_ref_base = 'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/'
-REF_URLS = dict(
-    cifar10     = _ref_base + 'cifar10-32x32.npz',
-    ffhq        = _ref_base + 'ffhq-64x64.npz',
-    afhqv2      = _ref_base + 'afhqv2-64x64.npz',
-    imagenet64  = _ref_base + 'imagenet-64x64.npz',
-)
+from torch_utils.misc import atomic_write
 
 
 class FIDInputError(ValueError):
@@ -132,28 +121,38 @@ def feature_stats(features):
 
 #----------------------------------------------------------------------------
 # Reference statistics files: np.savez with mu, sigma and, for this project's own files, the detector name.
+# A zoo name (--ref=cifar10) stands for the fid_ref of its row in models/zoo.py, which also knows the shape of
+# the images behind it.
+
+REF_NAMES = [name for name, entry in ZOO.items() if entry.fid_ref is not None]
+
+
+def ref_location(ref):
+    """The path or URL of reference statistics given as a path, a URL or a zoo name (its row's fid_ref)."""
+    entry = ZOO.get(ref)
+    return entry.fid_ref if entry is not None and entry.fid_ref is not None else ref
 
 
 def published_image_shape(url):
     """[C, H, W] of the images behind statistics the model zoo lists (EDM's published files, the digits
     reference), which do not record it themselves; None for any other file."""
-    from models.zoo import ZOO
     for entry in ZOO.values():
-        if entry.fid_ref is None or entry.resolution is None:
+        if entry.ref_image_shape is None:
             continue
         same = entry.fid_ref == url or (os.path.isfile(url) and os.path.isfile(entry.fid_ref)
                                         and os.path.samefile(url, entry.fid_ref))
         if same:
-            return (entry.channels, entry.resolution, entry.resolution)
+            return entry.ref_image_shape
     return None
 
 
 def load_stats(ref):
-    """Statistics from a .npz path, URL or EDM dataset name -> dict(mu, sigma, detector or None, image_shape
+    """Statistics from a .npz path, URL or zoo name (REF_NAMES) -> dict(mu, sigma, detector or None, image_shape
     [C, H, W] or None)."""
-    url = REF_URLS.get(ref, ref)
+    url = ref_location(ref)
     if not dnnlib.util.is_url(url, allow_file_urls=True) and not os.path.isfile(url):
-        raise FIDInputError(f'Reference statistics not found: {ref}')
+        unlisted = f' (zoo model {ref!r} has no FID statistics; listed: {", ".join(REF_NAMES)})' if ref in ZOO else ''
+        raise FIDInputError(f'Reference statistics not found: {ref}{unlisted}')
     # Read only the arrays needed: some published files (ADM reference batches) also hold images. Anything but a
     # zip is refused before NumPy sees it (NumPy's own message advises unpickling the file).
     try:
@@ -174,7 +173,7 @@ def load_stats(ref):
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         if isinstance(err, FIDInputError):
             raise
-        raise FIDInputError(f'Cannot read reference statistics {ref}: {_one_line(err)}') from err
+        raise FIDInputError(f'Cannot read reference statistics {ref}: {cli.one_line(err)}') from err
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
         raise FIDInputError(f'Reference statistics {ref} have mismatched shapes: mu {mu.shape}, sigma {sigma.shape}')
     if image_shape is None:
@@ -190,29 +189,24 @@ def save_stats(path, mu, sigma, detector=None, image_shape=None):
         arrays['detector'] = np.array(str(detector))
     if image_shape is not None:
         arrays['image_shape'] = np.array([int(n) for n in image_shape], dtype=np.int64)
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp_path = os.path.join(os.path.dirname(path), f'.tmp_{uuid.uuid4().hex}_{os.path.basename(path)}')
-    try:
-        with open(temp_path, 'wb') as f:
+
+    def write(tmp):
+        with open(tmp, 'wb') as f:
             np.savez(f, **arrays)
-        os.replace(temp_path, path)
-    finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
+    atomic_write(path, write)
 
 #----------------------------------------------------------------------------
 # Detectors.
 
 
 def default_detector_name(image_shape, ref=None):
-    """The detector recorded in `ref`; else Inception for 2048-d (EDM) statistics or for any image but the
-    1x8x8 digits, which get the embedded digits classifier."""
+    """The detector recorded in `ref`; else Inception for 2048-d statistics (EDM's, which record none); else the
+    zoo's detector of images of `image_shape` (models.zoo.detector_for: digits for 1x8x8, else Inception)."""
     if ref is not None and ref['detector'] is not None:
         return ref['detector']
     if ref is not None and ref['mu'].shape[0] == 2048:
         return 'inception'
-    return 'digits' if tuple(image_shape) == (1, 8, 8) else 'inception'
+    return detector_for(image_shape=image_shape)
 
 
 def load_detector(name, device):
@@ -223,26 +217,16 @@ def load_detector(name, device):
         from models.detectors import get_detector
         return get_detector(name, device)
     except ImportError as err:
-        raise FIDInputError(f'Unknown detector "{name}": {_one_line(err)}') from err
+        raise FIDInputError(f'Unknown detector "{name}": {cli.one_line(err)}') from err
     except (ValueError, OSError, RuntimeError) as err:
-        raise FIDInputError(f'Cannot load detector "{name}": {_one_line(err)}') from err
-
-
-def _load_detector_rank0_first(name, device):
-    # Rank 0 downloads into the cache first; the other ranks then find it there.
-    if dist.get_rank() != 0:
-        dist.barrier()
-    detector = load_detector(name, device)
-    if dist.get_rank() == 0:
-        dist.barrier()
-    return detector
+        raise FIDInputError(f'Cannot load detector "{name}": {cli.one_line(err)}') from err
 
 
 def check_image_shape(ref, image_shape, images_name='The images', ref_name='the reference statistics'):
     """Reject images of another resolution or channel count than the images the statistics were made from."""
     if ref.get('image_shape') is not None and tuple(image_shape) != tuple(ref['image_shape']):
-        raise FIDInputError(f'{images_name} are {_shape_str(image_shape)}, but {ref_name} are of '
-                            f'{_shape_str(ref["image_shape"])} images')
+        raise FIDInputError(f'{images_name} are {shape_str(image_shape)}, but {ref_name} are of '
+                            f'{shape_str(ref["image_shape"])} images')
 
 
 def check_compatible(ref, detector, ref_name='the reference statistics'):
@@ -252,70 +236,6 @@ def check_compatible(ref, detector, ref_name='the reference statistics'):
     if ref['mu'].shape[0] != detector.feature_dim:
         raise FIDInputError(f'{ref_name} have {ref["mu"].shape[0]} features, but detector "{detector.name}" '
             f'gives {detector.feature_dim}')
-
-#----------------------------------------------------------------------------
-# Images of a folder (walked recursively) or a zip, read like EDM's ImageFolderDataset: sorted by relative
-# path, uint8 CHW (grayscale keeps 1 channel), an optional random subset chosen by seed.
-
-
-class ImageFolder:
-    """uint8 [C, H, W] arrays of the images under `path` (folder or .zip); `max_size` picks a seeded subset."""
-
-    def __init__(self, path, max_size=None, random_seed=0):
-        self.path = path
-        self._zip = None
-        PIL.Image.init()
-        if os.path.isdir(path):
-            names = [os.path.relpath(os.path.join(root, fname), start=path)
-                for root, _dirs, files in os.walk(path) for fname in files]
-        elif os.path.isfile(path) and path.lower().endswith('.zip'):
-            try:
-                self._zip = zipfile.ZipFile(path)
-            except (OSError, zipfile.BadZipFile) as err:
-                raise FIDInputError(f'Cannot read zip file {path}: {_one_line(err)}') from err
-            names = self._zip.namelist()
-        elif os.path.exists(path):
-            raise FIDInputError(f'Image path must be a folder or a .zip file: {path}')
-        else:
-            raise FIDInputError(f'Image path not found: {path}')
-        self.names = sorted(name for name in names if os.path.splitext(name)[1].lower() in PIL.Image.EXTENSION)
-        if len(self.names) == 0:
-            raise FIDInputError(f'No images found in {path}')
-        self.num_found = len(self.names)
-
-        # Random subset, as EDM: shuffle all indices with the seed, keep the first max_size, sorted.
-        self.indices = np.arange(self.num_found, dtype=np.int64)
-        if max_size is not None and self.indices.size > max_size:
-            np.random.RandomState(random_seed % (1 << 31)).shuffle(self.indices)
-            self.indices = np.sort(self.indices[:max_size])
-        self.image_shape = self._load(self.names[self.indices[0]]).shape
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, idx):
-        name = self.names[self.indices[idx]]
-        image = self._load(name)
-        if image.shape != self.image_shape:
-            raise FIDInputError(f'Images of mixed sizes: {name} is {_shape_str(image.shape)}, but '
-                f'{self.names[self.indices[0]]} is {_shape_str(self.image_shape)}')
-        return image
-
-    def _load(self, name):
-        try:
-            if self._zip is not None:
-                with self._zip.open(name, 'r') as f:
-                    image = np.array(PIL.Image.open(f))
-            else:
-                with open(os.path.join(self.path, name), 'rb') as f:
-                    image = np.array(PIL.Image.open(f))
-        except Exception as err: # PIL raises OSError, SyntaxError, ValueError, ... on damaged files.
-            raise FIDInputError(f'Cannot read image {name}: {_one_line(err)}') from err
-        if image.dtype != np.uint8:
-            raise FIDInputError(f'Image {name} is not 8-bit ({image.dtype}); expected grayscale or RGB')
-        if image.ndim == 2:
-            image = image[:, :, np.newaxis] # HW => HWC
-        return image.transpose(2, 0, 1) # HWC => CHW
 
 #----------------------------------------------------------------------------
 # Statistics of images: a folder/zip split over processes, or an in-memory batch.
@@ -340,7 +260,7 @@ def _features(detector, images):
     except FIDInputError:
         raise
     except ValueError as err:
-        raise FIDInputError(f'Detector "{detector.name}" cannot take these images: {_one_line(err)}') from err
+        raise FIDInputError(f'Detector "{detector.name}" cannot take these images: {cli.one_line(err)}') from err
 
 
 def compute_dataset_stats(dataset, detector, max_batch=64, device=None):
@@ -386,22 +306,13 @@ def fid_from_images(images, ref, detector=None, batch=64):
 # Small helpers.
 
 
-def _one_line(err):
-    text = str(err).strip() or type(err).__name__
-    return re.sub(r'\s*\n\s*', ' ', text)
-
-
-def _shape_str(shape):
-    return f'{shape[1]}x{shape[2]} with {shape[0]} channel{"s" if shape[0] != 1 else ""}'
-
-
 def _click_errors(fn):
-    """Turn FIDInputError into a one-line click error."""
+    """Turn FIDInputError and DatasetError (image folders) into a one-line click error."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except FIDInputError as err:
+        except (FIDInputError, DatasetError) as err:
             raise click.ClickException(str(err)) from err
     return wrapper
 
@@ -432,7 +343,7 @@ def main():
 
 @main.command()
 @click.option('--images', 'image_path', help='Path to the images', metavar='PATH|ZIP', type=str, required=True)
-@click.option('--ref', 'ref_path', help='Reference statistics, or cifar10|ffhq|afhqv2|imagenet64', metavar='NPZ|URL',
+@click.option('--ref', 'ref_path', help=f'Reference statistics, or {"|".join(REF_NAMES)}', metavar='NPZ|URL',
               type=str, required=True)
 @click.option('--num', '--num_images', 'num_expected', metavar='INT', type=click.IntRange(min=2), default=None,
               help='Number of images to use (under torchrun write --num_images: torchrun takes --num for its '
@@ -450,11 +361,8 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector):
 
     # Rank 0 loads (and downloads) the statistics first.
     dist.print0(f'Loading dataset reference statistics from "{ref_path}"...')
-    if dist.get_rank() != 0:
-        dist.barrier()
-    ref = load_stats(ref_path)
-    if dist.get_rank() == 0:
-        dist.barrier()
+    with dist.rank0_first():
+        ref = load_stats(ref_path)
 
     dist.print0(f'Loading images from "{image_path}"...')
     dataset = ImageFolder(image_path, max_size=num_expected, random_seed=seed)
@@ -466,7 +374,8 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector):
                       ref_name=f'reference statistics {ref_path}')
 
     detector_name = detector or default_detector_name(dataset.image_shape, ref)
-    det = _load_detector_rank0_first(detector_name, dist.device())
+    with dist.rank0_first():  # rank 0 downloads the detector into the cache, the others then find it there
+        det = load_detector(detector_name, dist.device())
     check_compatible(ref, det, ref_name=f'Reference statistics {ref_path}')
 
     dist.print0(f'Calculating statistics for {len(dataset)} images with detector "{det.name}"...')
@@ -489,8 +398,8 @@ def rmse_to_reference(images, reference):
     """Mean over images of the per-image RMSE in [0, 1] pixel units; both [N, C, H, W], uint8 or floats in
     0..255, row i of one belonging to row i of the other."""
     if images.shape != reference.shape:
-        raise FIDInputError(f'cannot compare {_shape_str(images.shape[1:])} images with '
-                            f'{_shape_str(reference.shape[1:])} ones (or {len(images)} with {len(reference)})')
+        raise FIDInputError(f'cannot compare {shape_str(images.shape[1:])} images with '
+                            f'{shape_str(reference.shape[1:])} ones (or {len(images)} with {len(reference)})')
     diff = (images.to(torch.float64) - reference.to(torch.float64)) / 255
     return float(diff.pow(2).flatten(1).mean(1).sqrt().mean())
 
@@ -529,7 +438,8 @@ def ref(dataset_path, dest_path, batch, detector):
     dataset = ImageFolder(dataset_path)
     if len(dataset) < 2:
         raise FIDInputError(f'Found {len(dataset)} image in {dataset_path}, but need at least 2')
-    det = _load_detector_rank0_first(detector or default_detector_name(dataset.image_shape), dist.device())
+    with dist.rank0_first():
+        det = load_detector(detector or default_detector_name(dataset.image_shape), dist.device())
 
     dist.print0(f'Calculating statistics for {len(dataset)} images with detector "{det.name}"...')
     mu, sigma = compute_dataset_stats(dataset, det, max_batch=batch)

@@ -156,7 +156,7 @@ def main(**kwargs):
     opts = EasyDict(kwargs)
     dist.init()
     dist.stop_on_signals()  # SIGTERM / Ctrl-C: save the state at the end of the iteration, then stop
-    from models.zoo import ZOO
+    from models.zoo import ZOO, detector_for
     models = sorted(name for name, entry in ZOO.items() if entry.kind != 'file')
     if opts.model_path is None and opts.dataset_name not in models:
         raise click.BadParameter(f'unknown dataset {opts.dataset_name!r}; choose from {", ".join(models)} '
@@ -170,7 +170,7 @@ def main(**kwargs):
     feature_net = opts.feature_net or getattr(ZOO.get(opts.dataset_name), 'feature_net', None) or 'inception'
     if feature_net == 'none' or opts.alpha == 0:
         feature_net = None
-    judge = getattr(ZOO.get(opts.dataset_name), 'detector', None)
+    judge = detector_for(opts.dataset_name) if opts.dataset_name in ZOO else None
     if feature_net is not None and feature_net == judge:
         dist.print0(f'Warning: --feature_net={feature_net} is the FID detector of {opts.dataset_name}: FID then scores '
                     'the predictor with the network it was trained against, so it is not an independent judge.')

@@ -19,7 +19,7 @@ import dataset_tool
 import fid
 from models import load_model
 from models.detectors import get_detector
-from models.zoo import ZOO
+from models.zoo import ZOO, detector_for
 from sample import generate_images
 from torch_utils.misc import to_pixels
 
@@ -57,7 +57,7 @@ def save_grid(images, path, cols=20, scale=6, pad=1):
               show_default=True)
 def main(num, num_steps, batch, model, grid, make_ref, floor_seeds):
     torch.set_num_threads(1)
-    detector = get_detector('digits', 'cpu')
+    detector = get_detector(detector_for('digits'), 'cpu')
     images, _labels = dataset_tool.read_dataset(DATA)
     images = torch.as_tensor(images)
     if make_ref or not os.path.isfile(REF):

@@ -31,6 +31,7 @@ import solvers
 from fid import ImageFolder, frechet_distance, kernel_distance, load_stats, rmse_to_reference
 from models import load_model
 from models.detectors import get_detector
+from models.zoo import detector_for
 from sample import generate_images
 from solvers.adasde import AdaSDEPredictor
 from torch_utils.misc import atomic_write
@@ -64,7 +65,7 @@ class Judges:
     """FID, KID and RMSE-to-converged of sample sets drawn from a fixed list of seeds."""
 
     def __init__(self, net, seeds):
-        self.detector = get_detector('digits')
+        self.detector = get_detector(detector_for('digits'))
         ref = load_stats(REF)
         self.mu, self.sigma = ref['mu'], ref['sigma']
         real = ImageFolder(DATA)

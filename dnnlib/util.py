@@ -11,7 +11,6 @@ import tempfile
 import types
 import urllib.parse
 import urllib.request
-import uuid
 
 #----------------------------------------------------------------------------
 # Convenience class that behaves like a dict but allows access with the attribute syntax.
@@ -260,16 +259,17 @@ def open_url(url, cache_dir=None, num_attempts=10, verbose=True, return_filename
         if len(cache_files) == 1:
             return cache_files[0] if return_filename else open(cache_files[0], 'rb')
 
-    # Download, then save atomically: temporary name in the same folder, then os.replace.
+    # Download, then save atomically (a temporary '.tmp_*' file, never matched as <md5>_*, renamed into place).
     data, name = _download(url, num_attempts, verbose)
     if cache:
+        from torch_utils.misc import atomic_write  # here, not above: dnnlib itself loads no torch
         safe_name = re.sub(r'[^0-9a-zA-Z-._]', '_', name)[:128]
         cache_file = os.path.join(cache_dir, f'{url_md5}_{safe_name}')
-        temp_file = os.path.join(cache_dir, f'tmp_{uuid.uuid4().hex}_{url_md5}_{safe_name}')
-        os.makedirs(cache_dir, exist_ok=True)
-        with open(temp_file, 'wb') as f:
-            f.write(data)
-        os.replace(temp_file, cache_file)
+
+        def write(tmp):
+            with open(tmp, 'wb') as f:
+                f.write(data)
+        atomic_write(cache_file, write)
         if return_filename:
             return cache_file
     return io.BytesIO(data)

@@ -15,16 +15,21 @@ as in EDM). Load pickles only from sources you trust. This project's own models 
 
 import os
 
+from torch_utils.cli import one_line
+
 from .zoo import ZOO, ModelError
 
 #----------------------------------------------------------------------------
 # EDM network pickles (formats.md §1): pickle['ema'] through torch_utils.persistence;
-# storages saved on CUDA load on a CPU-only machine. As AdaSDE and diff-sampler do
-# after loading, sigma_min and sigma_max are set to 0.002 and 80.
+# storages saved on CUDA load on a CPU-only machine. EDM's networks carry
+# sigma_min = 0 and sigma_max = inf (no range of their own), so, as AdaSDE and
+# diff-sampler do after loading, they get the sampling range of their zoo row
+# (0.002 and 80); a pickle outside the zoo that of EDM's published models.
 
 
-def load_edm_pickle(path_or_url, verbose=True):
-    """The 'ema' network of an EDM training snapshot (a file path or URL). Runs the code embedded in the pickle."""
+def load_edm_pickle(path_or_url, verbose=True, entry=None):
+    """The 'ema' network of an EDM training snapshot (a file path or URL), set to the sigma range of the zoo row
+    `entry` (default: the row of EDM's published models, see _KIND_ENTRY). Runs the code embedded in the pickle."""
     import pickle
 
     import dnnlib
@@ -37,23 +42,18 @@ def load_edm_pickle(path_or_url, verbose=True):
             data = persistence.load_network_pickle(f)
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as err:
         raise ModelError(f'{path_or_url}: not a readable network pickle ({type(err).__name__}: '
-                         f'{_first_line(err)})') from err
+                         f'{one_line(err)})') from err
     except OSError as err:
-        raise ModelError(f'cannot open {path_or_url}: {_first_line(err)}') from err
+        raise ModelError(f'cannot open {path_or_url}: {one_line(err)}') from err
     if not isinstance(data, dict) or 'ema' not in data:
         if isinstance(data, dict) and 'model' in data and 'loss_fn' in data:
             raise ModelError(f'{path_or_url} is an AdaSDE predictor snapshot, not a diffusion model')
         keys = ', '.join(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise ModelError(f'{path_or_url}: not an EDM network pickle (expected a dict with key "ema", got {keys})')
     net = data['ema']
-    net.sigma_min = 0.002
-    net.sigma_max = 80.0
+    entry = entry or ZOO[_KIND_ENTRY['edm']]
+    net.sigma_min, net.sigma_max = entry.sigma_min, entry.sigma_max
     return net
-
-
-def _first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 #----------------------------------------------------------------------------
 # Adapters per zoo kind.
@@ -64,16 +64,16 @@ def _load_sd(path_or_id, **kwargs):
         from . import sd
     except ImportError as err:
         raise ModelError(f'Stable Diffusion needs diffusers and transformers (pip install "adasde[sd]"): '
-                         f'{_first_line(err)}') from err
+                         f'{one_line(err)}') from err
     try:
         return sd.load_sd(path_or_id, **kwargs)
     except ImportError as err:
         raise ModelError(f'Stable Diffusion needs diffusers and transformers (pip install "adasde[sd]"): '
-                         f'{_first_line(err)}') from err
+                         f'{one_line(err)}') from err
     except ValueError as err:
         if isinstance(err, ModelError):
             raise
-        raise ModelError(_first_line(err)) from err
+        raise ModelError(one_line(err)) from err
 
 
 def _no_kwargs(what, kwargs):
@@ -114,25 +114,28 @@ def _load_openai(kind, path, entry=None, arch=None, classifier_path=None, classi
                              published_classifier=published.get('classifier'), **options)
 
 
-_KIND_ENTRY = dict(cm='lsun_bedroom', adm='imagenet256', ldm='lsun_bedroom_ldm')  # published default architectures
+# The zoo row whose published model a user's checkpoint of each kind takes its defaults from (architecture; for
+# an EDM pickle, the sigma range).
+_KIND_ENTRY = dict(edm='cifar10', cm='lsun_bedroom', adm='imagenet256', ldm='lsun_bedroom_ldm')
 
 
 def _load_zoo(name, device, **kwargs):
-    from . import edm, zoo
+    from . import adapters, edm, zoo
     entry = zoo.get_entry(name)
     if entry.missing:
         raise ModelError(f'zoo model {name!r} is not available: {entry.missing}')
-    if entry.kind in _KIND_ENTRY:
+    if entry.kind in adapters.KINDS:
         return _load_openai(entry.kind, zoo.fetch(name), entry=entry, **kwargs)
     if entry.kind == 'embedded':
         _no_kwargs(f'model {name!r}', kwargs)
         return edm.load_local(os.path.dirname(zoo.local_path(entry)), device=device)
     if entry.kind == 'edm':
         _no_kwargs(f'model {name!r}', kwargs)
-        return load_edm_pickle(zoo.fetch(name))
+        return load_edm_pickle(zoo.fetch(name), entry=entry)
     if entry.kind == 'sd':
         local = zoo.local_path(entry)
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        kwargs.setdefault('guidance_type', entry.guidance_type)
         kwargs.setdefault('guidance_rate', entry.guidance_rate)
         if os.path.isfile(local):
             return _load_sd(local, device=device, **kwargs)

@@ -12,12 +12,9 @@ import zipfile
 
 import torch
 
+from torch_utils.cli import one_line
+
 from .zoo import ModelError
-
-
-def _first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _zip_member(path):
@@ -54,10 +51,10 @@ def read(path, what='checkpoint'):
             raise ModelError(f'{path}: refused by the safe loader (torch.load with weights_only=True): the file '
                              'stores Python objects besides tensors; in an environment you trust, load it and '
                              'torch.save its state_dict') from None
-        raise ModelError(f'{path}: not a readable PyTorch checkpoint ({_first_line(err)})') from None
+        raise ModelError(f'{path}: not a readable PyTorch checkpoint ({one_line(err)})') from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError) as err:
         raise ModelError(f'{path}: not a readable PyTorch checkpoint (truncated or another format: '
-                         f'{_first_line(err)})') from None
+                         f'{one_line(err)})') from None
 
 
 def state_dict_of(obj, path):

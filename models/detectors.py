@@ -25,11 +25,14 @@ import torch
 from safetensors.torch import load_file
 from torch.nn.functional import silu
 
-from .zoo import ModelError
+from torch_utils.cli import one_line
+
+from .edm import save_weights_and_config
+from .zoo import REPO_SRC, ModelError
 
 INCEPTION_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
                  'inception-2015-12-05.pkl')
-DIGITS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'src', 'digits')
+DIGITS_DIR = os.path.join(REPO_SRC, 'digits')  # the embedded digits row's folder (models/zoo.py)
 DIGITS_WEIGHTS = 'detector.safetensors'
 DIGITS_JSON = 'detector.json'
 LOSS_NET_WEIGHTS = 'feature_net.safetensors'
@@ -96,7 +99,6 @@ _DIGITS_NETS = {  # kind -> (class, weights file, json file, train_digits.py com
 
 def save_digits_net(net, dirname, **extra):
     """Write a DigitsClassifier (detector.*) or a DigitsLossNet (feature_net.*) as safetensors + JSON (atomically)."""
-    from .edm import save_weights_and_config
     kind, = [k for k, (cls, *_) in _DIGITS_NETS.items() if type(net) is cls]
     _, weights, config_name, _ = _DIGITS_NETS[kind]
     config = dict(format=1, kind=kind, channels=list(net.channels), feature_dim=net.feature_dim, **extra)
@@ -156,9 +158,8 @@ def _inception_detector(device):
         with dnnlib.util.open_url(INCEPTION_URL, num_attempts=3, verbose=False) as f:
             net = persistence.load_network_pickle(f)
     except (OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f'cannot load the Inception detector from {INCEPTION_URL} ({reason}); without network, put '
-                         f'the file in the dnnlib cache ({dnnlib.make_cache_dir_path("downloads")}) as '
+        raise ModelError(f'cannot load the Inception detector from {INCEPTION_URL} ({one_line(err)}); without '
+                         f'network, put the file in the dnnlib cache ({dnnlib.make_cache_dir_path("downloads")}) as '
                          f'{hashlib.md5(INCEPTION_URL.encode()).hexdigest()}_inception-2015-12-05.pkl') from err
     net = net.to(device).eval().requires_grad_(False)
     return Detector('inception', 2048, lambda x: net(x, return_features=True), channels=3)
@@ -219,9 +220,13 @@ FEATURE_NETS = {
 
 
 def get_feature_net(name, device='cpu'):
-    """The loss network `name` (see FEATURE_NETS) on `device`, built once per (name, device)."""
+    """The loss network `name` (see FEATURE_NETS) on `device`, built once per (name, device). The loss on a FID
+    detector wraps get_detector's own cached network, so it is not cached a second time (a second copy would
+    outlive a replaced or cleared detector)."""
     if name not in FEATURE_NETS:
         raise ValueError(f'unknown feature network {name!r}; choose from {", ".join(FEATURE_NETS)} or none')
+    if name in DETECTORS:
+        return FEATURE_NETS[name](torch.device(device))
     key = ('feature_net', name, str(torch.device(device)))
     if key not in _cache:
         _cache[key] = FEATURE_NETS[name](torch.device(device))

@@ -7,12 +7,14 @@ plain nn.Modules and are never pickled: save_model/load_local store weights and 
 
 import json
 import os
-import tempfile
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.functional import silu
+
+from torch_utils.cli import one_line
+from torch_utils.misc import atomic_write
 
 from .zoo import ModelError
 
@@ -223,32 +225,18 @@ class EDMPrecond(torch.nn.Module):
 # ({"format", "class", "init_kwargs", and anything passed as `extra`}).
 
 
-def _atomic_write(path, write_fn):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_' + os.path.basename(path))
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
-
-
 def save_weights_and_config(dirname, weights_name, state, json_name, config):
     """Write a state dict as safetensors (floating tensors in float32, others as they are) and its config as JSON
     into `dirname`, each file atomically."""
     state = {k: v.detach().to('cpu', torch.float32 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in state.items()}
-    _atomic_write(os.path.join(dirname, weights_name), lambda tmp: save_file(state, tmp))
+    atomic_write(os.path.join(dirname, weights_name), lambda tmp: save_file(state, tmp))
 
     def write_json(tmp):
         with open(tmp, 'w') as f:
             json.dump(config, f, indent=2)
             f.write('\n')
-    _atomic_write(os.path.join(dirname, json_name), write_json)
+    atomic_write(os.path.join(dirname, json_name), write_json)
 
 
 def save_model(net, dirname, **extra):
@@ -274,7 +262,7 @@ def load_local(dirname, device='cpu'):
     try:
         net.load_state_dict(load_file(weights_path, device='cpu'))
     except (RuntimeError, OSError) as err:
-        raise ModelError(f'{weights_path}: weights do not match {json_path} ({str(err).splitlines()[0]})') from err
+        raise ModelError(f'{weights_path}: weights do not match {json_path} ({one_line(err)})') from err
     net.training_options = config.get('training_options')
     return net.eval().requires_grad_(False).to(device)
 

@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from torch_utils.cli import one_line
+
 from .zoo import ModelError
 
 VGG_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
@@ -99,7 +101,7 @@ def _fetch_state(url):
             data = f.read()
         return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
     except Exception as err:  # no network, truncated or foreign file: one line, no pickle advice
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = one_line(err)
         if 'weights_only' in reason or 'Unpickl' in reason:
             reason = 'not a plain state dict'
         name = os.path.basename(url)
@@ -114,7 +116,7 @@ def load_lpips(device='cpu'):
     try:
         net = LPIPS().load_published(vgg, lin)
     except (KeyError, RuntimeError) as err:
-        raise ModelError(f'the LPIPS weight files do not have the published layout ({str(err).splitlines()[0]})') \
+        raise ModelError(f'the LPIPS weight files do not have the published layout ({one_line(err)})') \
             from None
     return net.to(device).eval().requires_grad_(False)
 

@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from torch_utils.cli import one_line
+
 from .discrete import DiscreteVPSchedule, _float, _interp  # noqa: F401 (the schedule helpers)
 
 SD_DEFAULT = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
@@ -21,7 +23,7 @@ SINGLE_FILE_SUFFIXES = ('.ckpt', '.safetensors')
 
 
 class SDDenoiser(DiscreteVPSchedule, torch.nn.Module):
-    guidance_type = 'classifier-free'
+    guidance_type = 'cfg'  # classifier-free, spelled as in the zoo (models/zoo.py)
     label_dim = 0  # no class labels: conditioning is text, passed as `condition=...`
 
     def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod, guidance_rate=7.5, epsilon_t=1e-3,
@@ -137,8 +139,9 @@ class SDDenoiser(DiscreteVPSchedule, torch.nn.Module):
 
 
 def cfg_nfe_factor(net):
-    """Model evaluations per network call: 2 for a guided classifier-free denoiser, else 1."""
-    guided = getattr(net, 'guidance_type', None) == 'classifier-free' and getattr(net, 'guidance_rate', 1) != 1
+    """Model evaluations per network call: 2 for a denoiser with classifier-free guidance ('cfg') at a rate
+    other than 1, else 1."""
+    guided = getattr(net, 'guidance_type', None) == 'cfg' and getattr(net, 'guidance_rate', 1) != 1
     return 2 if guided else 1
 
 #----------------------------------------------------------------------------
@@ -147,12 +150,12 @@ def cfg_nfe_factor(net):
 
 
 def load_sd(path_or_id=SD_DEFAULT, device='cpu', guidance_rate=7.5, dtype=None, epsilon_t=1e-3,
-            guidance_type='classifier-free', prompts=None, **kwargs):
+            guidance_type='cfg', prompts=None, **kwargs):
     """Load Stable Diffusion as an SDDenoiser. dtype (torch dtype or name) defaults to float16 on CUDA and float32
     elsewhere; extra kwargs go to diffusers (e.g. local_files_only=True, config=<dir> for single files)."""
     from diffusers import StableDiffusionPipeline
 
-    if guidance_type not in ('classifier-free', 'cfg'):
+    if guidance_type != 'cfg':
         raise ValueError(f"Stable Diffusion uses classifier-free guidance (guidance_type 'cfg'), not {guidance_type!r}")
     device = torch.device(device)
     if dtype is None:
@@ -171,7 +174,7 @@ def load_sd(path_or_id=SD_DEFAULT, device='cpu', guidance_rate=7.5, dtype=None, 
             pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None,
                                                            requires_safety_checker=False, **kwargs)
     except (OSError, KeyError, TypeError) as e:
-        raise ValueError(f'cannot load Stable Diffusion from {path}: {str(e).splitlines()[0]}') from e
+        raise ValueError(f'cannot load Stable Diffusion from {path}: {one_line(e)}') from e
     # Cast after loading, as plain torch modules: diffusers renamed its dtype argument across versions, and its own
     # .to() warns on every cast (SD v1/v2 have no modules that must stay in float32).
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):

@@ -1,6 +1,11 @@
 """The model zoo: ONE table from dataset name to where the pretrained model comes from and what it is
 (AdaSDE's download table, spec/formats.md §4), and the file fetching behind models.load_model.
 
+A row is what runs: models.load_model gives EDM pickles the row's sigma range and Stable Diffusion the row's
+guidance; the other loaders' models compute their own range, which tests/test_backends.py and tests/test_sd.py
+check against the row. fid.py resolves --ref=<name> to the row's fid_ref, reads the image shape of those
+statistics from the row, and takes the row's FID detector (detector_for).
+
 Downloaded files live in <src>/<name>/<file>, where <src> is $ADASDE_SRC_DIR or ./src (as in AdaSDE); a file
 already there, or in the dnnlib cache (<md5(url)>_*), is used without network access. `digits` is embedded in
 the repository (src/digits/) and never downloaded.
@@ -11,9 +16,12 @@ import glob
 import hashlib
 import os
 
+from torch_utils.cli import one_line
+
 REPO_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'src')
 _EDM = 'https://nvlabs-fi-cdn.nvidia.com/edm/'
 _OPENAI = 'https://openaipublic.blob.core.windows.net/'
+DEFAULT_DETECTOR = 'inception'  # the FID detector of every image that no zoo row claims (EDM's fid.py)
 
 #----------------------------------------------------------------------------
 
@@ -29,22 +37,28 @@ class ZooEntry:
     url: str = None                 # source of the file (None: shipped with the repository)
     file: str = None                # name of the stored file in <src>/<name>/
     storage: str = 'src'            # 'src': <src>/<name>/; 'repo': the repository's src/<name>/; 'hub': diffusers
-    resolution: int = None          # sampling space (latent resolution for latent models)
-    channels: int = None
+    resolution: int = None          # sampling space (latent resolution for latent models); with fid_ref, the
+    channels: int = None            # images of those statistics are channels x resolution x resolution
     label_kind: str = 'none'        # 'none', 'onehot' (float [B, label_dim]), 'index' (int64 [B]), 'text'
     label_dim: int = 0
-    sigma_min: float = None
-    sigma_max: float = None
-    guidance_type: str = None       # default guidance of the adapter ('cg', 'cfg', 'uncond')
+    sigma_min: float = None         # the sampling range: given to EDM pickles (which carry 0 and inf), computed
+    sigma_max: float = None         # by the other adapters from their schedules (tests check they agree)
+    guidance_type: str = None       # guidance of the adapter ('cg', 'cfg', 'uncond'): the one spelling of all code
     guidance_rate: float = None
-    detector: str = 'inception'     # FID feature network (models.detectors)
-    feature_net: str = 'inception'  # loss network of the distillation's feature loss (never the detector)
-    fid_ref: str = None             # FID reference statistics
+    detector: str = DEFAULT_DETECTOR  # FID feature network (models.detectors), chosen through detector_for
+    feature_net: str = 'inception'  # loss network of the distillation's feature loss (the official code's
+                                    # Inception; digits trains against another network than its detector)
+    fid_ref: str = None             # FID reference statistics (path or URL; fid.py --ref=<name>)
     extra: tuple = ()               # other files: ((url, file), ...)
     missing: str = None             # set while the adapter is not built: what is missing, in one line
     arch: dict = None               # published architecture (cm/adm/ldm), in the original code's names:
                                     # {'model': {...}, 'classifier': {...}}; users' --model_arch keys update it
     description: str = ''
+
+    @property
+    def ref_image_shape(self):
+        """[C, H, W] of the images behind `fid_ref` (the published files do not record it), or None."""
+        return (self.channels, self.resolution, self.resolution) if self.fid_ref and self.resolution else None
 
 
 ZOO = {e.name: e for e in [
@@ -98,7 +112,7 @@ ZOO = {e.name: e for e in [
              description='latent diffusion LSUN Bedroom (VQ-f4 latents 3x64x64)'),
     ZooEntry('ms_coco', 'sd', 'https://huggingface.co/runwayml/stable-diffusion-v1-5/resolve/main/'
              'v1-5-pruned-emaonly.ckpt', 'v1-5-pruned-emaonly.ckpt', storage='hub', resolution=64, channels=4,
-             label_kind='text', label_dim=1, sigma_min=0.029168, sigma_max=14.6146, guidance_type='cfg',
+             label_kind='text', sigma_min=0.0291675, sigma_max=14.6146, guidance_type='cfg',
              guidance_rate=7.5, description='Stable Diffusion v1.5, text-to-image (CFG 7.5), MS-COCO prompts'),
     ZooEntry('prompts', 'file', 'https://github.com/boomb0om/text2image-benchmark/releases/download/v0.0.1/'
              'MS-COCO_val2014_30k_captions.csv', 'MS-COCO_val2014_30k_captions.csv',
@@ -148,20 +162,18 @@ def fetch(name, file=None, url=None, verbose=True):
     if cached is not None:
         return cached
     import dnnlib
-
-    from .edm import _atomic_write
+    from torch_utils.misc import atomic_write  # loads torch, which the table itself does not need
     try:
         with dnnlib.util.open_url(url, num_attempts=3, verbose=verbose, cache=False) as f:
             data = f.read()
     except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f'{name}: cannot download {url} ({reason}); without network, put the file at {path}') \
+        raise ModelError(f'{name}: cannot download {url} ({one_line(err)}); without network, put the file at {path}') \
             from err
 
     def write(tmp):
         with open(tmp, 'wb') as f:
             f.write(data if not url.endswith('.zip') else _unzip_member(data, os.path.basename(path), url))
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
@@ -178,6 +190,18 @@ def _unzip_member(data, basename, url):
             return zf.read(match[0])
     except zipfile.BadZipFile as err:
         raise ModelError(f'{url}: the download is not a readable zip archive ({err})') from None
+
+
+def detector_for(dataset=None, image_shape=None):
+    """The FID detector (a models.detectors name) of the zoo row `dataset`; for images of `image_shape` [C, H, W]
+    that of the rows whose reference statistics are of such images (digits: 1x8x8); else DEFAULT_DETECTOR."""
+    if dataset in ZOO:
+        return ZOO[dataset].detector
+    if image_shape is not None:
+        claimed = {e.detector for e in ZOO.values() if e.ref_image_shape == tuple(image_shape)}
+        if len(claimed) == 1:
+            return claimed.pop()
+    return DEFAULT_DETECTOR
 
 
 def describe():

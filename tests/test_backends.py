@@ -114,6 +114,27 @@ def test_published_sizes():
     assert counts['cm'].middle_block[1].num_heads == 16 and counts['ldm'].middle_block[1].num_heads == 28
     assert alphas_cumprod.dtype == torch.float32
 
+
+def test_zoo_rows_are_what_their_adapters_run():
+    """The rows of the openai-UNet families state what their adapters run with the published architectures
+    (networks on the meta device; LDM's sigma range from the published schedule on tiny networks)."""
+    rows = {kind: zoo.ZOO[models._KIND_ENTRY[kind]] for kind in adapters.KINDS}
+    with torch.device('meta'):
+        cm = adapters.build_cm(rows['cm'].arch['model'])
+        adm = adapters.build_adm(rows['adm'].arch['model'])
+        unet, vq, _, scale = adapters.ldm_parts(rows['ldm'].arch['model'])
+    schedule = {k: rows['ldm'].arch['model'][k] for k in ('linear_start', 'linear_end', 'timesteps')}
+    alphas_cumprod = adapters.ldm_parts(dict(LDM_ARCH, **schedule))[2]
+    nets = dict(cm=adapters.CMDenoiser(cm), adm=adapters.ADMGuidedDenoiser(adm, guidance_rate=0),
+                ldm=adapters.LDMDenoiser(unet, vq, alphas_cumprod, scale_factor=scale))
+    for kind, net in nets.items():
+        e = rows[kind]
+        assert (net.img_channels, net.img_resolution, net.label_dim) == (e.channels, e.resolution, e.label_dim), kind
+        assert (net.sigma_min, net.sigma_max) == (pytest.approx(e.sigma_min, rel=1e-5),
+                                                  pytest.approx(e.sigma_max, rel=1e-5)), kind
+        assert getattr(net, 'guidance_type', None) == e.guidance_type, kind
+    assert nets['ldm'].guidance_rate == rows['ldm'].guidance_rate
+
 #----------------------------------------------------------------------------
 # D(x; sigma) against the closed forms, evaluated here on the saved network itself.
 

@@ -261,13 +261,13 @@ def test_fid_refuses_images_of_another_resolution(tmp_path, monkeypatch):
     import dnnlib
     monkeypatch.setattr(dnnlib.util, '_dnnlib_cache_dir', str(tmp_path / 'cache'))
     os.makedirs(tmp_path / 'cache' / 'downloads')
-    url_md5 = hashlib.md5(fid.REF_URLS['cifar10'].encode('utf-8')).hexdigest()
+    url_md5 = hashlib.md5(fid.ref_location('cifar10').encode('utf-8')).hexdigest()
     np.savez(str(tmp_path / 'cache' / 'downloads' / f'{url_md5}_cifar10-32x32.npz'), mu=np.zeros(2048),
              sigma=np.eye(2048))
     assert fid.load_stats('cifar10')['image_shape'] == (3, 32, 32)
     _assert_one_line(fid.main, f'The images in {big} are 16x16 with 1 channel, but reference statistics cifar10 '
                      'are of 32x32 with 3 channels images', 'calc', f'--images={big}', '--ref=cifar10', exit_code=1)
-    assert fid.published_image_shape(fid.REF_URLS['imagenet64']) == (3, 64, 64)
+    assert fid.published_image_shape(fid.ref_location('imagenet64')) == (3, 64, 64)
     assert not scored  # refused before any feature was computed
     monkeypatch.undo()
 

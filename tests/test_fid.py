@@ -186,13 +186,29 @@ def test_save_load_stats_round_trip(tmp_path):
 
 def test_ref_shorthand_uses_dnnlib_cache(tmp_path, monkeypatch):
     url = 'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz'
-    assert fid.REF_URLS['cifar10'] == url
+    assert fid.ref_location('cifar10') == url
     monkeypatch.setattr(dnnlib.util, '_dnnlib_cache_dir', str(tmp_path))
     os.makedirs(tmp_path / 'downloads')
     url_md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
     np.savez(str(tmp_path / 'downloads' / f'{url_md5}_cifar10-32x32.npz'), mu=np.zeros(3), sigma=np.eye(3))
     loaded = fid.load_stats('cifar10')
     assert np.array_equal(loaded['sigma'], np.eye(3)) and loaded['detector'] is None
+
+def test_ref_names_resolve_through_the_zoo(tmp_path):
+    from models.zoo import ZOO
+    listed = {name: e for name, e in ZOO.items() if e.fid_ref is not None}
+    assert fid.REF_NAMES == list(listed) and set(listed) == {'digits', 'cifar10', 'ffhq', 'afhqv2', 'imagenet64'}
+    for name, e in listed.items():
+        assert fid.ref_location(name) == e.fid_ref
+        assert fid.published_image_shape(e.fid_ref) == e.ref_image_shape == (e.channels, e.resolution, e.resolution)
+        assert fid.default_detector_name(e.ref_image_shape) == e.detector
+    assert fid.ref_location(str(tmp_path / 'ref.npz')) == str(tmp_path / 'ref.npz')
+    digits = fid.load_stats('digits')  # the shipped statistics by name; the image shape is the row's
+    assert digits['detector'] == 'digits' and digits['image_shape'] == (1, 8, 8)
+    with pytest.raises(fid.FIDInputError, match="zoo model 'ms_coco' has no FID statistics; listed: digits, "):
+        fid.load_stats('ms_coco')
+    assert 'digits|cifar10|ffhq|afhqv2|imagenet64' in _runner().invoke(fid.main, ['calc', '--help']).output
+
 
 def test_default_detector():
     edm = dict(mu=np.zeros(2048), sigma=np.eye(2048), detector=None)

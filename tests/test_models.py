@@ -1,6 +1,7 @@
 """models: the one loader (zoo names, EDM network pickles, safetensors model directories), the zoo table, EDM
 preconditioning, the digits dataset and detector. Nothing here touches the network: downloads are intercepted."""
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import uuid
 import zipfile
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -103,6 +105,17 @@ def test_safetensors_round_trip(tmp_path):
     assert torch.equal(loaded(x, torch.tensor([0.1, 1, 2, 3]), labels), net(x, torch.tensor([0.1, 1, 2, 3]), labels))
     with pytest.raises(ModelError, match='no model.json'):
         edm.load_local(str(tmp_path))
+
+
+def test_an_error_without_a_message_is_named(tmp_path, monkeypatch):
+    edm.save_model(edm.EDMPrecond(8, 1, model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[]),
+                   tmp_path / 'm')
+
+    def load_file(*args, **kwargs):
+        raise RuntimeError()
+    monkeypatch.setattr(edm, 'load_file', load_file)
+    with pytest.raises(ModelError, match=r'model.safetensors: weights do not match .*model.json \(RuntimeError\)$'):
+        edm.load_local(str(tmp_path / 'm'))
 
 
 def test_edm_precond_gradients():
@@ -304,6 +317,41 @@ def test_zoo_download(offline, edm_pickle, monkeypatch):
     assert len(calls) == 1  # stored: not downloaded again
 
 
+def test_zoo_rows_are_what_their_loaders_produce(offline, edm_pickle, monkeypatch):
+    """A row states what runs: the embedded model as loaded, and the sigma range the loader gives EDM pickles (the
+    openai-UNet rows are checked in tests/test_backends.py, ms_coco in tests/test_sd.py)."""
+    tmp_path, calls = offline
+    for name, e in zoo.ZOO.items():
+        assert e.detector in detectors.DETECTORS and e.feature_net in detectors.FEATURE_NETS, name
+        assert e.guidance_type in (None, 'cfg', 'cg', 'uncond') and zoo.detector_for(name) == e.detector, name
+        if e.fid_ref is not None:  # images shaped like a row's reference statistics are judged by its detector
+            assert zoo.detector_for(image_shape=e.ref_image_shape) == e.detector, name
+    assert zoo.detector_for('my-model') == zoo.detector_for(image_shape=(3, 8, 8)) == zoo.DEFAULT_DETECTOR
+
+    e, net = zoo.ZOO['digits'], load_model('digits')
+    assert (net.img_channels, net.img_resolution, net.label_dim) == (e.channels, e.resolution, e.label_dim)
+    assert (net.sigma_min, net.sigma_max, getattr(net, 'guidance_type', None)) == (e.sigma_min, e.sigma_max,
+                                                                                   e.guidance_type)
+    with np.load(e.fid_ref) as ref:
+        assert str(ref['detector']) == e.detector
+        assert ref['mu'].shape == (detectors.get_detector(e.detector).feature_dim,)
+
+    # EDM's networks carry sigma_min = 0, sigma_max = inf, as the stand-in does: the range that runs is the row's.
+    path = edm_pickle[0]
+    for name in [name for name, e in zoo.ZOO.items() if e.kind == 'edm']:
+        e = zoo.ZOO[name]
+        (tmp_path / 'src' / name).mkdir(parents=True)
+        (tmp_path / 'src' / name / e.file).write_bytes(open(path, 'rb').read())
+        net = load_model(name)
+        assert (net.sigma_min, net.sigma_max) == (e.sigma_min, e.sigma_max), name
+        # Resolution and class conditioning as EDM's file names state them.
+        size = f'-{e.resolution}x{e.resolution}'
+        assert size in e.url and size in e.fid_ref and ('-cond-' in e.url) == (e.label_dim > 0), name
+    monkeypatch.setitem(zoo.ZOO, 'cifar10', dataclasses.replace(zoo.ZOO['cifar10'], sigma_min=0.01, sigma_max=50.0))
+    net = load_model('cifar10')
+    assert (net.sigma_min, net.sigma_max) == (0.01, 50.0) and calls == []
+
+
 def test_zoo_ms_coco_offline(tmp_path):
     # Stable Diffusion goes through diffusers and the Hugging Face cache; offline and uncached it is one line.
     pytest.importorskip('diffusers')
@@ -342,6 +390,24 @@ def test_dataset_round_trip(tmp_path):
         assert x.dtype == np.uint8 and np.array_equal(x[:, 0], images) and labels.tolist() == [4, 0, 9]
 
 
+def test_one_reader_of_edm_image_folders(tmp_path):
+    import fid
+    assert fid.ImageFolder is dataset_tool.ImageFolder  # fid.py reads image folders with the same class
+    images = np.random.RandomState(1).randint(0, 256, [6, 8, 8]).astype(np.uint8)
+    dataset_tool.write_dataset(str(tmp_path / 'd.zip'), images, [5, 4, 3, 2, 1, 0])
+    # A seeded subset, as EDM: the labels follow the images they belong to.
+    folder = dataset_tool.ImageFolder(str(tmp_path / 'd.zip'), max_size=4, random_seed=7)
+    x, labels = dataset_tool.read_dataset(str(tmp_path / 'd.zip'), max_size=4, random_seed=7)
+    assert len(folder) == 4 and np.array_equal(x[:, 0], images[folder.indices])
+    assert labels.tolist() == (5 - folder.indices).tolist() == folder.labels().tolist()
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(dataset_tool.DatasetError, match='No images found in'):
+        dataset_tool.read_dataset(str(tmp_path / 'empty'))
+    PIL.Image.fromarray(np.zeros([8, 8], dtype=np.uint16)).save(tmp_path / 'empty' / 'deep.png')
+    with pytest.raises(dataset_tool.DatasetError, match='is not 8-bit'):
+        dataset_tool.read_dataset(str(tmp_path / 'empty'))
+
+
 def test_shipped_digits_dataset():
     x, labels = dataset_tool.read_dataset(os.path.join(REPO, 'src', 'digits', 'digits-8x8.zip'))
     assert x.shape == (1797, 1, 8, 8) and x.dtype == np.uint8 and x.max() == 255
@@ -368,6 +434,13 @@ def test_digits_detector():
     assert xf.grad is not None and xf.grad.abs().sum() > 0
     with pytest.raises(ValueError, match='unknown detector'):
         detectors.get_detector('resnet', 'cpu')
+
+
+def test_a_loss_on_a_detector_follows_the_detector(monkeypatch):
+    detectors.get_feature_net('digits')  # once with the real detector
+    monkeypatch.setattr(detectors, 'get_detector', lambda name, device: lambda images: images.flatten(1).float())
+    x, y = torch.rand(3, 1, 8, 8) * 255, torch.rand(3, 1, 8, 8) * 255
+    torch.testing.assert_close(detectors.get_feature_net('digits').distance(x, y), ((x - y) ** 2).flatten(1).mean(1))
 
 
 INCEPTION_SRC = '''

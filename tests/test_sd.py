@@ -96,12 +96,34 @@ def table_sigmas(net):
 def test_attributes(net, sd_dir):
     assert is_sd_path(sd_dir) and not is_sd_path(os.path.dirname(sd_dir))
     assert (net.img_channels, net.img_resolution, net.decoded_resolution, net.label_dim) == (4, 8, 16, 0)
-    assert net.guidance_type == 'classifier-free' and net.guidance_rate == 7.5 and net.M == 1000
+    assert net.guidance_type == 'cfg' and net.guidance_rate == 7.5 and net.M == 1000
     assert net.dtype == torch.float32 and net.prediction_type == 'epsilon'
     # SD v1's schedule range (the official AdaSDE code's CFGPrecond; docs/references.md): sigma(1e-3) and sigma(1).
     assert net.sigma_min == pytest.approx(0.029168, abs=2e-6)
     assert net.sigma_max == pytest.approx(14.6146, abs=2e-4)
     assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_zoo_row_is_what_loads(net, sd_dir, tmp_path, monkeypatch):
+    import dataclasses
+
+    import models
+    from models import zoo
+    e = zoo.ZOO['ms_coco']
+    assert (net.img_channels, net.label_dim, net.guidance_type) == (e.channels, e.label_dim, e.guidance_type) \
+        and e.guidance_type == 'cfg'
+    assert (net.sigma_min, net.sigma_max) == (pytest.approx(e.sigma_min, rel=1e-5), pytest.approx(e.sigma_max,
+                                                                                                  rel=1e-5))
+    assert load_sd(sd_dir).guidance_rate == e.guidance_rate
+    # The zoo name loads with the row's guidance (the tiny pipeline standing in for the hub's).
+    monkeypatch.setenv('ADASDE_SRC_DIR', str(tmp_path / 'src'))
+    monkeypatch.setattr(models.sd, 'SD_DEFAULT', sd_dir)
+    monkeypatch.setitem(zoo.ZOO, 'ms_coco', dataclasses.replace(e, guidance_rate=3.0))
+    loaded = models.load_model('ms_coco')
+    assert (loaded.guidance_type, loaded.guidance_rate) == ('cfg', 3.0) and cfg_nfe_factor(loaded) == 2
+    # One spelling of guidance types: the zoo's.
+    with pytest.raises(ValueError, match="guidance .guidance_type 'cfg'., not 'classifier-free'"):
+        load_sd(sd_dir, guidance_type='classifier-free')
 
 
 def test_load_errors(tmp_path, sd_dir):

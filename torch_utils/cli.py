@@ -167,13 +167,13 @@ def read_settings(path):
 
 def write_settings(path, settings):
     """Write `settings` as JSON through a temporary file and a rename."""
-    from models.edm import _atomic_write
+    from .misc import atomic_write  # here, not above: this module loads no torch
 
     def write(tmp):
         with open(tmp, 'w', encoding='utf-8') as f:
             json.dump(settings, f, indent=2)
             f.write('\n')
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def mismatch_message(folder, old, new):
