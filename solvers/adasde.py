@@ -5,7 +5,6 @@ learned intermediate point(s) (spec/solvers.md §2). The coefficients live in Ad
 row per step, trained by solvers.distill against a DPM-Solver-2 teacher.
 """
 
-import io
 import json
 import math
 import os
@@ -16,6 +15,8 @@ import torch
 
 from .common import check_sigmas, denoise
 from .registry import register
+from .snapshot import Captured as _Captured  # noqa: F401  (the names other modules import from here)
+from .snapshot import SnapshotUnpickler as _SnapshotUnpickler
 
 TABLES = ('r_params', 'scale_dir_params', 'scale_time_params', 'weight_params', 'gamma_params')
 BASES = ('dpm', 'ipndm', 'deis')
@@ -143,40 +144,9 @@ class AdaSDEPredictor(torch.nn.Module):
 
 #----------------------------------------------------------------------------
 # Import of the official snapshots (a pickle of persistence-decorated classes,
-# spec/formats.md §1). The embedded source is never executed: the unpickler
+# spec/formats.md §1). The embedded source is never executed: solvers.snapshot
 # captures each persistent object's class name and state as plain data, and
 # resolves only torch's own tensor-rebuilding functions.
-
-
-class _Captured:
-    def __init__(self, meta):
-        self.class_name = meta.get('class_name')
-        self.state = meta.get('state', {})
-
-
-class _Placeholder:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
-class _SnapshotUnpickler(pickle.Unpickler):
-    _allowed = {
-        ('torch._utils', '_rebuild_parameter'), ('torch._utils', '_rebuild_tensor_v2'),
-        ('torch._utils', '_rebuild_parameter_with_state'), ('collections', 'OrderedDict'),
-        ('torch', 'Size'), ('builtins', 'set'), ('builtins', 'frozenset'),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
-            return _Captured
-        if (module, name) == ('torch.storage', '_load_from_bytes'):
-            return lambda b: torch.load(io.BytesIO(b), map_location='cpu', weights_only=True)
-        if (module, name) in self._allowed or (module == 'torch' and name.endswith('Storage')):
-            return super().find_class(module, name)
-        return _Placeholder  # plain torch modules (Sigmoid, Softmax), solver functions, ...: not needed
 
 
 def load_official(path):
