@@ -11,14 +11,18 @@ import torch
 import solvers
 from models.analytic import EmpiricalDenoiser, GaussianMixture
 from solvers.adasde import AdaSDEPredictor
+from solvers.amed import AMEDPredictor
 from torch_utils.misc import StackedRandomGenerator
 
 #----------------------------------------------------------------------------
 # Configurations: every solver, with the options that change its structure.
 
 
-def predictor(num_steps, **kwargs):
-    return AdaSDEPredictor(num_steps, seed=0, **kwargs)
+PREDICTORS = dict(adasde=AdaSDEPredictor, amed=AMEDPredictor)  # learned solvers: options = predictor hyperparameters
+
+
+def predictor(name, num_steps, **kwargs):
+    return PREDICTORS[name](num_steps, seed=0, **kwargs)
 
 
 CONFIGS = [
@@ -37,13 +41,16 @@ CONFIGS = [
     *[('er_sde', dict(order=o, noise_fn=f)) for o in [1, 2, 3] for f in [1, 7]],
     *[('er_sde', dict(noise_fn=f)) for f in [2, 3, 4, 5, 6]],
     ('adasde', dict(gamma=0.02)), ('adasde', dict(gamma=0.0)), ('adasde', dict(gamma=0.02, num_points=2)),
+    *[('amed', dict(base=b)) for b in ['amed', 'euler', 'dpm', 'ipndm', 'dpmpp']],
+    ('amed', dict(base='ipndm', max_order=4, scale_time=0.2)), ('amed', dict(base='dpmpp', predict_x0=False)),
+    ('amed', dict(base='dpmpp', max_order=2, lower_order_final=False, thresholding=True, scale_dir=0)),
 ]
 IDS = [f'{name}-{"-".join(f"{k}={v}" for k, v in opts.items())}' for name, opts in CONFIGS]
 
 
 def options_for(name, opts, num_steps):
-    """Solver options; for adasde the predictor hyperparameters become a predictor for this num_steps."""
-    return dict(predictor=predictor(num_steps, **opts)) if name == 'adasde' else dict(opts)
+    """Solver options; for a learned solver the predictor hyperparameters become a predictor for this num_steps."""
+    return dict(predictor=predictor(name, num_steps, **opts)) if name in PREDICTORS else dict(opts)
 
 
 def mixture(dtype=torch.float64):
@@ -64,7 +71,8 @@ def run(name, opts, net, seeds, num_steps, dtype=torch.float64, afs=False):
 
 
 def test_registry_lists_every_solver_of_the_design():
-    expected = {'euler', 'heun', 'dpm', 'dpmpp', 'ipndm', 'ipndm_v', 'unipc', 'deis', 'edm', 'er_sde', 'adasde'}
+    expected = {'euler', 'heun', 'dpm', 'dpmpp', 'ipndm', 'ipndm_v', 'unipc', 'deis', 'edm', 'er_sde', 'adasde',
+                'amed'}
     assert set(solvers.SOLVERS) == expected
     assert {name for name, _ in CONFIGS} == expected
 
@@ -102,6 +110,7 @@ def test_network_calls_match_nfe(name, opts):
         calls.append(len(x))
         return net(x, sigma, **kwargs)
     counting.sigma_min, counting.sigma_max, counting.shape = net.sigma_min, net.sigma_max, net.shape
+    counting.bottleneck, counting.get_submodule = net.bottleneck, net.get_submodule  # what AMED reads
     for num_steps, afs in itertools.product([2, 3, 4, 5, 6, 9], [False, True]):
         calls.clear()
         run(name, opts, counting, [0, 1, 2], num_steps, afs=afs)
