@@ -370,7 +370,7 @@ def first_evaluation(net, predictor, x, sigma, extra_args=None, afs=False):
 
 
 def _column(v, x):
-    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return v.to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def _adams_bashforth(d, history, max_order):
