@@ -712,8 +712,7 @@ def reference_modules(tmp_path, monkeypatch):
     from training import loss, networks
     yield networks, loss
     for name in ('training', 'training.networks', 'training.loss', 'solvers_amed'):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    monkeypatch.delattr(builtins, 'AMED_SOURCE_RUNS', raising=False)
+        sys.modules.pop(name, None)  # not through monkeypatch, whose undo would put them back
 
 
 def write_snapshot(path, model, loss_fn):
