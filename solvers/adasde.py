@@ -7,16 +7,15 @@ row per step, trained by solvers.distill against a DPM-Solver-2 teacher.
 
 import json
 import math
-import os
 import pickle
 
-import safetensors.torch
 import torch
 
 from .common import check_sigmas, denoise
 from .registry import register
 from .snapshot import Captured as _Captured  # noqa: F401  (the names other modules import from here)
 from .snapshot import SnapshotUnpickler as _SnapshotUnpickler
+from .snapshot import read_predictor_file, write_predictor_file
 
 TABLES = ('r_params', 'scale_dir_params', 'scale_time_params', 'weight_params', 'gamma_params')
 BASES = ('dpm', 'ipndm', 'deis')
@@ -110,30 +109,17 @@ class AdaSDEPredictor(torch.nn.Module):
     # settings as JSON in its metadata. No pickled code.
 
     def save(self, path):
-        meta = dict(format='adasde-predictor', version=str(FORMAT_VERSION),
-                    hyperparams=json.dumps(self.hyperparams()), settings=json.dumps(self.settings))
-        tensors = {name: getattr(self, name).detach().float().cpu().contiguous() for name in TABLES}
-        tmp = f'{path}.tmp{os.getpid()}'
-        safetensors.torch.save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        write_predictor_file(path, 'adasde-predictor', FORMAT_VERSION, self.hyperparams(), self.settings,
+                             {name: getattr(self, name) for name in TABLES})
 
     @classmethod
     def load(cls, path):
         """Load a predictor saved by `save`, or import an official AdaSDE network-snapshot-*.pkl (told apart by
         content: a pickle starts with its protocol byte 0x80, whatever the file is named)."""
-        try:
-            with open(path, 'rb') as f:
-                is_pickle = f.read(1) == b'\x80'
-        except OSError as e:
-            raise ValueError(f'cannot read AdaSDE predictor {path}: {e.strerror or e}') from None
-        if is_pickle:
+        content = read_predictor_file(path, 'AdaSDE')
+        if content is None:
             return load_official(path)
-        try:
-            with safetensors.safe_open(str(path), framework='pt') as f:
-                meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (OSError, safetensors.SafetensorError) as e:
-            raise ValueError(f'cannot read AdaSDE predictor {path}: {e}') from None
+        meta, tensors = content
         if meta.get('format') != 'adasde-predictor' or set(tensors) != set(TABLES):
             raise ValueError(f'{path} is not an AdaSDE predictor file')
         predictor = cls(**json.loads(meta['hyperparams']), settings=json.loads(meta['settings']))

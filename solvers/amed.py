@@ -12,20 +12,17 @@ Every base makes 2 network calls per step. docs/amed.md describes the maps, step
 import json
 import math
 
-import safetensors
-import safetensors.torch
 import torch
 from torch.nn.functional import silu
 
 from torch_utils.cli import one_line
-from torch_utils.misc import atomic_write
 
+from . import snapshot
 from .common import check_sigmas, denoise, to_d
 from .dpmpp import dpmpp_order, dpmpp_update
 from .ipndm import AB_WEIGHTS
 from .multistep import dynamic_threshold
 from .registry import register
-from .snapshot import SNAPSHOT_ERRORS, load_snapshot, module_state, parameter
 
 BASES = ('amed', 'euler', 'dpm', 'ipndm', 'dpmpp')
 SINGLE_STEP_BASES = ('amed', 'euler', 'dpm')   # trained with teacher forcing
@@ -187,28 +184,17 @@ class AMEDPredictor(torch.nn.Module):
     # hyperparameters and settings as JSON in its metadata. No pickled code.
 
     def save(self, path):
-        meta = dict(format=FORMAT, version=str(FORMAT_VERSION), hyperparams=json.dumps(self.hyperparams()),
-                    settings=json.dumps(self.settings))
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+        snapshot.write_predictor_file(path, FORMAT, FORMAT_VERSION, self.hyperparams(), self.settings,
+                                      self.state_dict())
 
     @classmethod
     def load(cls, path):
         """Load a predictor saved by `save`, or import an official AMED `network-snapshot-*.pkl` (told apart by
         content: a pickle starts with its protocol byte 0x80, whatever the file is named)."""
-        try:
-            with open(path, 'rb') as f:
-                is_pickle = f.read(1) == b'\x80'
-        except OSError as e:
-            raise ValueError(f'cannot read AMED predictor {path}: {e.strerror or e}') from None
-        if is_pickle:
+        content = snapshot.read_predictor_file(path, 'AMED')
+        if content is None:
             return load_official(path)
-        try:
-            with safetensors.safe_open(str(path), framework='pt') as f:
-                meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (OSError, safetensors.SafetensorError) as e:
-            raise ValueError(f'cannot read AMED predictor {path}: {one_line(e)}') from None
+        meta, tensors = content
         if meta.get('format') != FORMAT:
             raise ValueError(f'{path} is not an AMED predictor file (format {meta.get("format")!r})')
         if meta.get('version') != str(FORMAT_VERSION):
@@ -238,17 +224,16 @@ OFFICIAL_SETTINGS = ('dataset_name', 'schedule_type', 'schedule_rho', 'afs', 'gu
 def load_official(path):
     """Read the network and settings of an official AMED `network-snapshot-*.pkl` into an AMEDPredictor."""
     try:
-        snapshot = load_snapshot(path)
-        model = snapshot['model']
-        state = module_state(model)
+        model = snapshot.load_snapshot(path)['model']
+        state = snapshot.module_state(model)
         if state is None or getattr(model, 'class_name', None) != 'AMED_predictor':
             raise ValueError(f'{path}: not an AMED snapshot (its model is {getattr(model, "class_name", model)!r})')
         modules = state['_modules']
-        weights = {name: (parameter(modules[name], 'weight'), parameter(modules[name], 'bias'))
+        weights = {name: (snapshot.parameter(modules[name], 'weight'), snapshot.parameter(modules[name], 'bias'))
                    for name in LAYERS if name in modules}
-        embedding = module_state(modules['map_noise'])
+        embedding = snapshot.module_state(modules['map_noise'])
         base, predict_x0 = state['sampler_stu'], bool(state.get('predict_x0', True))
-    except SNAPSHOT_ERRORS as e:
+    except snapshot.SNAPSHOT_ERRORS as e:
         raise ValueError(f'cannot read an official AMED snapshot from {path}: {e!r}') from None
     if (embedding or {}).get('num_channels') != NOISE_CHANNELS or embedding.get('endpoint') is not True \
             or embedding.get('max_positions') != MAX_POSITIONS:

@@ -1,4 +1,5 @@
-"""Reading the official learned-solver snapshots (`network-snapshot-*.pkl`) as data, without running their code.
+"""Reading the official learned-solver snapshots (`network-snapshot-*.pkl`) as data, without running their code,
+and telling them from this project's own predictor files.
 
 Such a snapshot is a plain pickle of objects of persistence-decorated classes (the EDM/StyleGAN format, version 6):
 each one pickles as a call `torch_utils.persistence._reconstruct_persistent_obj(meta)` whose `meta` carries the
@@ -10,9 +11,15 @@ and replaces any other class or function the pickle names by an inert placeholde
 """
 
 import io
+import json
 import pickle
 
+import safetensors
+import safetensors.torch
 import torch
+
+from torch_utils.cli import one_line
+from torch_utils.misc import atomic_write
 
 #----------------------------------------------------------------------------
 # What the unpickler builds.
@@ -96,7 +103,37 @@ def parameter(obj, name):
 SNAPSHOT_ERRORS = (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError, TypeError, IndexError,
                    RuntimeError)
 
+#----------------------------------------------------------------------------
+# The learned solvers' own files: one .safetensors of tensors plus JSON
+# metadata. A predictor path may also name an official snapshot: the two are
+# told apart by content (a pickle starts with its protocol byte 0x80).
+
+
+def write_predictor_file(path, file_format, version, hyperparams, settings, tensors):
+    """Write `tensors` (float32, on the CPU) and the JSON metadata format / version / hyperparams / settings as one
+    .safetensors file, atomically."""
+    meta = dict(format=file_format, version=str(version), hyperparams=json.dumps(hyperparams),
+                settings=json.dumps(settings))
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+
+
+def read_predictor_file(path, what):
+    """None if `path` is a pickle (an official snapshot), else (metadata, tensors) of its safetensors content.
+    `what` names the predictor in the one-line ValueError of an unreadable file."""
+    try:
+        with open(path, 'rb') as f:
+            if f.read(1) == b'\x80':
+                return None
+    except OSError as e:
+        raise ValueError(f'cannot read {what} predictor {path}: {e.strerror or e}') from None
+    try:
+        with safetensors.safe_open(str(path), framework='pt') as f:
+            return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+    except (OSError, safetensors.SafetensorError) as e:
+        raise ValueError(f'cannot read {what} predictor {path}: {one_line(e)}') from None
+
 __all__ = ['Captured', 'CapturedModule', 'Placeholder', 'SnapshotUnpickler', 'load_snapshot', 'module_state',
-           'parameter', 'SNAPSHOT_ERRORS']
+           'parameter', 'SNAPSHOT_ERRORS', 'read_predictor_file', 'write_predictor_file']
 
 #----------------------------------------------------------------------------
