@@ -15,7 +15,7 @@ from .common import check_sigmas, denoise
 from .registry import register
 from .snapshot import Captured as _Captured  # noqa: F401  (the names other modules import from here)
 from .snapshot import SnapshotUnpickler as _SnapshotUnpickler
-from .snapshot import read_predictor_file, write_predictor_file
+from .snapshot import check_settings, read_predictor_file, write_predictor_file
 
 TABLES = ('r_params', 'scale_dir_params', 'scale_time_params', 'weight_params', 'gamma_params')
 BASES = ('dpm', 'ipndm', 'deis')
@@ -99,10 +99,7 @@ class AdaSDEPredictor(torch.nn.Module):
 
     def check_compatible(self, **settings):
         """Refuse sampling settings that differ from those the predictor was trained for."""
-        for key, value in settings.items():
-            trained = self.settings.get(key)
-            if value is not None and trained is not None and value != trained:
-                raise ValueError(f'this predictor was trained for {key}={trained!r}, not {value!r}')
+        check_settings(self.settings, settings)
 
     #------------------------------------------------------------------------
     # Safe format: one .safetensors file with the raw tables; hyperparameters and

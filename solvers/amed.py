@@ -145,10 +145,7 @@ class AMEDPredictor(torch.nn.Module):
 
     def check_compatible(self, **settings):
         """Refuse sampling settings that differ from those the predictor was trained for."""
-        for key, value in settings.items():
-            trained = self.settings.get(key)
-            if value is not None and trained is not None and value != trained:
-                raise ValueError(f'this predictor was trained for {key}={trained!r}, not {value!r}')
+        snapshot.check_settings(self.settings, settings)
 
     #------------------------------------------------------------------------
     # Forward pass, in float64 whatever the parameters' dtype (a few thousand

@@ -118,6 +118,15 @@ def write_predictor_file(path, file_format, version, hyperparams, settings, tens
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
 
 
+def check_settings(trained, given):
+    """Refuse sampling settings `given` that differ from the `trained` ones a predictor file records (a None on
+    either side matches anything)."""
+    for key, value in given.items():
+        recorded = trained.get(key)
+        if value is not None and recorded is not None and value != recorded:
+            raise ValueError(f'this predictor was trained for {key}={recorded!r}, not {value!r}')
+
+
 def read_predictor_file(path, what):
     """None if `path` is a pickle (an official snapshot), else (metadata, tensors) of its safetensors content.
     `what` names the predictor in the one-line ValueError of an unreadable file."""
@@ -134,6 +143,7 @@ def read_predictor_file(path, what):
         raise ValueError(f'cannot read {what} predictor {path}: {one_line(e)}') from None
 
 __all__ = ['Captured', 'CapturedModule', 'Placeholder', 'SnapshotUnpickler', 'load_snapshot', 'module_state',
-           'parameter', 'SNAPSHOT_ERRORS', 'read_predictor_file', 'write_predictor_file']
+           'parameter', 'SNAPSHOT_ERRORS', 'read_predictor_file', 'write_predictor_file',
+           'check_settings']
 
 #----------------------------------------------------------------------------
