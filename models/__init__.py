@@ -53,7 +53,20 @@ def load_edm_pickle(path_or_url, verbose=True, entry=None):
     net = data['ema']
     entry = entry or ZOO[_KIND_ENTRY['edm']]
     net.sigma_min, net.sigma_max = entry.sigma_min, entry.sigma_max
+    net.bottleneck = edm_bottleneck(net)
     return net
+
+
+def edm_bottleneck(net):
+    """Where AMED reads an EDM network's features (solvers/amed.py), as the AMED code picks it: encoder block
+    8x8_block2 if the net is class-conditional, else 8x8_block3 (the last 8x8 block of DhariwalUNet, resp.
+    SongUNet); a net without that block gets its last encoder block. None if it has no `model.enc` dict."""
+    enc = getattr(getattr(net, 'model', None), 'enc', None)
+    names = list(enc.keys()) if hasattr(enc, 'keys') else []  # EDM's encoders are ModuleDicts
+    if not names:
+        return None
+    name = '8x8_block2' if getattr(net, 'label_dim', 0) else '8x8_block3'
+    return f'model.enc.{name if name in names else names[-1]}'
 
 #----------------------------------------------------------------------------
 # Adapters per zoo kind.

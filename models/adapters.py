@@ -36,6 +36,7 @@ def _col(v, dtype):
 
 class _Adapter(torch.nn.Module):
     label_dim = 0
+    bottleneck = 'unet.middle_block'  # where AMED reads its features (solvers/amed.py)
 
     def __init__(self, amp_dtype='float16'):
         super().__init__()

@@ -12,6 +12,9 @@ import torch
 
 class _Analytic(torch.nn.Module):
     label_dim = 0
+    # No network, so no bottleneck: AMED (solvers/amed.py) reads the denoiser's own output D(x; sigma) instead,
+    # averaged over channels and pooled to its feature size.
+    bottleneck = ''
 
     def __init__(self, shape, sigma_min, sigma_max):
         super().__init__()

@@ -193,6 +193,7 @@ class EDMPrecond(torch.nn.Module):
         self.sigma_data = float(sigma_data)
         self.model = UNet(img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
                           label_dim=label_dim, **model_kwargs)
+        self.bottleneck = f'model.enc.{len(self.model.enc) - 1}'  # AMED's features: the lowest-resolution encoder block
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         x = x.to(torch.float32)

@@ -25,6 +25,7 @@ SINGLE_FILE_SUFFIXES = ('.ckpt', '.safetensors')
 class SDDenoiser(DiscreteVPSchedule, torch.nn.Module):
     guidance_type = 'cfg'  # classifier-free, spelled as in the zoo (models/zoo.py)
     label_dim = 0  # no class labels: conditioning is text, passed as `condition=...`
+    bottleneck = 'unet.mid_block'  # where AMED reads its features (solvers/amed.py)
 
     def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod, guidance_rate=7.5, epsilon_t=1e-3,
                  prediction_type='epsilon', prompts=None):
@@ -46,6 +47,11 @@ class SDDenoiser(DiscreteVPSchedule, torch.nn.Module):
         self._empty_condition = None
         self.requires_grad_(False)
         self.eval()
+
+    @property
+    def bottleneck_cond_half(self):
+        """With guidance the UNet runs on [unconditional; conditional] rows: AMED keeps the conditional half."""
+        return self.guidance_rate != 1
 
     @property
     def dtype(self):

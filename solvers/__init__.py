@@ -5,7 +5,7 @@ Every solver has the signature
 where x is the state at sigmas[0] and net(x, sigma, **extra_args) is the denoiser D(x; sigma).
 """
 
-from . import adasde, deis, dpm, dpmpp, edm, epd, er_sde, euler, heun, ipndm, unipc  # noqa: F401  (each module registers its solvers on import)
+from . import adasde, amed, deis, dpm, dpmpp, edm, epd, er_sde, euler, heun, ipndm, unipc  # noqa: F401  (each module registers its solvers on import)
 from .registry import OPTION_DOCS, SOLVERS, SolverInfo, option_table
 from .schedules import SCHEDULES, get_schedule
 

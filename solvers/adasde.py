@@ -6,21 +6,18 @@ coefficients live in AdaSDEPredictor: free tables with one row per step, distill
 (training/).
 """
 
-import io
-import json
 import math
-import os
 import pickle
 
-import safetensors.torch
 import torch
 
 from .common import check_sigmas, denoise
+from .learned import LearnedPredictor, register_predictor
 from .registry import register
+from .snapshot import SnapshotUnpickler
 
 TABLES = ('r_params', 'scale_dir_params', 'scale_time_params', 'weight_params', 'gamma_params')
 BASES = ('dpm', 'ipndm', 'deis')
-FORMAT_VERSION = 1
 
 #----------------------------------------------------------------------------
 # The predictor: raw tables [num_steps - 1, num_points], mapped to the solver
@@ -32,7 +29,12 @@ FORMAT_VERSION = 1
 #   w = softmax_j(u)                               weights of the parallel points
 
 
-class AdaSDEPredictor(torch.nn.Module):
+@register_predictor
+class AdaSDEPredictor(LearnedPredictor):
+    kind = 'adasde'
+    title = 'AdaSDE'
+    official_class = 'adasde_predictor'
+
     def __init__(self,
         num_steps,                  # Time points of the student schedule (num_steps - 1 steps).
         num_points  = 1,            # Parallel intermediate points per step (K).
@@ -98,93 +100,32 @@ class AdaSDEPredictor(torch.nn.Module):
         w = torch.softmax(row['weight_params'], dim=0)
         return dict(r=r, c=c, a=a, gamma=gamma, w=w)
 
-    def check_compatible(self, **settings):
-        """Refuse sampling settings that differ from those the predictor was trained for."""
-        for key, value in settings.items():
-            trained = self.settings.get(key)
-            if value is not None and trained is not None and value != trained:
-                raise ValueError(f'this predictor was trained for {key}={trained!r}, not {value!r}')
+    def nfe(self, num_steps):
+        return predictor_nfe(num_steps, self)
 
-    #------------------------------------------------------------------------
-    # Safe format: one .safetensors file with the raw tables; hyperparameters and
-    # settings as JSON in its metadata. No pickled code.
-
-    def save(self, path):
-        meta = dict(format='adasde-predictor', version=str(FORMAT_VERSION),
-                    hyperparams=json.dumps(self.hyperparams()), settings=json.dumps(self.settings))
-        tensors = {name: getattr(self, name).detach().float().cpu().contiguous() for name in TABLES}
-        tmp = f'{path}.tmp{os.getpid()}'
-        safetensors.torch.save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+    def step(self, net, i, x, sigmas, state=None, extra_args=None, randn_like=None, afs=False):
+        """Step i of either form; `state` carries the base's coefficients on this grid and the derivative history."""
+        state = state or dict(coeffs=base_coefficients(self, sigmas), history=[])
+        x, history = predictor_step(net, self, i, x, sigmas, state['coeffs'], state['history'], extra_args,
+                                    randn_like or torch.randn_like, afs=afs)
+        return x, dict(state, history=history)
 
     @classmethod
-    def load(cls, path):
-        """Load a predictor saved by `save`, or import an official AdaSDE network-snapshot-*.pkl (told apart by
-        content: a pickle starts with its protocol byte 0x80, whatever the file is named)."""
-        try:
-            with open(path, 'rb') as f:
-                is_pickle = f.read(1) == b'\x80'
-        except OSError as e:
-            raise ValueError(f'cannot read AdaSDE predictor {path}: {e.strerror or e}') from None
-        if is_pickle:
-            return load_official(path)
-        try:
-            with safetensors.safe_open(str(path), framework='pt') as f:
-                meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (OSError, safetensors.SafetensorError) as e:
-            raise ValueError(f'cannot read AdaSDE predictor {path}: {e}') from None
-        if meta.get('format') != 'adasde-predictor' or set(tensors) != set(TABLES):
-            raise ValueError(f'{path} is not an AdaSDE predictor file')
-        predictor = cls(**json.loads(meta['hyperparams']), settings=json.loads(meta['settings']))
-        with torch.no_grad():
-            for name in TABLES:
-                getattr(predictor, name).copy_(tensors[name])
-        return predictor.requires_grad_(False).eval()
+    def load_official(cls, path):
+        return load_official(path)
 
 #----------------------------------------------------------------------------
 # Import of the official snapshots (a pickle of persistence-decorated classes,
-# EDM persistence format, docs/references.md). The embedded source is never executed: the unpickler
+# EDM persistence format, docs/references.md). The embedded source is never executed: solvers.snapshot
 # captures each persistent object's class name and state as plain data, and
 # resolves only torch's own tensor-rebuilding functions.
-
-
-class _Captured:
-    def __init__(self, meta):
-        self.class_name = meta.get('class_name')
-        self.state = meta.get('state', {})
-
-
-class _Placeholder:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
-class _SnapshotUnpickler(pickle.Unpickler):
-    _allowed = {
-        ('torch._utils', '_rebuild_parameter'), ('torch._utils', '_rebuild_tensor_v2'),
-        ('torch._utils', '_rebuild_parameter_with_state'), ('collections', 'OrderedDict'),
-        ('torch', 'Size'), ('builtins', 'set'), ('builtins', 'frozenset'),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
-            return _Captured
-        if (module, name) == ('torch.storage', '_load_from_bytes'):
-            return lambda b: torch.load(io.BytesIO(b), map_location='cpu', weights_only=True)
-        if (module, name) in self._allowed or (module == 'torch' and name.endswith('Storage')):
-            return super().find_class(module, name)
-        return _Placeholder  # plain torch modules (Sigmoid, Softmax), solver functions, ...: not needed
 
 
 def load_official(path):
     """Read the tables and settings of an official AdaSDE `network-snapshot-*.pkl` into an AdaSDEPredictor."""
     try:
         with open(path, 'rb') as f:
-            snapshot = _SnapshotUnpickler(f).load()
+            snapshot = SnapshotUnpickler(f).load()
         state = snapshot['model'].state
         params = state['_parameters']
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError, TypeError) as e:

@@ -8,27 +8,21 @@ docs/epd.md describes the maps, the steps, the three NFE counts and what differs
 (BeierZhu/EPD, docs/references.md).
 """
 
-import json
 import pickle
 
-import safetensors
-import safetensors.torch
 import torch
 
-from torch_utils.misc import atomic_write
-
-from .adasde import _SnapshotUnpickler
 from .common import check_sigmas, denoise, repeat_rows, to_d
 from .ipndm import AB_WEIGHTS
+from .learned import LearnedPredictor, register_predictor
 from .registry import register
+from .snapshot import SnapshotUnpickler
 
 TABLES = ('r_params', 'scale_dir_params', 'scale_time_params', 'weight_params')
 OFFICIAL_TABLES = dict(r_params='r_params', scale_dir_params='scale_dir_params',
                        scale_time_params='scale_time_params', weight_params='weight_s')
 BASES = ('epd', 'ipndm')
 DEFAULT_POINTS = 2  # the reference's default K
-FORMAT = 'epd-predictor'
-FORMAT_VERSION = 1
 OFFICIAL_SETTINGS = ('dataset_name', 'schedule_type', 'schedule_rho', 'afs', 'guidance_type', 'guidance_rate', 'M',
                      'sampler_tea')
 
@@ -42,8 +36,11 @@ OFFICIAL_SETTINGS = ('dataset_name', 'schedule_type', 'schedule_rho', 'afs', 'gu
 # 0.99 cap and the slope is tanh(u / 4)). `fcn` forces c = 1 on the last step.
 
 
-class EPDPredictor(torch.nn.Module):
+@register_predictor
+class EPDPredictor(LearnedPredictor):
     kind = 'epd'
+    title = 'EPD'
+    official_class = 'EPD_predictor'
     detach_state = False    # the student state carries its graph from step to step (BPTT), as in the reference
     teacher_forcing = False  # every step starts from the student's own state
 
@@ -100,13 +97,6 @@ class EPDPredictor(torch.nn.Module):
         w = torch.softmax(row['weight_params'], dim=0)
         return dict(r=r, c=c, a=a, w=w)
 
-    def check_compatible(self, **settings):
-        """Refuse sampling settings that differ from those the predictor was trained for."""
-        for key, value in settings.items():
-            trained = self.settings.get(key)
-            if value is not None and trained is not None and value != trained:
-                raise ValueError(f'this predictor was trained for {key}={trained!r}, not {value!r}')
-
     #------------------------------------------------------------------------
     # Counts per image over num_steps time points, without AFS (AFS saves one of each).
 
@@ -122,43 +112,12 @@ class EPDPredictor(torch.nn.Module):
         """Sequential network calls (latency): 2 per step when the K points share one call, else 1 + K."""
         return self.parallel_nfe(num_steps) if batched else self.nfe(num_steps)
 
-    #------------------------------------------------------------------------
-    # Safe format: one .safetensors file with the raw tables; hyperparameters and
-    # settings as JSON in its metadata. No pickled code.
-
-    def save(self, path):
-        meta = dict(format=FORMAT, version=str(FORMAT_VERSION), hyperparams=json.dumps(self.hyperparams()),
-                    settings=json.dumps(self.settings))
-        tensors = {name: getattr(self, name).detach().float().cpu().contiguous() for name in TABLES}
-        atomic_write(str(path), lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+    def step(self, net, i, x, sigmas, state=None, extra_args=None, randn_like=None, afs=False):
+        return predictor_step(net, self, i, x, sigmas, state, extra_args, afs=afs)
 
     @classmethod
-    def load(cls, path):
-        """Load a predictor written by `save`, or import an official EPD network-snapshot-*.pkl (told apart by
-        content: a pickle starts with its protocol byte 0x80, whatever the file is named)."""
-        try:
-            with open(path, 'rb') as f:
-                is_pickle = f.read(1) == b'\x80'
-        except OSError as e:
-            raise ValueError(f'cannot read EPD predictor {path}: {e.strerror or e}') from None
-        if is_pickle:
-            return load_official(path)
-        try:
-            with safetensors.safe_open(str(path), framework='pt') as f:
-                meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (OSError, safetensors.SafetensorError) as e:
-            raise ValueError(f'cannot read EPD predictor {path}: {e}') from None
-        if meta.get('format') != FORMAT or set(tensors) != set(TABLES):
-            raise ValueError(f'{path} is not an EPD predictor file (format {meta.get("format")!r})')
-        if meta.get('version') != str(FORMAT_VERSION):
-            raise ValueError(f'{path} is an EPD predictor of format version {meta.get("version")}, '
-                             f'this code reads version {FORMAT_VERSION}')
-        try:
-            predictor = cls(**json.loads(meta['hyperparams']), settings=json.loads(meta['settings']))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f'{path}: bad EPD predictor metadata: {e}') from None
-        return predictor._set_tables(tensors, path)
+    def load_official(cls, path):
+        return load_official(path)
 
     def _set_tables(self, tensors, path):
         shape = (self.num_steps - 1, self.num_points)
@@ -181,7 +140,7 @@ def load_official(path):
     """Read the tables and settings of an official EPD `network-snapshot-*.pkl` into an EPDPredictor."""
     try:
         with open(path, 'rb') as f:
-            snapshot = _SnapshotUnpickler(f).load()
+            snapshot = SnapshotUnpickler(f).load()
         model = snapshot['model']
         class_name, state = model.class_name, model.state
         params = state['_parameters']

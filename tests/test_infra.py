@@ -410,3 +410,15 @@ def test_training_stats_collector():
     assert fresh.num('Test/loss') == 0 and fresh.mean('Test/loss') != fresh.mean('Test/loss')
 
 #----------------------------------------------------------------------------
+
+
+def test_bench_scripts_import_the_project_without_a_path_hack():
+    """`python bench/<x>.py` puts bench/ first on sys.path: no script there may shadow a project package or
+    module, and none inserts a path of its own."""
+    import glob
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    project = {os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(root, '*', '__init__.py'))}
+    project |= {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(root, '*.py'))}
+    for script in glob.glob(os.path.join(root, 'bench', '*.py')):
+        assert os.path.splitext(os.path.basename(script))[0] not in project, script
+        assert 'sys.path.insert' not in open(script).read(), script

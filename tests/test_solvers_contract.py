@@ -11,6 +11,7 @@ import torch
 import solvers
 from models.analytic import EmpiricalDenoiser, GaussianMixture
 from solvers.adasde import AdaSDEPredictor
+from solvers.amed import AMEDPredictor
 from solvers.epd import EPDPredictor
 from torch_utils.misc import StackedRandomGenerator
 
@@ -18,7 +19,7 @@ from torch_utils.misc import StackedRandomGenerator
 # Configurations: every solver, with the options that change its structure.
 
 
-PREDICTORS = {'adasde': AdaSDEPredictor, 'epd': EPDPredictor}  # learned solvers: options = predictor hyperparameters
+PREDICTORS = dict(adasde=AdaSDEPredictor, amed=AMEDPredictor, epd=EPDPredictor)  # options: their hyperparameters
 
 
 def predictor(name, num_steps, **kwargs):
@@ -43,6 +44,9 @@ CONFIGS = [
     ('adasde', dict(gamma=0.02)), ('adasde', dict(gamma=0.0)), ('adasde', dict(gamma=0.02, num_points=2)),
     ('epd', {}), ('epd', dict(num_points=1, scale_time=0.05)), ('epd', dict(num_points=3, fcn=True)),
     ('epd', dict(base='ipndm', scale_dir=0.05, scale_time=0.2)), ('epd', dict(base='ipndm', num_points=1, max_order=4)),
+    *[('amed', dict(base=b)) for b in ['amed', 'euler', 'dpm', 'ipndm', 'dpmpp']],
+    ('amed', dict(base='ipndm', max_order=4, scale_time=0.2)), ('amed', dict(base='dpmpp', predict_x0=False)),
+    ('amed', dict(base='dpmpp', max_order=2, lower_order_final=False, thresholding=True, scale_dir=0)),
 ]
 IDS = [f'{name}-{"-".join(f"{k}={v}" for k, v in opts.items())}' for name, opts in CONFIGS]
 
@@ -70,7 +74,8 @@ def run(name, opts, net, seeds, num_steps, dtype=torch.float64, afs=False):
 
 
 def test_registry_lists_every_solver_of_the_design():
-    expected = {'euler', 'heun', 'dpm', 'dpmpp', 'ipndm', 'ipndm_v', 'unipc', 'deis', 'edm', 'er_sde', 'adasde', 'epd'}
+    expected = {'euler', 'heun', 'dpm', 'dpmpp', 'ipndm', 'ipndm_v', 'unipc', 'deis', 'edm', 'er_sde', 'adasde',
+                'amed', 'epd'}
     assert set(solvers.SOLVERS) == expected
     assert {name for name, _ in CONFIGS} == expected
 
@@ -108,6 +113,7 @@ def test_network_calls_match_nfe(name, opts):
         calls.append(len(x))
         return net(x, sigma, **kwargs)
     counting.sigma_min, counting.sigma_max, counting.shape = net.sigma_min, net.sigma_max, net.shape
+    counting.bottleneck, counting.get_submodule = net.bottleneck, net.get_submodule  # what AMED reads
     for num_steps, afs in itertools.product([2, 3, 4, 5, 6, 9], [False, True]):
         calls.clear()
         run(name, opts, counting, [0, 1, 2], num_steps, afs=afs)
@@ -186,5 +192,30 @@ def test_option_docs_refuse_an_undocumented_option():
             solvers.option_table()
     finally:
         del SOLVERS['_probe']
+
+#----------------------------------------------------------------------------
+# One predictor registry and file format for every learned solver.
+
+
+@pytest.mark.parametrize('kind', sorted(PREDICTORS))
+def test_every_predictor_kind_round_trips_through_one_loader(kind, tmp_path):
+    from solvers.learned import PREDICTORS as REGISTERED
+    from solvers.learned import load_predictor
+    assert set(REGISTERED) == set(PREDICTORS) and REGISTERED[kind] is PREDICTORS[kind]
+    p = PREDICTORS[kind](4, seed=1, settings=dict(schedule_type='logsnr', afs=True))
+    p.save(tmp_path / 'p.safetensors')
+    q = load_predictor(tmp_path / 'p.safetensors')
+    assert type(q) is type(p) and q.hyperparams() == p.hyperparams() and q.settings == p.settings
+    assert all(torch.equal(a, b) for a, b in zip(p.state_dict().values(), q.state_dict().values()))
+    assert not q.training and not any(t.requires_grad for t in q.parameters())
+    with pytest.raises(ValueError, match='trained for schedule_type=.logsnr., not .polynomial.'):
+        q.check_compatible(schedule_type='polynomial', afs=None)
+    with pytest.raises(ValueError, match='trained for num_steps=4, not 5'):
+        q.check_compatible(num_steps=5)
+    other = next(k for k in sorted(PREDICTORS) if k != kind)
+    with pytest.raises(ValueError, match=f'is not an? {PREDICTORS[other].title} predictor file'):
+        PREDICTORS[other].load(tmp_path / 'p.safetensors')
+    # The registered solver of that kind takes it, and its real NFE is the predictor's own count.
+    assert solvers.nfe(kind, 4, afs=True, predictor=q) == q.nfe(4) - 1
 
 #----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ For each solver and NFE in {3, 5, 7, 9, 15}, prints
 Each solver runs on its recommended schedule, with AFS on or off, whichever reaches the NFE (the better of
 the two when both do). AdaSDE predictors are distilled on the spot (5 kimg, seconds each).
 
-    python bench/solvers.py [--num 2000] [--out docs/bench-solvers.md]
+    python bench/solver_error.py [--num 2000] [--out docs/bench-solvers.md]
 """
 
 import tempfile

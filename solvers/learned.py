@@ -1,0 +1,138 @@
+"""The learned solvers' common ground: one base class for their predictors, one registry, one file format.
+
+A predictor holds what a learned solver learns (AdaSDE's and EPD's per-step tables, AMED's small network) plus the
+sampling settings it was trained for. Every kind saves to one `.safetensors` file (its `state_dict` as float32,
+and JSON metadata `format='<kind>-predictor'`, `version`, `hyperparams`, `settings`) and reads, besides, the
+official `network-snapshot-*.pkl` of its reference code without running it (solvers/snapshot.py).
+`load_predictor(path)` tells which kind a file holds by its content, whatever its name.
+
+The training loop reads two policy attributes: `detach_state` (the student's state is detached between steps:
+AMED) and `teacher_forcing` (each step starts from the teacher's state: AMED's single-step bases). Each kind has
+one differentiable step, `predictor.step(net, i, x, sigmas, state, extra_args, randn_like, afs) -> (x, state)`,
+shared by its sampler and by training.
+"""
+
+import json
+
+import torch
+
+from torch_utils.cli import one_line
+
+from . import snapshot
+
+PREDICTORS = {}  # kind -> class
+
+
+def register_predictor(cls):
+    """Class decorator: add a LearnedPredictor subclass to PREDICTORS under its `kind`."""
+    PREDICTORS[cls.kind] = cls
+    return cls
+
+
+class LearnedPredictor(torch.nn.Module):
+    kind = None                 # registry name, also the registered solver's name
+    title = None                # for messages ('AdaSDE', 'AMED', 'EPD')
+    official_class = None       # class name of the predictor in the reference's snapshots
+    format_version = 1
+    detach_state = False
+    teacher_forcing = False
+
+    def hyperparams(self):
+        raise NotImplementedError
+
+    def nfe(self, num_steps):
+        """Real network evaluations per image over num_steps time points, without AFS."""
+        raise NotImplementedError
+
+    def parallel_nfe(self, num_steps):
+        """What the reference reports; the real count unless a kind says otherwise (EPD)."""
+        return self.nfe(num_steps)
+
+    def step(self, net, i, x, sigmas, state=None, extra_args=None, randn_like=None, afs=False):
+        raise NotImplementedError
+
+    @classmethod
+    def load_official(cls, path):
+        raise ValueError(f'no official snapshot format is known for {cls.title} predictors')
+
+    def check_compatible(self, **settings):
+        """Refuse sampling settings that differ from those the predictor was trained for (None matches all)."""
+        snapshot.check_settings(dict(self.settings, num_steps=self.num_steps), settings)
+
+    def save(self, path):
+        snapshot.write_predictor_file(path, f'{self.kind}-predictor', self.format_version, self.hyperparams(),
+                                      self.settings, self.state_dict())
+
+    @classmethod
+    def load(cls, path):
+        """A predictor of this kind from `path` (its own file or an official snapshot)."""
+        return load_predictor(path, kind=cls.kind)
+
+    def load_tensors(self, tensors, path):
+        """Copy a saved state_dict in, refusing missing, extra or misshapen tensors in one line."""
+        expected = self.state_dict()
+        if set(tensors) != set(expected):
+            raise ValueError(f'{path}: its tensors ({", ".join(sorted(tensors))}) are not those of a {self.title} '
+                             f'predictor ({", ".join(sorted(expected))})')
+        for name, value in expected.items():
+            if tuple(tensors[name].shape) != tuple(value.shape):
+                raise ValueError(f'{path}: tensor {name} has shape {tuple(tensors[name].shape)}, expected '
+                                 f'{tuple(value.shape)} for its hyperparameters')
+        with torch.no_grad():
+            for name, value in expected.items():
+                value.copy_(tensors[name])
+        return self.requires_grad_(False).eval()
+
+#----------------------------------------------------------------------------
+
+
+def predictor_class(kind):
+    if kind not in PREDICTORS:
+        raise ValueError(f'unknown learned solver {kind!r}; choose from {", ".join(sorted(PREDICTORS))}')
+    return PREDICTORS[kind]
+
+
+def make_predictor(kind, **kwargs):
+    """A freshly initialised predictor of `kind` (kwargs: its hyperparameters, settings, seed)."""
+    return predictor_class(kind)(**kwargs)
+
+
+def load_predictor(path, kind=None):
+    """The predictor in `path`: a file written by `save` (any kind) or an official snapshot pickle of AdaSDE, AMED
+    or EPD. With `kind`, refuse a file of another kind."""
+    what = predictor_class(kind).title if kind else 'learned-solver'
+    content = snapshot.read_predictor_file(path, what)
+    if content is None:
+        return _load_official(path, kind)
+    meta, tensors = content
+    found = {f'{k}-predictor': cls for k, cls in PREDICTORS.items()}.get(meta.get('format'))
+    if found is None or (kind is not None and found.kind != kind):
+        raise ValueError(f'{path} is not {"an" if what[0] in "AEIO" else "a"} {what} predictor file (format '
+                         f'{meta.get("format")!r})')
+    if meta.get('version') != str(found.format_version):
+        raise ValueError(f'{path}: {found.title} predictor format version {meta.get("version")}, this code reads '
+                         f'version {found.format_version}')
+    try:
+        predictor = found(**json.loads(meta['hyperparams']), settings=json.loads(meta['settings']))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f'{path}: bad {found.title} predictor metadata ({one_line(e)})') from None
+    return predictor.load_tensors(tensors, path)
+
+
+def _load_official(path, kind):
+    what = predictor_class(kind).title if kind else 'learned-solver'
+    article = 'an' if what[0] in 'AEIO' else 'a'
+    try:
+        model = snapshot.load_snapshot(path)['model']
+    except snapshot.SNAPSHOT_ERRORS as e:
+        raise ValueError(f'cannot read an official {what} snapshot from {path}: {one_line(e) or repr(e)}') from None
+    class_name = getattr(model, 'class_name', None)
+    found = {cls.official_class: cls for cls in PREDICTORS.values()}.get(class_name)
+    if found is None:
+        raise ValueError(f'{path}: not {article} {what} snapshot (its model is '
+                         f'{class_name or type(model).__name__!r})')
+    if kind is not None and found.kind != kind:
+        raise ValueError(f'{path} holds a {class_name!r} predictor, not an {predictor_class(kind).official_class}')
+    return found.load_official(path)
+
+#----------------------------------------------------------------------------
