@@ -17,10 +17,11 @@ run() { if [ "$GPUS" -gt 1 ]; then torchrun --standalone --nproc_per_node="$GPUS
 
 # The presets, in --help order. A preset named after a zoo model whose adapter is not built yet (models/zoo.py,
 # `missing`) is not offered, and appears by itself once it is: add a preset here and as a case below.
-PRESETS="demo digits-nfe3 digits-nfe5 digits-nfe7 digits-nfe9 digits-paper-nfe3 digits-paper-nfe5 cifar10 ffhq imagenet64 lsun_bedroom imagenet256
+PRESETS="demo digits-nfe3 digits-nfe5 digits-nfe7 digits-nfe9 digits-paper-nfe3 digits-paper-nfe5 digits-peers cifar10 ffhq imagenet64 lsun_bedroom imagenet256
     lsun_bedroom_ldm ms_coco"
 declare -A ABOUT=([demo]="(default) digits model, 5 NFE: distill AdaSDE, sample 10k with it and 7 baselines, FID + RMSE table"
     [digits-nfe3]="(re)train the shipped digits predictor at 3 NFE into exp/ (also digits-nfe5|7|9)"
+    [digits-peers]="(re)train the learned peers on digits into exp/: AMED, its plug-ins, EPD, EPD-Plugin, AdaSDE without gamma"
     [digits-paper-nfe3]="(re)train the shipped paper-form digits predictor at 3 NFE (also digits-paper-nfe5)"
     [cifar10]="the paper's recipe: train, sample 50k, FID (GPUs)" [ffhq]="the paper's recipe (GPUs)"
     [imagenet64]="the paper's recipe (GPUs)" [lsun_bedroom]="the paper's recipe (GPUs)"
@@ -100,6 +101,40 @@ digits_paper_predictor() {  # num_steps
         --batch=32 --total_kimg=10 $ADASDE $UNIFORM --feature_net=digits_loss --resume
 }
 
+# The learned peers on the digits model (bench/quality.py compares them with AdaSDE and the training-free solvers,
+# docs/quality.md): each reference's own recipe (its launch script, else its train.py defaults) with this model's
+# budget, 5 kimg at batch 32, and the digits loss network (not the FID detector) where the recipe has a feature loss.
+# The NFE are real network calls: AMED and its plug-ins make 2 per step; EPD (K = 2 points) 3 per step, so it
+# reaches 3, 5 and 9 calls (N = 2, 3 with AFS, 4) but not 7.
+PEER="--dataset_name=digits --outdir=exp --seed=0 --batch=32 --total_kimg=5 --resume"
+AMED_RECIPE="--sampler_stu=amed --sampler_tea=heun --M=1 --schedule_type=time_uniform --schedule_rho=1 --scale_dir=0.01 --scale_time=0"
+AMED_IPNDM="--sampler_stu=amed_ipndm --sampler_tea=ipndm --M=2 --max_order=4 --scale_dir=0.01 --scale_time=0.2"
+AMED_DPMPP="--sampler_stu=dpmpp --sampler_tea=dpmpp --M=2 --max_order=3"
+EPD_RECIPE="--sampler_stu=epd --sampler_tea=heun --M=3 --num_points=2 --schedule_type=time_uniform --schedule_rho=1 \
+    --scale_dir=0.05 --scale_time=0.05 --lr=0.2 --coslr --alpha=10 --feature_net=digits_loss"
+EPD_IPNDM="--sampler_stu=epd_ipndm --sampler_tea=dpm --M=3 --num_points=2 --max_order=3 --schedule_type=time_uniform \
+    --schedule_rho=1 --scale_dir=0.05 --scale_time=0.2 --lr=0.2 --coslr --alpha=10 --feature_net=digits_loss"
+peer_runs() {  # one line per run: num_steps afs train-flags
+    for n in 3 4 5 6; do
+        echo "$n True $AMED_RECIPE"
+        echo "$n True --sampler_stu=euler"
+        echo "$n True --sampler_stu=dpm"
+        echo "$n True $AMED_IPNDM"
+        echo "$n True $AMED_DPMPP"
+    done
+    for na in "2 False" "3 True" "4 False"; do
+        echo "$na $EPD_RECIPE"
+        echo "$na $EPD_IPNDM"
+    done
+    # AdaSDE without its churn (gamma = 0): the paper's form (as digits-paper-nfe3/5) and the plug-in form at 3 and
+    # 5 NFE (as digits-nfe3/5; the shipped 7- and 9-NFE predictors already have gamma = 0).
+    for n in 3 4; do
+        echo "$n True $ADASDE $UNIFORM --M=3 --gamma=0 --lr=0.2 --feature_net=digits_loss --desc=-nogamma"
+    done
+    echo "5 True $ADASDE $DIGITS_PLUGIN --M=2 --gamma=0 --lr=0.2 --desc=-nogamma"
+    echo "7 True $ADASDE $DIGITS_PLUGIN --M=1 --gamma=0 --lr=0.2 --desc=-nogamma"
+}
+
 case "$PRESET" in
 demo)
     # 1) Distill a 5-NFE predictor (num_steps=7 with AFS, DEIS-tAB3 base) against the DPM-Solver-2 teacher; 5 kimg
@@ -164,6 +199,15 @@ demo)
     printf '\nDemo done in %d s; predictor in %s, images in %s/\n' $((SECONDS - start)) "$exp" "$out"
     printf 'Look at 64 AdaSDE samples: %s\n' "$out/adasde-grid.png"
     ;;
+digits-peers)
+    # Every learned peer at 3-9 NFE into exp/ (30 runs, a few minutes each on a CPU); --resume reuses finished runs.
+    i=0
+    total=$(peer_runs | wc -l)
+    while read -r n afs flags; do
+        i=$((i + 1))
+        header "train.py ($i/$total): --num_steps=$n --afs=$afs $flags"
+        step "train.py ($i/$total)" python train.py $PEER --num_steps="$n" --afs="$afs" $flags
+    done < <(peer_runs) ;;
 digits-nfe3) digits_predictor 5 2 ;;
 digits-nfe5) digits_predictor 7 1 ;;
 # At 7 and 9 NFE without churn: even its floor (gamma_min) adds more noise than the solver's error (docs/quality.md);

@@ -33,7 +33,7 @@ from torch_utils.misc import StackedRandomGenerator, atomic_write, parse_int_lis
 # Seeds are taken modulo 2^32 by the generators: a larger one would repeat a smaller one's image.
 MAX_SEED = 2**32 - 1
 
-# Sampling settings an AdaSDE predictor fixes; giving a different value on the command line is an error.
+# Sampling settings a predictor fixes; giving a different value on the command line is an error.
 PREDICTOR_SETTINGS = ('num_steps', 'afs', 'schedule_type', 'schedule_rho', 'guidance_type', 'guidance_rate')
 
 #----------------------------------------------------------------------------
@@ -221,10 +221,11 @@ def resolve_predictor_path(path):
 
 
 def predictor_config(c, given):
-    """Fill the sampling settings of `c` from its AdaSDE predictor; refuse explicit options that contradict it."""
+    """Fill the sampling settings of `c` from its predictor (any learned solver); refuse explicit options that
+    contradict it (predictor.check_compatible, the one check)."""
     c.predictor_file = resolve_predictor_path(c.predictor_path)
     try:
-        predictor = solvers.adasde.AdaSDEPredictor.load(c.predictor_file)
+        predictor = solvers.learned.load_predictor(c.predictor_file)
     except ValueError as e:
         raise click.UsageError(f'--predictor_path: {e}') from None
     settings = dict(predictor.settings, num_steps=predictor.num_steps)
@@ -232,18 +233,20 @@ def predictor_config(c, given):
     requested_model = c.dataset_name or c.model_path
     if requested_model and trained and not any(_same_model(requested_model, m) for m in trained):
         raise click.UsageError(f'this predictor was trained for model {trained[0]!r}, not {requested_model!r}')
+    try:
+        predictor.check_compatible(**{key: c[key] for key in PREDICTOR_SETTINGS if key in given})
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     for key in PREDICTOR_SETTINGS:
-        if key in given and settings.get(key) is not None and c[key] != settings[key]:
-            raise click.UsageError(f'this predictor was trained for {key}={settings[key]!r}, not {c[key]!r}')
         if settings.get(key) is not None:
             c[key] = settings[key]
-    if c.solver not in (None, 'adasde'):
-        raise click.UsageError(f'--predictor_path runs the adasde solver, not --solver={c.solver}')
+    if c.solver not in (None, predictor.kind):
+        raise click.UsageError(f'--predictor_path runs the {predictor.kind} solver, not --solver={c.solver}')
     if not requested_model:
         if not trained:
             raise click.UsageError('the predictor does not name its model; give --dataset_name or --model_path')
         c.model_path = trained[0]
-    c.solver = 'adasde'
+    c.solver = predictor.kind
     c.options = dict(predictor=predictor)
 
 
@@ -262,8 +265,8 @@ def solver_config(c, given):
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     explicit = {k: c[k] for k in solvers.option_table() if k in given and k in c}
-    if c.solver == 'adasde' and 'predictor' not in c.options:
-        raise click.UsageError('the adasde solver needs a trained predictor: give --predictor_path')
+    if c.solver in solvers.learned.PREDICTORS and 'predictor' not in c.options:
+        raise click.UsageError(f'the {c.solver} solver needs a trained predictor: give --predictor_path')
     try:
         c.options = {k: v for k, v in solvers.check_options(c.solver, {**c.options, **explicit}).items()
                      if k in explicit or k in c.options}
@@ -271,11 +274,18 @@ def solver_config(c, given):
         raise click.UsageError(str(e)) from None
 
 
+class _ZeroDenoiser(torch.nn.Module):
+    """D = 0 on a 1-pixel image: what check_solver_runs runs a solver on."""
+    bottleneck = ''  # AMED reads the output of this module itself
+
+    def forward(self, x, sigma, **kwargs):
+        return x * 0
+
+
 def check_solver_runs(c, sigmas):
-    dummy = lambda x, sigma, **kwargs: x * 0  # noqa: E731
     x = torch.ones([1, 1, 1, 1], dtype=torch.float64) * float(sigmas[0])
     try:
-        solvers.get_solver(c.solver)(dummy, x, sigmas, afs=c.afs, **c.options)
+        solvers.get_solver(c.solver)(_ZeroDenoiser(), x, sigmas, afs=c.afs, **c.options)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
 
@@ -439,8 +449,10 @@ def print_summary(c, net, run):
                                                              else '') + f' afs={c.afs}')
     dist.print0(f'Schedule: {c.schedule_type} rho={c.schedule_rho:g}, {c.num_steps} points: '
                 + ' '.join(f'{float(s):.4g}' for s in run.sigmas))
-    dist.print0(f'NFE:      {c.nfe}' + (f' ({c.nfe * guidance} model evaluations with guidance)' if guidance > 1
-                                        else ''))
+    parallel = predictor.parallel_nfe(c.num_steps) - int(c.afs) if predictor is not None else c.nfe
+    dist.print0(f'NFE:      {c.nfe} real network calls per image'
+                + (f' ({parallel} "parallel NFE" as the reference counts them)' if parallel != c.nfe else '')
+                + (f' ({c.nfe * guidance} model evaluations with guidance)' if guidance > 1 else ''))
     dist.print0(f'Seeds:    {len(c.seed_list)} ({len(c.seed_list) - len(run.todo)} already done) -> {c.outdir}, '
                 f'{dist.get_world_size()} process(es), {c.device}, {str(c.dtype).removeprefix("torch.")}')
 
@@ -466,8 +478,9 @@ def _dataset_label(c):
 @click.command(context_settings=dict(max_content_width=120))
 # Model and solver.
 @cli.model_options()
-@click.option('--predictor_path', help='AdaSDE predictor (file, folder, experiment number); sets every sampling '
-              'setting', metavar='PATH|INT', type=str)
+@click.option('--predictor_path', help='Predictor of a learned solver: adasde, amed or epd (file, folder, experiment '
+              'number; an official snapshot pickle too); sets the solver and every sampling setting',
+              metavar='PATH|INT', type=str)
 @click.option('--solver', help=f'Solver: {", ".join(sorted(solvers.SOLVERS))}  [default: dpmpp]', metavar='NAME',
               type=str)
 @click.option('--num_steps', help='Time points  [default: 6]', metavar='INT', type=click.IntRange(min=2))

@@ -17,6 +17,7 @@ import click
 import solvers
 from dnnlib.util import EasyDict, Logger
 from solvers.distill import TEACHERS
+from solvers.learned import make_predictor
 from torch_utils import distributed as dist
 
 #----------------------------------------------------------------------------
@@ -89,6 +90,56 @@ def check_training_state(path):
 #----------------------------------------------------------------------------
 
 
+# The learned solvers train.py distills. --sampler_stu names a solver as the reference codes do: AdaSDE's
+# `adasde`, AMED's `amed` and its plug-ins `euler`, `dpm`, `ipndm`, `dpmpp`, EPD's `epd` and its plug-in `ipndm`.
+# The two `ipndm`s are told apart by the flags that only EPD's train.py has (so both codes' launch lines run
+# here unchanged); `amed_ipndm` and `epd_ipndm` say it outright.
+STUDENTS = dict(adasde=('adasde', None), amed=('amed', 'amed'), epd=('epd', 'epd'), euler=('amed', 'euler'),
+                dpm=('amed', 'dpm'), dpmpp=('amed', 'dpmpp'), ipndm=(None, 'ipndm'), amed_ipndm=('amed', 'ipndm'),
+                epd_ipndm=('epd', 'ipndm'))
+EPD_ONLY_FLAGS = ('num_points', 'coslr', 'alpha', 'fcn')
+
+# Defaults of the flags whose default depends on the solver: each reference's own (its train.py; for AdaSDE the
+# settings of its published recipes, as before).
+SOLVER_DEFAULTS = dict(
+    adasde=dict(sampler_tea='dpm', tea_substeps=2, M=3, schedule_type='time_uniform', schedule_rho=1.0, num_points=1,
+                scale_dir=0.05, scale_time=0.2, max_order=4, alpha=20.0, lr=0.2),
+    amed=dict(sampler_tea='heun', tea_substeps=1, M=1, schedule_type='polynomial', schedule_rho=7.0, num_points=None,
+              scale_dir=0.01, scale_time=0.0, max_order=3, alpha=0.0, lr=5e-3),
+    epd=dict(sampler_tea='heun', tea_substeps=2, M=1, schedule_type='polynomial', schedule_rho=7.0, num_points=2,
+             scale_dir=0.01, scale_time=0.0, max_order=3, alpha=10.0, lr=5e-3),
+)
+# The predictor's hyperparameters of each solver, from the options of the same names.
+HYPERPARAMS = dict(
+    adasde=('num_steps', 'num_points', 'scale_dir', 'scale_time', 'gamma', 'fcn', 'base', 'max_order'),
+    amed=('num_steps', 'base', 'scale_dir', 'scale_time', 'max_order', 'predict_x0', 'lower_order_final'),
+    epd=('num_steps', 'num_points', 'base', 'scale_dir', 'scale_time', 'max_order', 'fcn'),
+)
+SOLVER_ONLY_FLAGS = dict(gamma='adasde', base='adasde', num_points='adasde or epd', fcn='adasde or epd',
+                         predict_x0='amed', lower_order_final='amed')
+
+
+def resolve_student(opts, given):
+    """(learned solver, its base) of --sampler_stu, and the solver-dependent defaults filled into opts."""
+    kind, base = STUDENTS[opts.sampler_stu]
+    if kind is None:  # plain 'ipndm': EPD's plug-in if an EPD-only flag is given, else AMED's
+        kind = 'epd' if any(flag in given for flag in EPD_ONLY_FLAGS) else 'amed'
+    for flag, owners in SOLVER_ONLY_FLAGS.items():
+        if flag in given and flag not in HYPERPARAMS[kind]:
+            raise click.UsageError(f'--{flag} is an option of {owners}, not of --sampler_stu={opts.sampler_stu} '
+                                   f'({kind})')
+    for key, value in SOLVER_DEFAULTS[kind].items():
+        if opts[key] is None:
+            opts[key] = value
+    if kind == 'adasde':
+        base = opts.base
+    if opts.sampler_tea not in ('dpm', 'heun') and 'tea_substeps' in given:
+        raise click.UsageError(f'--tea_substeps is for a dpm or heun teacher, not --sampler_tea={opts.sampler_tea}')
+    return kind, base
+
+#----------------------------------------------------------------------------
+
+
 @click.command(context_settings=dict(show_default=True, max_content_width=120))
 # Main options.
 @cli.model_options(dataset_default='digits')
@@ -96,33 +147,45 @@ def check_training_state(path):
 @click.option('--desc', help='String appended to the run directory name', type=str, default='')
 @click.option('--num_steps', help='Time points of the student (num_steps - 1 steps)', type=click.IntRange(min=2),
               default=4)
-@click.option('--num_points', help='Parallel intermediate points per step (K)', type=click.IntRange(min=1), default=1)
-@click.option('--sampler_stu', help='Student solver', type=click.Choice(['adasde']), default='adasde')
-@click.option('--sampler_tea', help='Teacher solver on the teacher grid: dpm (the official AdaSDE teacher: '
-              'DPM-Solver-2 with 2 sub-steps per interval), heun (2 sub-steps: the EPD teacher), ipndm, dpmpp, '
-              'euler (order --max_order)', type=click.Choice(list(TEACHERS)), default='dpm')
-@click.option('--M', 'M', help='Teacher intervals inserted per student interval', type=click.IntRange(min=0),
-              default=3)
+@click.option('--sampler_stu', help='Learned solver: adasde (AdaSDE; --base picks its form), amed (AMED-Solver), epd '
+              '(EPD-Solver), or a plug-in: euler, dpm, dpmpp (AMED-Plugin), ipndm (AMED-Plugin, or EPD-Plugin when '
+              'an EPD-only flag is given: --num_points, --coslr, --alpha, --fcn), amed_ipndm, epd_ipndm',
+              type=click.Choice(list(STUDENTS)), default='adasde')
+@click.option('--sampler_tea', help='Teacher solver on the teacher grid: dpm (DPM-Solver-2), heun, ipndm, dpmpp, '
+              'euler  [default: adasde dpm, amed and epd heun]', type=click.Choice(list(TEACHERS)), default=None,
+              show_default=False)
+@click.option('--tea_substeps', help='Sub-steps per teacher interval of a dpm or heun teacher (2: the AdaSDE and EPD '
+              'teachers)  [default: adasde and epd 2, amed 1]', type=click.IntRange(min=1), default=None,
+              show_default=False)
+@click.option('--M', 'M', help='Teacher intervals inserted per student interval  [default: adasde 3, amed and epd 1]',
+              type=click.IntRange(min=0), default=None, show_default=False)
 @click.option('--afs', help='Analytical first step (saves one NFE)', type=bool, default=True)
-@click.option('--schedule_type', help='Time discretization', type=click.Choice(list(solvers.SCHEDULES)),
-              default='time_uniform')
-@click.option('--schedule_rho', help='Exponent of the schedule', type=float, default=1.0)
-# AdaSDE hyperparameters.
-@click.option('--scale_dir', help='Half-width of the c_n range [1-s, 1+s] (0: off)', type=click.FloatRange(min=0),
-              default=0.05)
-@click.option('--scale_time', help='Half-width of the a_n range [1-s, 1+s] (0: off)',
-              type=click.FloatRange(min=0), default=0.2)
-@click.option('--gamma', help='Upper end of the learned churn range (0: an ODE solver)', type=click.FloatRange(min=0),
-              default=0.02)
-@click.option('--fcn', help='Fix c_n = 1 on the last step', is_flag=True)
-@click.option('--base', help='Step structure: dpm (the paper: 1 + K calls per step), or the plug-in form on a '
-              'multistep base, ipndm or deis (1 call per step, past derivatives reused)',
+@click.option('--schedule_type', help='Time discretization  [default: adasde time_uniform, amed and epd polynomial]',
+              type=click.Choice(list(solvers.SCHEDULES)), default=None, show_default=False)
+@click.option('--schedule_rho', help='Exponent of the schedule  [default: adasde 1, amed and epd 7]', type=float,
+              default=None, show_default=False)
+# Hyperparameters of the learned solvers.
+@click.option('--num_points', help='Parallel intermediate points per step, K (adasde, epd)  [default: adasde 1, '
+              'epd 2]', type=click.IntRange(min=1), default=None, show_default=False)
+@click.option('--scale_dir', help='Half-width of the c range [1-s, 1+s] (0: off)  [default: adasde 0.05, amed and '
+              'epd 0.01]', type=click.FloatRange(min=0), default=None, show_default=False)
+@click.option('--scale_time', help='Half-width of the a range [1-s, 1+s] (0: off)  [default: adasde 0.2, amed and '
+              'epd 0]', type=click.FloatRange(min=0), default=None, show_default=False)
+@click.option('--gamma', help='Upper end of the learned churn range, adasde (0: an ODE solver)',
+              type=click.FloatRange(min=0), default=0.02)
+@click.option('--fcn', help='Fix c = 1 on the last step (adasde, epd)', is_flag=True)
+@click.option('--base', help='Step structure of adasde: dpm (the paper: 1 + K calls per step), or the plug-in form on '
+              'a multistep base, ipndm or deis (1 call per step, past derivatives reused)',
               type=click.Choice(['dpm', 'ipndm', 'deis']), default='dpm')
-@click.option('--max_order', help='Derivatives kept by a multistep base', type=click.IntRange(1, 4), default=4)
+@click.option('--max_order', help='Order of a multistep base and teacher  [default: adasde 4, amed and epd 3]',
+              type=click.IntRange(1, 4), default=None, show_default=False)
+@click.option('--predict_x0', help='Data prediction of the dpmpp plug-in and teacher', type=bool, default=True)
+@click.option('--lower_order_final', help='Lower order at the end, dpmpp plug-in and teacher', type=bool,
+              default=True)
 @click.option('--loss_steps', help='all: a loss and an Adam step per student step (the official code); last: only '
               'the final state is fitted', type=click.Choice(['all', 'last']), default='all')
-@click.option('--alpha', help='Weight of the feature loss on the last step (0: L2 there too)',
-              type=click.FloatRange(min=0), default=20.0)
+@click.option('--alpha', help='Weight of the feature loss on the last step (0: L2 there too)  [default: adasde 20, '
+              'amed 0, epd 10]', type=click.FloatRange(min=0), default=None, show_default=False)
 @click.option('--feature_net', help='Loss network of that loss: inception (official code), lpips (the paper), '
               'digits_loss, digits (the digits FID detector: ablations only), none  [default: the zoo entry\'s, '
               'digits_loss for digits, else inception]', type=click.Choice(['inception', 'lpips', 'digits_loss',
@@ -131,7 +194,8 @@ def check_training_state(path):
 @click.option('--prompts', help='Captions CSV (column "text") of text-to-image models  [default: the 30k MS-COCO '
               'captions of the zoo entry "prompts"]', type=str, default=None)
 # Optimisation.
-@click.option('--lr', help='Adam learning rate', type=click.FloatRange(min=0, min_open=True), default=0.2)
+@click.option('--lr', help='Adam learning rate  [default: adasde 0.2, amed and epd 5e-3]',
+              type=click.FloatRange(min=0, min_open=True), default=None, show_default=False)
 @click.option('--coslr', help='Cosine learning-rate decay (to the official code\'s absolute floor 0.01)', is_flag=True)
 @click.option('--batch', help='Total batch size', type=click.IntRange(min=1), default=32)
 @click.option('--batch-gpu', 'batch_gpu', help='Per-process batch per round (gradient accumulation)',
@@ -143,7 +207,7 @@ def check_training_state(path):
 @click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
 @click.option('--resume', help='Continue the newest run with identical options from its last state', is_flag=True)
 def main(**kwargs):
-    """Distill an AdaSDE predictor against a DPM-Solver-2 teacher.
+    """Distill a learned solver (AdaSDE, AMED, EPD or a plug-in form) against a many-step teacher.
 
     \b
     Examples:
@@ -153,6 +217,8 @@ def main(**kwargs):
     torchrun --standalone --nproc_per_node=2 train.py --dataset_name=cifar10 --num_steps=4 --M=3 \\
         --schedule_type=time_uniform --schedule_rho=1 --gamma=0.02 --lr=0.2 --coslr --batch=64 --total_kimg=10
     """
+    given = {k for k in kwargs if click.get_current_context().get_parameter_source(k)
+             != click.core.ParameterSource.DEFAULT}
     opts = EasyDict(kwargs)
     dist.init()
     dist.stop_on_signals()  # SIGTERM / Ctrl-C: save the state at the end of the iteration, then stop
@@ -167,6 +233,7 @@ def main(**kwargs):
         # default Inception feature loss rather than the digits detector).
         opts.dataset_name = os.path.splitext(os.path.basename(opts.model_path or opts.model_kind))[0]
     model = opts.model_path or opts.dataset_name
+    kind, base = resolve_student(opts, given)
     feature_net = opts.feature_net or getattr(ZOO.get(opts.dataset_name), 'feature_net', None) or 'inception'
     if feature_net == 'none' or opts.alpha == 0:
         feature_net = None
@@ -191,22 +258,22 @@ def main(**kwargs):
                 parse_arch(opts[name], name)
             except ValueError as e:
                 raise click.BadParameter(str(e), param_hint=f'--{name}') from None
-    nfe = solvers.nfe('adasde', opts.num_steps, afs=opts.afs, predictor=EasyDict(num_points=opts.num_points,
-                                                                                     base=opts.base))
+    hyper = {key: base if key == 'base' else opts[key] for key in HYPERPARAMS[kind]}
+    try:
+        nfe = solvers.nfe(kind, opts.num_steps, afs=opts.afs, predictor=make_predictor(kind, **hyper))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
 
     # Configuration: click -> EasyDict -> training_options.json -> training_loop.
     c = EasyDict(
-        dataset_name=opts.dataset_name, model=model, model_kwargs=model_kwargs,
-        predictor_kwargs=dict(num_steps=opts.num_steps, num_points=opts.num_points, scale_dir=opts.scale_dir,
-                              scale_time=opts.scale_time, gamma=opts.gamma, fcn=opts.fcn, base=opts.base,
-                              max_order=opts.max_order),
-        sampler_tea=opts.sampler_tea, M=opts.M, afs=opts.afs, schedule_type=opts.schedule_type,
-        schedule_rho=opts.schedule_rho,
+        dataset_name=opts.dataset_name, model=model, model_kwargs=model_kwargs, sampler_stu=kind,
+        predictor_kwargs=hyper, sampler_tea=opts.sampler_tea, M=opts.M, substeps=opts.tea_substeps, afs=opts.afs,
+        schedule_type=opts.schedule_type, schedule_rho=opts.schedule_rho,
         alpha=opts.alpha if feature_net else 0.0, feature_net=feature_net, loss_steps=opts.loss_steps,
         prompts=prompts, lr=opts.lr,
         coslr=opts.coslr,
         batch=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.total_kimg, seed=opts.seed, device=opts.device)
-    student = opts.sampler_stu if opts.base == 'dpm' else f'{opts.sampler_stu}_{opts.base}'
+    student = kind if base in (None, kind) or (kind, base) == ('adasde', 'dpm') else f'{kind}_{base}'
     desc = (f'{opts.dataset_name}-{opts.num_steps}-{nfe}-{student}-{opts.sampler_tea}-{opts.M}-'
             f'{schedule_tag(opts.schedule_type, opts.schedule_rho)}{"-afs" if opts.afs else ""}{opts.desc}')
 
@@ -222,8 +289,10 @@ def main(**kwargs):
     c.run_dir = resume_dir or next_run_dir(opts.outdir, desc)
 
     dist.print0(json.dumps(c, indent=2))
-    dist.print0(f'Student: {student}, {opts.num_steps} time points, {nfe} NFE; teacher: {opts.sampler_tea} on '
-                f'{(opts.M + 1) * (opts.num_steps - 1) + 1} points.')
+    parallel = make_predictor(kind, **hyper).parallel_nfe(opts.num_steps) - int(opts.afs)
+    dist.print0(f'Student: {student}, {opts.num_steps} time points, {nfe} NFE (real network calls'
+                + (f'; {parallel} as the reference counts them' if parallel != nfe else '') + f'); teacher: '
+                f'{opts.sampler_tea} on {(opts.M + 1) * (opts.num_steps - 1) + 1} points.')
     dist.print0(f'Output directory: {c.run_dir}')
     if opts.dry_run:
         dist.print0('Dry run; exiting.')

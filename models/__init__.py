@@ -47,7 +47,7 @@ def load_edm_pickle(path_or_url, verbose=True, entry=None):
         raise ModelError(f'cannot open {path_or_url}: {one_line(err)}') from err
     if not isinstance(data, dict) or 'ema' not in data:
         if isinstance(data, dict) and 'model' in data and 'loss_fn' in data:
-            raise ModelError(f'{path_or_url} is an AdaSDE predictor snapshot, not a diffusion model')
+            raise ModelError(f'{path_or_url} is a learned-solver predictor snapshot, not a diffusion model')
         keys = ', '.join(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise ModelError(f'{path_or_url}: not an EDM network pickle (expected a dict with key "ema", got {keys})')
     net = data['ema']
@@ -197,7 +197,7 @@ def load_model(name_or_path, device='cpu', **kwargs):
                                  'a Stable Diffusion checkpoint must be named *.ckpt or *.safetensors')
             net = _load_sd(src, device=device, **sd_kwargs)
         elif kind == 'predictor':
-            raise ModelError(f'{src} is an AdaSDE predictor, not a diffusion model (give it as --predictor_path)')
+            raise ModelError(f'{src} is a learned-solver predictor, not a diffusion model (give it as --predictor_path)')
         elif kind == 'safetensors':
             raise ModelError(f'{src}: a safetensors file without Stable Diffusion weights (model.diffusion_model.*); '
                              f'accepted: {ACCEPTED_FORMATS}')
@@ -223,7 +223,7 @@ ACCEPTED_FORMATS = ('an EDM network pickle, a Stable Diffusion checkpoint (.ckpt
 def sniff_model_file(path):
     """What a file holds, from its first bytes: 'pickle' (protocol 2-5), 'zip' (torch.save, .ckpt),
     'sd-safetensors' / 'predictor' / 'safetensors' (a valid safetensors header: Stable Diffusion weights, an
-    AdaSDE predictor, anything else), or None."""
+    learned-solver predictor (AdaSDE, AMED, EPD), anything else), or None."""
     import json
     with open(path, 'rb') as f:
         head = f.read(8)
@@ -243,7 +243,7 @@ def sniff_model_file(path):
     if not isinstance(header, dict):
         return None
     meta = header.get('__metadata__')
-    if isinstance(meta, dict) and meta.get('format') == 'adasde-predictor':
+    if isinstance(meta, dict) and str(meta.get('format', '')).endswith('-predictor'):
         return 'predictor'
     if any(str(name).startswith('model.diffusion_model.') for name in header):
         return 'sd-safetensors'

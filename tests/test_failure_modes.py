@@ -369,7 +369,7 @@ def test_model_files_by_content(model_dir, tmp_path):
     from solvers.adasde import AdaSDEPredictor
     predictor = tmp_path / 'p.safetensors'
     AdaSDEPredictor(num_steps=3).save(str(predictor))
-    _assert_one_line(sample.main, f'{predictor} is an AdaSDE predictor, not a diffusion model (give it as '
+    _assert_one_line(sample.main, f'{predictor} is a learned-solver predictor, not a diffusion model (give it as '
                      '--predictor_path)', '--model_path', predictor, *m, exit_code=1)
     assert not (tmp_path / 's').exists()
 

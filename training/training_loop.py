@@ -14,8 +14,8 @@ import torch
 import tqdm
 
 import solvers
-from solvers.adasde import AdaSDEPredictor, base_coefficients, predictor_step
 from solvers.distill import TEACHERS, student_and_teacher_sigmas, teacher_options, teacher_targets
+from solvers.learned import make_predictor
 from torch_utils import distributed as dist
 from torch_utils import training_stats
 from torch_utils.misc import StackedRandomGenerator, atomic_write, to_pixels
@@ -92,25 +92,26 @@ def distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas,
 
     num_steps = len(student_sigmas)
     grid = [float(t) for t in student_sigmas]
-    coeffs = base_coefficients(predictor, grid)
     losses = []
     for s in range(num_steps - 1):
         trained = loss_steps == 'all' or s == num_steps - 2  # 'last': the earlier steps only carry the state
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for r in rounds:
-            x, r['history'] = predictor_step(net, predictor, s, r['x'], grid, coeffs, r.get('history', []),
-                                             r['extra_args'], r['rnd'].randn_like, afs=afs and s == 0)
+            # Teacher forcing (AMED's single-step bases): step s starts from the teacher's state at sigma_s.
+            start = r['targets'][s - 1] if predictor.teacher_forcing and s > 0 else r['x']
+            x, r['state'] = predictor.step(net, s, start, grid, r.get('state'), r['extra_args'], r['rnd'].randn_like,
+                                           afs=afs and s == 0)
             y = r['targets'][s]
             if s == num_steps - 2 and feature_loss is not None and feature_loss.alpha > 0:
                 per_sample = feature_loss(x, y)
             else:
                 per_sample = ((x - y) ** 2).flatten(1).sum(1)
             loss = per_sample.sum() / batch
-            if trained:
-                loss.backward(retain_graph=True)  # the student state is carried, not detached: BPTT
+            if trained:  # a carried (not detached) state backpropagates through the earlier steps too: BPTT
+                loss.backward(retain_graph=not predictor.detach_state)
             step_loss += float(loss.detach())
-            r['x'] = x
+            r['x'] = x.detach() if predictor.detach_state else x
         if trained:
             grads = [p.grad for p in predictor.parameters() if p.grad is not None]
             for g in grads:
@@ -141,8 +142,9 @@ def training_loop(
     dataset_name        = None,         # Name of the model recorded in the predictor (default: `model` if a name).
     model               = 'digits',     # Zoo name, pickle or local model directory of the net (or the net).
     model_kwargs        = None,         # Extra arguments of models.load_model (guidance, ...).
-    predictor_kwargs    = None,         # AdaSDEPredictor hyperparameters.
-    sampler_tea         = 'dpm',        # Teacher solver.
+    sampler_stu         = 'adasde',     # Learned solver: adasde, amed or epd (solvers.learned.PREDICTORS).
+    predictor_kwargs    = None,         # Its predictor's hyperparameters (base, num_steps, ...).
+    sampler_tea         = 'dpm',        # Teacher solver (solvers.distill.TEACHERS).
     M                   = 3,            # Teacher intervals inserted per student interval, minus one.
     substeps            = 2,            # Sub-steps per teacher interval of a dpm or heun teacher.
     afs                 = True,         # Analytical first step (saves one NFE).
@@ -201,14 +203,16 @@ def training_loop(
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
     # Predictor, optimizer, LR schedule (stepped once per iteration, as the reference).
-    predictor = AdaSDEPredictor(**predictor_kwargs, seed=seed).to(device).train()
-    teacher_opts = teacher_options(sampler_tea, substeps, max_order=getattr(predictor, 'max_order', None))
+    predictor = make_predictor(sampler_stu, **predictor_kwargs, seed=seed).to(device).train()
+    teacher_opts = teacher_options(sampler_tea, substeps, max_order=getattr(predictor, 'max_order', None),
+                                   predict_x0=getattr(predictor, 'predict_x0', None),
+                                   lower_order_final=getattr(predictor, 'lower_order_final', None))
     # The sampling settings it is trained for, recorded in its file; sample.py refuses others.
     name = model if isinstance(model, str) else None
     predictor.settings = dict(
         dataset_name=dataset_name or name, model=name, schedule_type=schedule_type, schedule_rho=schedule_rho,
         afs=afs, guidance_type=model_kwargs.get('guidance_type'), guidance_rate=model_kwargs.get('guidance_rate'),
-        M=M, sampler_tea=sampler_tea, nfe=solvers.nfe('adasde', num_steps, afs=afs, predictor=predictor))
+        M=M, sampler_tea=sampler_tea, nfe=solvers.nfe(sampler_stu, num_steps, afs=afs, predictor=predictor))
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
     total_iters = math.ceil(total_kimg * 1000 / batch)
     scheduler = None
