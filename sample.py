@@ -451,7 +451,7 @@ def print_summary(c, net, run):
                 + ' '.join(f'{float(s):.4g}' for s in run.sigmas))
     parallel = predictor.parallel_nfe(c.num_steps) - int(c.afs) if predictor is not None else c.nfe
     dist.print0(f'NFE:      {c.nfe} real network calls per image'
-                + (f' ({parallel} "parallel NFE" as the reference counts them)' if parallel != c.nfe else '')
+                + (f' ({parallel} "parallel NFE" as the EPD code counts them)' if parallel != c.nfe else '')
                 + (f' ({c.nfe * guidance} model evaluations with guidance)' if guidance > 1 else ''))
     dist.print0(f'Seeds:    {len(c.seed_list)} ({len(c.seed_list) - len(run.todo)} already done) -> {c.outdir}, '
                 f'{dist.get_world_size()} process(es), {c.device}, {str(c.dtype).removeprefix("torch.")}')

@@ -291,7 +291,7 @@ def main(**kwargs):
     dist.print0(json.dumps(c, indent=2))
     parallel = make_predictor(kind, **hyper).parallel_nfe(opts.num_steps) - int(opts.afs)
     dist.print0(f'Student: {student}, {opts.num_steps} time points, {nfe} NFE (real network calls'
-                + (f'; {parallel} as the reference counts them' if parallel != nfe else '') + f'); teacher: '
+                + (f'; {parallel} as the EPD code counts them' if parallel != nfe else '') + f'); teacher: '
                 f'{opts.sampler_tea} on {(opts.M + 1) * (opts.num_steps - 1) + 1} points.')
     dist.print0(f'Output directory: {c.run_dir}')
     if opts.dry_run:

@@ -1,4 +1,4 @@
-"""Quality vs NFE on the embedded digits model, judged three ways: AdaSDE against every baseline.
+"""Quality vs NFE on the embedded digits model, judged three ways: every learned solver against every baseline.
 
 Judges (all on seeds that training never draws: training latents come from generator seeds >= 2^31):
   FID   digits detector features against src/digits/fid-ref.npz (all 1797 images);
@@ -9,8 +9,11 @@ No shipped predictor trains against the digits detector (their loss network is `
 
 For NFE in {3, 5, 7, 9} every baseline runs on its recommended schedule, with AFS on and off wherever that NFE is
 reachable, and for each judge the better of the two is reported (a baseline is never shown in a worse setting than
-it can do). AdaSDE uses the predictors shipped in exp/ (`bash launch.sh digits-nfe<N>`), one row per form (the paper's
-single-step form on the dpm base, the plug-in form on deis), and any given with --predictor LABEL=PATH.
+it can do). The learned solvers use the predictors shipped in exp/, one row per solver and form: AdaSDE (`bash launch.sh
+digits-nfe<N>`, digits-paper-nfe<N>: the plug-in form on deis, the paper's single-step form on dpm), and the peers of
+`bash launch.sh digits-peers` (AMED-Solver, the AMED-Plugin on euler/dpm/ipndm/dpmpp, EPD-Solver, the EPD-Plugin
+on ipndm, AdaSDE with gamma = 0), plus any given with --predictor LABEL=PATH. A learned solver sits at its real
+number of network calls (EPD's own "parallel NFE" is printed beside it).
 
     python bench/quality.py [--num 10000] [--out docs/quality-bench]   # writes docs/quality-bench.json, .md, .png
     python bench/quality.py --out docs/quality-bench --replot          # redraw .md and .png from the .json
@@ -33,7 +36,7 @@ from models import load_model
 from models.detectors import get_detector
 from models.zoo import detector_for
 from sample import generate_images
-from solvers.adasde import AdaSDEPredictor
+from solvers.learned import PREDICTORS, load_predictor
 from torch_utils.misc import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,15 +92,32 @@ class Judges:
                     kid=kernel_distance(f, self.real_features), rmse=rmse_to_reference(pixels, self.converged))
 
 
+def predictor_label(p):
+    """'adasde (dpm)' (the paper's form), 'adasde (deis)' (plug-in), 'amed', 'amed (euler)' (AMED-Plugin), 'epd',
+    'epd (ipndm)' (EPD-Plugin)."""
+    base = getattr(p, 'base', None)
+    return p.kind if base in (None, p.kind) else f'{p.kind} ({base})'
+
+
 def shipped_predictors():
-    """{label: [paths]} of the digits predictors under exp/ (the newest snapshot of each run), labelled by form:
-    'adasde (dpm)' for the paper's single-step form, 'adasde (deis)' etc. for the plug-in form on a multistep base."""
+    """{label: [paths]} of the digits predictors under exp/ (the newest snapshot of each run), by predictor_label;
+    the gamma = 0 ablation runs (<run>-nogamma) get ', gamma=0' in their label."""
     found = {}
     for run in sorted(glob.glob(os.path.join(ROOT, 'exp', '*-digits-*'))):
         snapshots = sorted(glob.glob(os.path.join(run, 'network-snapshot-*.safetensors')))
         if snapshots and re.match(r'\d+-digits-', os.path.basename(run)):
-            found.setdefault(f'adasde ({AdaSDEPredictor.load(snapshots[-1]).base})', []).append(snapshots[-1])
+            label = predictor_label(load_predictor(snapshots[-1]))
+            if run.endswith('-nogamma'):  # the ablation runs of launch.sh digits-peers
+                label = label[:-1] + ', gamma=0)'
+            found.setdefault(label, []).append(snapshots[-1])
     return found
+
+
+LEARNED_LABELS = tuple(PREDICTORS)  # a row is a learned solver's if its label starts with one of these
+
+
+def is_learned(label):
+    return label.split(' ')[0] in LEARNED_LABELS
 
 
 def measure(seeds, nfes, only, predictors):
@@ -130,15 +150,17 @@ def measure(seeds, nfes, only, predictors):
                         report(label, nfe, scores, f'N={num_steps}{", afs" if afs else ""}')
     for label, paths in predictors.items():
         for path in paths:
-            p = AdaSDEPredictor.load(path)
+            p = load_predictor(path)
             s = p.settings
-            nfe = solvers.nfe('adasde', p.num_steps, afs=s.get('afs', False), predictor=p)
+            nfe = solvers.nfe(p.kind, p.num_steps, afs=s.get('afs', False), predictor=p)  # real network calls
             if nfe not in nfes:
                 continue
-            scores = judges(images_of(net, seeds, 'adasde', dict(predictor=p), p.num_steps, s['afs'],
+            parallel = p.parallel_nfe(p.num_steps) - int(bool(s.get('afs')))
+            scores = judges(images_of(net, seeds, p.kind, dict(predictor=p), p.num_steps, s['afs'],
                                       schedule=(s['schedule_type'], s['schedule_rho'])))
-            report(label, nfe, scores, f'N={p.num_steps}{", afs" if s["afs"] else ""}, '
-                   f'{os.path.relpath(os.path.dirname(os.path.abspath(path)), ROOT)}')
+            report(label, nfe, scores, f'N={p.num_steps}{", afs" if s["afs"] else ""}'
+                   + (f', reported NFE {parallel}' if parallel != nfe else '')
+                   + f', {os.path.relpath(os.path.dirname(os.path.abspath(path)), ROOT)}')
     print(f'{time.time() - start:.0f} s')
     return rows
 
@@ -167,8 +189,10 @@ def markdown(rows, num, first_seed, nfes):
 
 def summary(rows, nfes):
     """One line per NFE and judge: the best training-free solver against each AdaSDE row (bold: better)."""
-    learned = [label for label in rows if label.startswith('adasde')]
-    lines = ['### Summary: the best training-free solver against AdaSDE, per judge', '',
+    learned = [label for label in rows if is_learned(label)]
+    lines = ['### Summary: the best training-free solver against each learned solver, per judge', '',
+             'Bold: better than the best training-free solver at that NFE (real network calls); -: no setting of '
+             'that solver makes that many calls.', '',
              '| NFE | judge | best training-free solver (setting) | ' + ' | '.join(learned) + ' |',
              '|---|---|---|' + '---|' * len(learned)]
     for n in nfes:
@@ -198,7 +222,10 @@ def plot(rows, path, nfes):
         for k, (label, cells) in enumerate(item for item in rows.items() if item[0] != 'converged'):
             xs = [n for n in nfes if n in cells]
             if label.startswith('adasde'):
-                style = dict(lw=2.5, color='k' if '(dpm)' in label else 'C3', marker='o')
+                style = dict(lw=2.5, color='k' if '(dpm' in label else 'C3', marker='o',
+                             ls='--' if 'gamma=0' in label else '-')
+            elif is_learned(label):
+                style = dict(lw=1.8, color=colors[2 * k % 20], marker='D', ms=4, ls='-.')
             else:
                 style = dict(lw=1, color=colors[2 * k % 20 + k // 10], marker='.^sv'[k % 4], ms=4)
             ax.plot(xs, [cells[n][metric][0] for n in xs], label=label, **style)
@@ -235,7 +262,8 @@ def load_rows(path):
 @click.option('--nfe', 'nfes', help='NFEs to measure', default='3,5,7,9', show_default=True)
 @click.option('--solvers', 'only', help='Only these baselines (names or labels, comma-separated; "none" for none)',
               default=None)
-@click.option('--predictor', 'predictors', help='Extra AdaSDE predictor as LABEL=PATH (repeatable)', multiple=True)
+@click.option('--predictor', 'predictors', help='Extra predictor (any learned solver) as LABEL=PATH (repeatable)',
+              multiple=True)
 @click.option('--no_shipped', help='Leave out the predictors shipped in exp/', is_flag=True)
 @click.option('--out', help='Write <out>.json (the measurements), <out>.md and <out>.png', type=str, default=None)
 @click.option('--replot', help='Only redraw <out>.md and <out>.png from <out>.json', is_flag=True)

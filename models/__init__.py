@@ -1,4 +1,4 @@
-"""Everything that turns a checkpoint into one denoiser interface (see DESIGN.md).
+"""Everything that turns a checkpoint into one denoiser interface (see docs/design.md).
 
 load_model(name_or_path) accepts
   - a zoo name (models/zoo.py: digits, cifar10, ffhq, afhqv2, imagenet64, ms_coco, ...), downloaded on first use
@@ -160,8 +160,8 @@ def _load_zoo(name, device, **kwargs):
 
 
 def load_model(name_or_path, device='cpu', **kwargs):
-    """A Denoiser (DESIGN.md) in eval mode with requires_grad False, from a zoo name, a network pickle (path or URL),
-    a model directory (model.json) or a Stable Diffusion checkpoint. kwargs go to guided adapters
+    """A Denoiser (docs/design.md) in eval mode with requires_grad False, from a zoo name, a network pickle (path or
+    URL), a model directory (model.json) or a Stable Diffusion checkpoint. kwargs go to guided adapters
     (guidance_type, guidance_rate, ...). With kind='cm'|'adm'|'ldm', name_or_path is a checkpoint of that family
     (.pt, .ckpt or .zip) and arch (a dict or JSON string), classifier_path and classifier_arch describe it (keys of
     the original code; omitted keys take the published model's values). Raises ModelError (a ValueError) with a
@@ -197,7 +197,8 @@ def load_model(name_or_path, device='cpu', **kwargs):
                                  'a Stable Diffusion checkpoint must be named *.ckpt or *.safetensors')
             net = _load_sd(src, device=device, **sd_kwargs)
         elif kind == 'predictor':
-            raise ModelError(f'{src} is a learned-solver predictor, not a diffusion model (give it as --predictor_path)')
+            raise ModelError(f'{src} is a learned-solver predictor, not a diffusion model (give it as '
+                             '--predictor_path)')
         elif kind == 'safetensors':
             raise ModelError(f'{src}: a safetensors file without Stable Diffusion weights (model.diffusion_model.*); '
                              f'accepted: {ACCEPTED_FORMATS}')

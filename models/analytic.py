@@ -1,6 +1,6 @@
 """Exact denoisers: ground truth for tests and benchmarks (no training, no files).
 
-Both follow the Denoiser contract of DESIGN.md:
+Both follow the Denoiser contract of docs/design.md:
 net(x, sigma, class_labels=None) -> D(x; sigma) = E[x_0 | x_0 + sigma n = x].
 """
 

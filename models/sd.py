@@ -1,5 +1,5 @@
 """Stable Diffusion through diffusers: a discrete-time VP eps-model with classifier-free guidance,
-adapted to the EDM "VE" denoiser D(x; sigma) (AdaSDE's CFGPrecond, spec/formats.md §5.3).
+adapted to the EDM "VE" denoiser D(x; sigma) (the official AdaSDE code's CFGPrecond, docs/references.md).
 
 The continuous time of the discrete DDPM schedule is DPM-Solver's: log sqrt(alphas_cumprod[n]) sits at
 t_n = (n + 1) / M and is interpolated linearly in t; the UNet sees the continuous index M t - 1.
@@ -199,7 +199,7 @@ def is_sd_path(path):
     return os.path.isfile(path) and path.endswith(SINGLE_FILE_SUFFIXES)
 
 #----------------------------------------------------------------------------
-# MS-COCO prompts (spec/formats.md §4, `prompts`): the 30k val2014 captions,
+# MS-COCO prompts (the official AdaSDE download table's `prompts` entry): the 30k val2014 captions,
 # column `text`; the caption of seed s is prompts[s].
 
 

@@ -1,5 +1,5 @@
 """The model zoo: ONE table from dataset name to where the pretrained model comes from and what it is
-(AdaSDE's download table, spec/formats.md §4), and the file fetching behind models.load_model.
+(the official AdaSDE code's download table, docs/references.md), and the file fetching behind models.load_model.
 
 A row is what runs: models.load_model gives EDM pickles the row's sigma range and Stable Diffusion the row's
 guidance; the other loaders' models compute their own range, which tests/test_backends.py and tests/test_sd.py

@@ -37,7 +37,7 @@ HEAD_DIM = ENCODED_DIM + 2 * NOISE_CHANNELS
 LAYERS = ('map_layer0', 'enc_layer0', 'enc_layer1', 'fc_r', 'fc_scale_dir', 'fc_scale_time')
 
 #----------------------------------------------------------------------------
-# The predictor g. Maps of its raw head outputs u (the reference writes them as
+# The predictor g. Maps of its raw head outputs u (the AMED code writes them as
 # sigmoid(u) 2s + 1 - s, the same function):
 #   r = sigmoid(u_r)                  position of the intermediate point in log sigma, in (0, 1)
 #   c = 1 + scale_dir tanh(u_c / 2)   scale of the step's final direction, c = 1 if scale_dir = 0
@@ -76,7 +76,7 @@ class AMEDPredictor(LearnedPredictor):
         max_order       = 3,            # Multistep bases: highest order (ipndm 1-4, dpmpp 1-3).
         predict_x0      = True,         # dpmpp: data prediction (True) or noise prediction.
         lower_order_final = True,       # dpmpp: lower the order on the last steps of the merged grid.
-        thresholding    = False,        # dpmpp: dynamic thresholding of the data prediction (the reference's).
+        thresholding    = False,        # dpmpp: dynamic thresholding of the data prediction (the AMED code's).
         bottleneck_dim  = 64,           # Features read per sample: a square map of this many values (8 x 8).
         settings        = None,         # Sampling settings it was trained for: schedule, AFS, model, guidance, ...
         seed            = None,         # Seed of the initialisation.
@@ -141,7 +141,7 @@ class AMEDPredictor(LearnedPredictor):
         return 2 * (num_steps - 1)
 
     def parallel_nfe(self, num_steps):
-        """What the reference reports (without AFS); its count is truthful, so it equals nfe."""
+        """What the AMED code reports (without AFS); its count is truthful, so it equals nfe."""
         return self.nfe(num_steps)
 
     def step(self, net, i, x, sigmas, state=None, extra_args=None, randn_like=None, afs=False):
@@ -157,7 +157,7 @@ class AMEDPredictor(LearnedPredictor):
 
     def time_embedding(self, sigma):
         """silu(map_layer0(e)) with e the 8-channel sinusoidal embedding of sigma (frequencies 1e-4^(j/3), j = 0..3),
-        sines first (EDM's embedding has the cosines first; the reference swaps the halves)."""
+        sines first (EDM's embedding has the cosines first; the AMED code swaps the halves)."""
         weight = self.map_layer0.weight
         half = NOISE_CHANNELS // 2
         freqs = (1 / MAX_POSITIONS) ** (torch.arange(half, dtype=torch.float64, device=weight.device) / (half - 1))
@@ -186,9 +186,9 @@ class AMEDPredictor(LearnedPredictor):
 
 #----------------------------------------------------------------------------
 # Import of the official snapshots: a pickle of {'model': AMED_predictor,
-# 'loss_fn': AMED_loss}, persistence-decorated classes of the reference's
+# 'loss_fn': AMED_loss}, persistence-decorated classes of the AMED code's
 # training/networks.py and training/loss.py. Read as data (solvers.snapshot);
-# nothing embedded runs. The layers are the reference's own persistent Linear
+# nothing embedded runs. The layers are the AMED code's own persistent Linear
 # (weight [out, in], bias [out]), so they map one to one onto ours.
 
 OFFICIAL_SETTINGS = ('dataset_name', 'schedule_type', 'schedule_rho', 'afs', 'guidance_type', 'guidance_rate', 'M',
@@ -224,7 +224,7 @@ def load_official(path):
             num_steps=state['num_steps'], base=base, scale_dir=scale_dir, scale_time=scale_time,
             max_order=state.get('max_order') or 3, predict_x0=predict_x0,
             lower_order_final=bool(state.get('lower_order_final', True)),
-            thresholding=base == 'dpmpp' and predict_x0,  # the reference always clips its data prediction
+            thresholding=base == 'dpmpp' and predict_x0,  # the AMED code always clips its data prediction
             bottleneck_dim=weights['enc_layer0'][0].shape[1], settings=settings)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f'{path}: unsupported AMED snapshot ({one_line(e)})') from None

@@ -24,7 +24,7 @@ def student_and_teacher_sigmas(net, num_steps, M, schedule_type, schedule_rho):
     return student, teacher
 
 
-# The teachers of the reference recipes: a registered ODE solver on the teacher grid. `dpm` and `heun` with
+# The teachers of the AdaSDE, AMED and EPD recipes: a registered ODE solver on the teacher grid. `dpm` and `heun` with
 # substeps=2 are the official AdaSDE and EPD teachers (two sub-steps per interval on an inner rho-7 grid, 4 calls
 # per interval); AMED's code runs plain Heun, DPM-Solver-2, iPNDM or DPM-Solver++ on the teacher grid.
 TEACHERS = ('dpm', 'heun', 'ipndm', 'dpmpp', 'euler')

@@ -22,7 +22,7 @@ TABLES = ('r_params', 'scale_dir_params', 'scale_time_params', 'weight_params')
 OFFICIAL_TABLES = dict(r_params='r_params', scale_dir_params='scale_dir_params',
                        scale_time_params='scale_time_params', weight_params='weight_s')
 BASES = ('epd', 'ipndm')
-DEFAULT_POINTS = 2  # the reference's default K
+DEFAULT_POINTS = 2  # the EPD code's default K
 OFFICIAL_SETTINGS = ('dataset_name', 'schedule_type', 'schedule_rho', 'afs', 'guidance_type', 'guidance_rate', 'M',
                      'sampler_tea')
 
@@ -32,7 +32,7 @@ OFFICIAL_SETTINGS = ('dataset_name', 'schedule_type', 'schedule_rho', 'afs', 'gu
 #   c = 1 + scale_dir tanh(u_c / 4)         scale of point j's derivative in the update (1 when scale_dir = 0)
 #   a = 1 + scale_time tanh(u_a / 4)        scale of the noise level the net sees at point j (1 when scale_time = 0)
 #   w = softmax_j(u_w)                      weights of the K points
-# (the reference writes c as 2 sigmoid(u / 2) s + 1 - s, the same function; unlike AdaSDE's maps there is no
+# (the EPD code writes c as 2 sigmoid(u / 2) s + 1 - s, the same function; unlike AdaSDE's maps there is no
 # 0.99 cap and the slope is tanh(u / 4)). `fcn` forces c = 1 on the last step.
 
 
@@ -41,7 +41,7 @@ class EPDPredictor(LearnedPredictor):
     kind = 'epd'
     title = 'EPD'
     official_class = 'EPD_predictor'
-    detach_state = False    # the student state carries its graph from step to step (BPTT), as in the reference
+    detach_state = False    # the student state carries its graph from step to step (BPTT), as in the EPD code
     teacher_forcing = False  # every step starts from the student's own state
 
     def __init__(self,
@@ -75,7 +75,7 @@ class EPDPredictor(LearnedPredictor):
         self.fcn = bool(fcn)
         self.settings = dict(settings or {})
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        for name in TABLES:  # drawn in the reference's order: r, c, a, w
+        for name in TABLES:  # drawn in the EPD code's order: r, c, a, w
             table = torch.randn([self.num_steps - 1, self.num_points], generator=generator, dtype=torch.float32)
             setattr(self, name, torch.nn.Parameter(table))
 
@@ -93,7 +93,7 @@ class EPDPredictor(LearnedPredictor):
         c = 1 + self.scale_dir * torch.tanh(row['scale_dir_params'] / 4) if self.scale_dir > 0 else ones
         a = 1 + self.scale_time * torch.tanh(row['scale_time_params'] / 4) if self.scale_time > 0 else ones
         if self.fcn and i == self.num_steps - 2:
-            c = c * 0 + 1  # inside the graph, as the reference's in-place fill: the table gets a zero gradient
+            c = c * 0 + 1  # inside the graph, as the EPD code's in-place fill: the table gets a zero gradient
         w = torch.softmax(row['weight_params'], dim=0)
         return dict(r=r, c=c, a=a, w=w)
 
@@ -105,7 +105,7 @@ class EPDPredictor(LearnedPredictor):
         return (1 + self.num_points) * (num_steps - 1)
 
     def parallel_nfe(self, num_steps):
-        """What the reference reports ("parallel NFE"): 2 per step whatever K."""
+        """What the EPD code reports ("parallel NFE"): 2 per step whatever K."""
         return 2 * (num_steps - 1)
 
     def network_rounds(self, num_steps, batched=True):

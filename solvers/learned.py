@@ -45,7 +45,7 @@ class LearnedPredictor(torch.nn.Module):
         raise NotImplementedError
 
     def parallel_nfe(self, num_steps):
-        """What the reference reports; the real count unless a kind says otherwise (EPD)."""
+        """What the reference code of this kind reports; the real count unless a kind says otherwise (EPD)."""
         return self.nfe(num_steps)
 
     def step(self, net, i, x, sigmas, state=None, extra_args=None, randn_like=None, afs=False):

@@ -309,7 +309,7 @@ def test_edm_network_takes_one_sigma_per_row():
         out = {b: predictor_step(net, p, 0, x, sigmas, None, dict(class_labels=labels), batched=b)[0]
                for b in (True, False)}
     assert torch.allclose(out[True], out[False], rtol=0, atol=1e-4)
-    with pytest.raises(RuntimeError):  # un-repeated [B, L] labels beside a [K * B] batch, as the reference does
+    with pytest.raises(RuntimeError):  # un-repeated [B, L] labels beside a [K * B] batch, as the EPD code does
         net(torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=labels)
 
 #----------------------------------------------------------------------------

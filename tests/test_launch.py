@@ -63,8 +63,8 @@ def test_help_lists_the_presets_that_can_run(checkout):
     proc, steps = _launch(checkout, '--help')
     assert proc.returncode == 0 and not steps, proc.stderr
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith('  ')]
-    assert listed == ['demo', 'digits-nfe3', 'digits-paper-nfe3', 'cifar10', 'ffhq', 'imagenet64', 'lsun_bedroom',
-                      'imagenet256', 'lsun_bedroom_ldm', 'ms_coco']
+    assert listed == ['demo', 'digits-nfe3', 'digits-paper-nfe3', 'digits-peers', 'cifar10', 'ffhq', 'imagenet64',
+                      'lsun_bedroom', 'imagenet256', 'lsun_bedroom_ldm', 'ms_coco']
     assert 'digits-nfe5|7|9' in proc.stdout
 
 
@@ -158,3 +158,33 @@ def test_each_shipped_predictor_is_what_its_preset_trains(checkout, preset):
         shipped = json.load(f)
     assert {k: v for k, v in options.items() if k != 'run_dir'} == {k: v for k, v in shipped.items() if k != 'run_dir'}
     assert glob.glob(os.path.join(run, 'network-snapshot-*.safetensors'))
+
+
+def test_each_shipped_peer_is_what_digits_peers_trains(checkout):
+    """The learned peers in exp/ (AMED, its plug-ins, EPD, EPD-Plugin, AdaSDE without gamma) are exactly the runs of
+    `bash launch.sh digits-peers`: each of its train.py commands gives the options recorded in one shipped run."""
+    import glob
+    import json
+
+    from click.testing import CliRunner
+
+    import train
+    proc, steps = _launch(checkout, 'digits-peers')
+    assert proc.returncode == 0 and steps == ['train.py'] * 30, proc.stderr
+    lines = [c for c in (checkout[0].parent / 'calls.txt').read_text().splitlines() if c.startswith('train.py ')]
+    shipped = {}
+    for path in glob.glob(os.path.join(REPO, 'exp', '*', 'training_options.json')):
+        with open(path) as f:
+            options = json.load(f)
+        shipped[os.path.basename(os.path.dirname(path))] = {k: v for k, v in options.items() if k != 'run_dir'}
+    matched = set()
+    for line in lines:
+        dry = CliRunner().invoke(train.main, line.split()[1:] + ['-n'])
+        assert dry.exit_code == 0, dry.output
+        out = dry.output
+        options = {k: v for k, v in json.loads(out[out.index('{'):out.index('\n}\n') + 3]).items() if k != 'run_dir'}
+        runs = [name for name, recorded in shipped.items() if recorded == options]
+        assert len(runs) == 1, (line, runs)
+        assert glob.glob(os.path.join(REPO, 'exp', runs[0], 'network-snapshot-*.safetensors')), runs[0]
+        matched.add(runs[0])
+    assert len(matched) == 30

@@ -221,7 +221,8 @@ def test_edm_pickle_errors(tmp_path):
         pickle.dump(dict(G=1), f)
     (tmp_path / 'junk.pkl').write_bytes(b'not a pickle at all')
     (tmp_path / 'cut.pkl').write_bytes(pickle.dumps(dict(ema=list(range(100))))[:40])
-    cases = [('adasde.pkl', 'learned-solver predictor snapshot'), ('other.pkl', 'expected a dict with key "ema", got G'),
+    cases = [('adasde.pkl', 'learned-solver predictor snapshot'),
+             ('other.pkl', 'expected a dict with key "ema", got G'),
              ('junk.pkl', 'not a model file of a format this project reads'),
              ('cut.pkl', 'not a readable network pickle'), ('missing.pkl', 'network pickle not found')]
     for name, message in cases:

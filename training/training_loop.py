@@ -154,7 +154,7 @@ def training_loop(
     feature_net         = None,         # Loss network of that loss (models.detectors.FEATURE_NETS name, or one).
     prompts             = None,         # Captions file of text-to-image models (one drawn per trajectory).
     lr                  = 0.2,          # Adam learning rate.
-    coslr               = False,        # Cosine annealing to the reference's absolute floor 0.01.
+    coslr               = False,        # Cosine annealing to the official AdaSDE code's floor 0.01.
     batch               = 32,           # Total batch size per iteration.
     batch_gpu           = None,         # Per-process batch per round (gradient accumulation); None = all.
     total_kimg          = 10,           # Training length in thousands of trajectories.
@@ -202,7 +202,7 @@ def training_loop(
         dtype = model_dtype(net)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
-    # Predictor, optimizer, LR schedule (stepped once per iteration, as the reference).
+    # Predictor, optimizer, LR schedule (stepped once per iteration, as the official AdaSDE code does).
     predictor = make_predictor(sampler_stu, **predictor_kwargs, seed=seed).to(device).train()
     teacher_opts = teacher_options(sampler_tea, substeps, max_order=getattr(predictor, 'max_order', None),
                                    predict_x0=getattr(predictor, 'predict_x0', None),
