@@ -65,12 +65,14 @@ SCRIPT = textwrap.dedent('''
     from tests.test_distill import mixture
     dist.init()
     run_dir, total_kimg, resume, stop_after = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    kind, base = (sys.argv[5:7] + ['adasde', ''])[:2] if len(sys.argv) > 5 else ('adasde', '')
     resume = resume or None
     calls = []
     dist.should_stop = lambda: calls.append(1) or 0 < stop_after <= len(calls)  # simulated preemption
+    kwargs = dict(num_steps=3, gamma=0.02) if kind == 'adasde' else dict(num_steps=3, base=base, scale_time=0.2)
     p = training_loop(run_dir=run_dir, model=mixture(), M=1, alpha=0, lr=0.1, coslr=True, batch=16, batch_gpu=4,
                       total_kimg=total_kimg, kimg_per_tick=0.032, device='cpu', resume_state=resume,
-                      predictor_kwargs=dict(num_steps=3, gamma=0.02), seed=3)
+                      sampler_stu=kind, predictor_kwargs=kwargs, seed=3)
     if dist.get_rank() == 0:
         torch.save({{k: v.clone() for k, v in p.state_dict().items()}}, run_dir + '/final.pt')
 ''')
@@ -105,7 +107,20 @@ def test_two_processes_and_resume_give_the_same_tables(tmp_path):
         assert torch.allclose(one[name], resumed[name], atol=1e-6, rtol=0), name
     assert not torch.equal(one['r_params'], AdaSDEPredictor(3, seed=3).r_params.detach())  # it did train
 
-#----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('kind,base', [('amed', 'amed'), ('amed', 'ipndm'), ('epd', 'epd'), ('epd', 'ipndm')])
+def test_learned_peers_train_the_same_in_one_and_two_processes(tmp_path, kind, base):
+    # AMED (detached states; teacher forcing on its single-step bases) and EPD (BPTT) under torchrun: the same
+    # predictor as one process, and one that differs from its initialisation.
+    one = run_script(tmp_path, tmp_path / 'one', ['0.032', '', '0', kind, base])
+    two = run_script(tmp_path, tmp_path / 'two', ['0.032', '', '0', kind, base], nproc=2)
+    assert set(one) == set(two)
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5, rtol=0), name
+    from solvers.learned import make_predictor
+    init = make_predictor(kind, num_steps=3, base=base, scale_time=0.2, seed=3).state_dict()
+    assert any(not torch.allclose(one[name], init[name]) for name in one)
 
 #----------------------------------------------------------------------------
 # The same through train.py on the digits model (with its feature loss): torchrun with 2 processes, and a run
