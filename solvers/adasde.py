@@ -11,8 +11,8 @@ import pickle
 
 import torch
 
-from .common import check_sigmas, denoise
-from .learned import LearnedPredictor, register_predictor
+from .common import denoise
+from .learned import LearnedPredictor, learned_sampler, register_predictor
 from .registry import register
 from .snapshot import SnapshotUnpickler
 
@@ -226,23 +226,8 @@ def predictor_nfe(num_steps, predictor=None):
     return per_step * (num_steps - 1)
 
 
-@register('adasde', nfe=predictor_nfe, schedule=('time_uniform', 1),
-          stochastic=lambda predictor=None, **o: getattr(predictor, 'gamma', 0) > 0)
-@torch.no_grad()
-def sample_adasde(net, x, sigmas, extra_args=None, callback=None, randn_like=None, afs=False, *, predictor=None):
-    """AdaSDE sampler: num_steps - 1 steps with the coefficients of `predictor` (see predictor_nfe for the NFE)."""
-    if predictor is None:
-        raise ValueError("the 'adasde' solver needs a trained predictor (predictor=...)")
-    sigmas = check_sigmas(sigmas)
-    if len(sigmas) != predictor.num_steps:
-        raise ValueError(f'this predictor was trained for num_steps={predictor.num_steps}, not {len(sigmas)}')
-    randn_like = randn_like or torch.randn_like
-    coeffs, history = base_coefficients(predictor, sigmas), []
-    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x, history = predictor_step(net, predictor, i, x, sigmas, coeffs, history, extra_args, randn_like,
-                                    afs=afs and i == 0)
-        if callback is not None:
-            callback(dict(i=i, x=x, sigma=t_cur, sigma_next=t_next, denoised=None))
-    return x
+sample_adasde = register('adasde', nfe=predictor_nfe, schedule=('time_uniform', 1),
+                         stochastic=lambda predictor=None, **o: getattr(predictor, 'gamma', 0) > 0)(
+    learned_sampler('adasde'))
 
 #----------------------------------------------------------------------------

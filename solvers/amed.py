@@ -17,10 +17,10 @@ from torch.nn.functional import silu
 from torch_utils.cli import one_line
 
 from . import snapshot
-from .common import check_sigmas, denoise, to_d
+from .common import denoise, to_d
 from .dpmpp import dpmpp_order, dpmpp_update
 from .ipndm import AB_WEIGHTS
-from .learned import LearnedPredictor, register_predictor
+from .learned import LearnedPredictor, learned_sampler, register_predictor
 from .multistep import dynamic_threshold
 from .registry import register
 
@@ -401,20 +401,6 @@ def amed_nfe(num_steps, predictor=None):
     return predictor.nfe(num_steps) if predictor is not None else 2 * (num_steps - 1)
 
 
-@register('amed', nfe=amed_nfe, schedule=('time_uniform', 1), stochastic=False)
-@torch.no_grad()
-def sample_amed(net, x, sigmas, extra_args=None, callback=None, randn_like=None, afs=False, *, predictor=None):
-    """AMED-Solver / AMED-Plugin: num_steps - 1 steps of `predictor` (2 network calls each, AFS saves the first)."""
-    if predictor is None:
-        raise ValueError("the 'amed' solver needs a trained predictor (predictor=...)")
-    sigmas = check_sigmas(sigmas)
-    if len(sigmas) != predictor.num_steps:
-        raise ValueError(f'this predictor was trained for num_steps={predictor.num_steps}, not {len(sigmas)}')
-    state = None
-    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x, state = predictor_step(net, predictor, i, x, sigmas, state, extra_args, afs=afs and i == 0)
-        if callback is not None:
-            callback(dict(i=i, x=x, sigma=t_cur, sigma_next=t_next, denoised=None))
-    return x
+sample_amed = register('amed', nfe=amed_nfe, schedule=('time_uniform', 1))(learned_sampler('amed'))
 
 #----------------------------------------------------------------------------

@@ -12,9 +12,9 @@ import pickle
 
 import torch
 
-from .common import check_sigmas, denoise, repeat_rows, to_d
+from .common import denoise, repeat_rows, to_d
 from .ipndm import AB_WEIGHTS
-from .learned import LearnedPredictor, register_predictor
+from .learned import LearnedPredictor, learned_sampler, register_predictor
 from .registry import register
 from .snapshot import SnapshotUnpickler
 
@@ -213,20 +213,6 @@ def epd_nfe(num_steps, predictor=None):
     return (1 + getattr(predictor, 'num_points', DEFAULT_POINTS)) * (num_steps - 1)
 
 
-@register('epd', nfe=epd_nfe, schedule=('time_uniform', 1), stochastic=False)
-@torch.no_grad()
-def sample_epd(net, x, sigmas, extra_args=None, callback=None, randn_like=None, afs=False, *, predictor=None):
-    """EPD-Solver / EPD-Plugin: num_steps - 1 steps with the coefficients of `predictor`, K points per call."""
-    if predictor is None:
-        raise ValueError("the 'epd' solver needs a trained predictor (predictor=...)")
-    sigmas = check_sigmas(sigmas)
-    if len(sigmas) != predictor.num_steps:
-        raise ValueError(f'this predictor was trained for num_steps={predictor.num_steps}, not {len(sigmas)}')
-    state = None
-    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x, state = predictor_step(net, predictor, i, x, sigmas, state, extra_args, afs=afs and i == 0)
-        if callback is not None:
-            callback(dict(i=i, x=x, sigma=t_cur, sigma_next=t_next, denoised=None))
-    return x
+sample_epd = register('epd', nfe=epd_nfe, schedule=('time_uniform', 1))(learned_sampler('epd'))
 
 #----------------------------------------------------------------------------

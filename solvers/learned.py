@@ -19,6 +19,7 @@ import torch
 from torch_utils.cli import one_line
 
 from . import snapshot
+from .common import check_sigmas
 
 PREDICTORS = {}  # kind -> class
 
@@ -84,6 +85,27 @@ class LearnedPredictor(torch.nn.Module):
         return self.requires_grad_(False).eval()
 
 #----------------------------------------------------------------------------
+# The sampler of every learned solver: num_steps - 1 steps of its predictor, on the grid it was trained for.
+
+
+def learned_sampler(kind):
+    """The registered sampling function of learned solver `kind` (its one option: the trained predictor)."""
+    @torch.no_grad()
+    def sample(net, x, sigmas, extra_args=None, callback=None, randn_like=None, afs=False, *, predictor=None):
+        if predictor is None:
+            raise ValueError(f"the '{kind}' solver needs a trained predictor (predictor=...)")
+        sigmas = check_sigmas(sigmas)
+        if len(sigmas) != predictor.num_steps:
+            raise ValueError(f'this predictor was trained for num_steps={predictor.num_steps}, not {len(sigmas)}')
+        state = None
+        for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+            x, state = predictor.step(net, i, x, sigmas, state, extra_args, randn_like, afs=afs and i == 0)
+            if callback is not None:
+                callback(dict(i=i, x=x, sigma=t_cur, sigma_next=t_next, denoised=None))
+        return x
+    sample.__name__ = sample.__qualname__ = f'sample_{kind}'
+    sample.__doc__ = f'The {kind} solver: num_steps - 1 steps with the coefficients of `predictor`.'
+    return sample
 
 
 def predictor_class(kind):
