@@ -23,3 +23,37 @@ def offline(tmp_path, monkeypatch):
     detectors._cache.clear()
     yield tmp_path, calls
     detectors._cache.clear()
+
+
+@pytest.fixture
+def reference_package(tmp_path, monkeypatch):
+    """make({relative path: source}) writes the files (dedented) under one folder put first on sys.path, and returns
+    it: the reference codes' own modules (e.g. their `training/networks.py`, which builds the snapshot pickles the
+    import tests read). Modules of the same names (this project's `training` package) are set aside meanwhile and
+    put back afterwards."""
+    import sys
+    import textwrap
+    root = tmp_path / 'ref'
+    saved, created = {}, []
+
+    def make(files):
+        for rel, source in files.items():
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(textwrap.dedent(source))
+            parts = rel[:-len('.py')].split('/')
+            if parts[-1] == '__init__':
+                parts = parts[:-1]
+            names = ['.'.join(parts[:k]) for k in range(1, len(parts) + 1)]
+            for name in names:
+                if name not in saved:
+                    saved[name] = sys.modules.pop(name, None)
+                    created.append(name)
+        monkeypatch.syspath_prepend(str(root))
+        return root
+    yield make
+    for name in created:
+        sys.modules.pop(name, None)
+    for name, module in saved.items():
+        if module is not None:
+            sys.modules[name] = module

@@ -697,22 +697,14 @@ REFERENCE_LOSS = '''
 
 
 @pytest.fixture
-def reference_modules(tmp_path, monkeypatch):
+def reference_modules(reference_package, monkeypatch):
     """The reference's training/networks.py, training/loss.py and solvers_amed.py (as fixtures), importable."""
-    pkg = tmp_path / 'ref'
-    (pkg / 'training').mkdir(parents=True)
-    (pkg / 'training' / '__init__.py').write_text('')
-    (pkg / 'training' / 'networks.py').write_text(textwrap.dedent(REFERENCE_NETWORKS))
-    (pkg / 'training' / 'loss.py').write_text(textwrap.dedent(REFERENCE_LOSS))
-    (pkg / 'solvers_amed.py').write_text('def ipndm_sampler(*args, **kwargs):\n    raise RuntimeError\n')
-    for name in ('training', 'training.networks', 'training.loss', 'solvers_amed'):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    monkeypatch.syspath_prepend(str(pkg))
+    reference_package({'training/__init__.py': '', 'training/networks.py': REFERENCE_NETWORKS,
+                       'training/loss.py': REFERENCE_LOSS,
+                       'solvers_amed.py': 'def ipndm_sampler(*args, **kwargs):\n    raise RuntimeError\n'})
     monkeypatch.setattr(builtins, 'AMED_SOURCE_RUNS', 0, raising=False)
     from training import loss, networks
-    yield networks, loss
-    for name in ('training', 'training.networks', 'training.loss', 'solvers_amed'):
-        sys.modules.pop(name, None)  # not through monkeypatch, whose undo would put them back
+    return networks, loss
 
 
 def write_snapshot(path, model, loss_fn):

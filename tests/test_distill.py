@@ -90,7 +90,9 @@ def run_script(tmp_path, run_dir, args, nproc=1):
     script.write_text(SCRIPT.format(root=ROOT))
     os.makedirs(run_dir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
-    subprocess.run(launcher(nproc) + [str(script), str(run_dir)] + args, check=True, env=env, capture_output=True)
+    proc = subprocess.run(launcher(nproc) + [str(script), str(run_dir)] + args, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(os.path.join(run_dir, 'final.pt'), weights_only=True)
 
 

@@ -6,7 +6,6 @@ import itertools
 import math
 import pickle
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -515,17 +514,11 @@ class EPD_loss:
 
 
 @pytest.fixture
-def snapshot_modules(tmp_path, monkeypatch):
-    pkg = tmp_path / 'ref'
-    (pkg / 'training').mkdir(parents=True)
-    (pkg / 'training' / '__init__.py').write_text('')
-    (pkg / 'training' / 'networks.py').write_text(textwrap.dedent(NETWORKS_SRC))
-    (pkg / 'training' / 'loss.py').write_text(textwrap.dedent(LOSS_SRC))
-    monkeypatch.syspath_prepend(str(pkg))
+def snapshot_modules(reference_package):
+    reference_package({'training/__init__.py': '', 'training/networks.py': NETWORKS_SRC,
+                       'training/loss.py': LOSS_SRC})
     from training import loss, networks
-    yield networks, loss
-    for name in ('training.networks', 'training.loss', 'training'):
-        sys.modules.pop(name, None)
+    return networks, loss
 
 
 def write_snapshot(path, model, loss_fn, monkeypatch):
