@@ -3,7 +3,6 @@
 import math
 import pickle
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -107,12 +106,9 @@ def test_save_load_round_trip(tmp_path):
         AdaSDEPredictor.load(tmp_path / 'bad.safetensors')
 
 
-def test_official_snapshot_import_runs_no_code(tmp_path, monkeypatch):
+def test_official_snapshot_import_runs_no_code(tmp_path, monkeypatch, reference_package):
     """An official snapshot is a pickle of persistence classes whose source must not execute on import."""
-    pkg = tmp_path / 'mod'
-    (pkg / 'training').mkdir(parents=True)
-    (pkg / 'training' / '__init__.py').write_text('')
-    (pkg / 'training' / 'networks.py').write_text(textwrap.dedent('''
+    reference_package({'training/__init__.py': '', 'training/networks.py': '''
         import torch
         from torch_utils import persistence
         @persistence.persistent_class
@@ -128,14 +124,12 @@ def test_official_snapshot_import_runs_no_code(tmp_path, monkeypatch):
                     setattr(self, name, torch.nn.Parameter(torch.randn(num_steps - 1, num_points)))
                 self.sigmoid = torch.nn.Sigmoid()
         raise_on_exec = True
-    '''))
-    monkeypatch.syspath_prepend(str(pkg))
+    '''})
     from training.networks import adasde_predictor
     official = adasde_predictor(num_steps=4)
     with open(tmp_path / 'network-snapshot-000010.pkl', 'wb') as f:
         pickle.dump(dict(model=official, loss_fn=None), f)
-    monkeypatch.delitem(sys.modules, 'training.networks')
-    monkeypatch.delitem(sys.modules, 'training')
+    del sys.modules['training.networks'], sys.modules['training']  # the import must not need (or run) them
     p = load_official(tmp_path / 'network-snapshot-000010.pkl')
     assert p.num_steps == 4 and p.gamma_min == 1e-4 and p.settings['dataset_name'] == 'digits'
     assert p.settings['schedule_rho'] == 1.0 and p.settings['afs'] is True

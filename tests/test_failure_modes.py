@@ -441,8 +441,8 @@ def test_predictor_files_by_content(tmp_path):
     assert AdaSDEPredictor.load(str(named_pkl)).num_steps == 3
     cut = tmp_path / 'snapshot.bin'  # a (cut) pickle under another name goes to the snapshot importer
     cut.write_bytes(b'\x80\x04garbage')
-    _assert_one_line(sample.main, f"--predictor_path: cannot read an official AdaSDE snapshot from {cut}: "
-                     "UnpicklingError('pickle data was truncated')", '--predictor_path', cut,
+    _assert_one_line(sample.main, f"--predictor_path: cannot read an official learned-solver snapshot from {cut}: "
+                     "pickle data was truncated", '--predictor_path', cut,
                      '--outdir', tmp_path / 's')
 
 #----------------------------------------------------------------------------
