@@ -197,7 +197,7 @@ def test_layout_printout_and_grid(model_dir, tmp_path, monkeypatch):
     assert lines[0].startswith('Model:') and '1x8x8' in lines[0]
     assert lines[1].startswith('Solver:   euler')
     assert lines[2].startswith('Schedule: polynomial rho=7, 4 points: 80 ') and lines[2].endswith(' 0.002')
-    assert lines[3] == 'NFE:      3'
+    assert lines[3] == 'NFE:      3 real network calls per image'
     # Grid of 5 images: 2 per row, 3 rows, in seed order, each upscaled 8x to 64x64, 4-pixel gray gaps.
     grid = np.asarray(PIL.Image.open(outdir + '-grid.png'))
     assert grid.shape == (3 * 68 + 4, 2 * 68 + 4)
@@ -294,8 +294,8 @@ def test_predictor_conflicts(model_dir, tmp_path):
                   '--solver=euler')
     _assert_error(f'--predictor_path={tmp_path / "none.safetensors"}: no such file',
                   '--predictor_path', tmp_path / 'none.safetensors')
-    _assert_error('--predictor_path=12: no experiment 00012-* with a snapshot under ./exps or ./exp',
-                  '--predictor_path=12')
+    _assert_error('--predictor_path=9999: no experiment 09999-* with a snapshot under ./exps or ./exp',
+                  '--predictor_path=9999')
 
 #----------------------------------------------------------------------------
 

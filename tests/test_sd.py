@@ -533,7 +533,7 @@ def test_sample_py_end_to_end(sd_dir, tmp_path):
     captions = tmp_path / 'captions.csv'
     captions.write_text('text\na photo of a cat\ntwo dogs on a red sofa\na bowl of fruit\n')
     result = _sample(*common, f'--prompt={captions}', '--guidance_rate=7.5', '--seeds=0-2', f'--outdir={tmp_path}/a')
-    assert 'NFE:      3 (6 model evaluations with guidance)' in result.output
+    assert 'NFE:      3 real network calls per image (6 model evaluations with guidance)' in result.output
     assert _png_files(tmp_path / 'a') == [os.path.join('000000', f'{s:06d}.png') for s in range(3)]
     for name in _png_files(tmp_path / 'a'):
         with PIL.Image.open(tmp_path / 'a' / name) as image:
@@ -545,7 +545,7 @@ def test_sample_py_end_to_end(sd_dir, tmp_path):
     # Guidance is applied: the unguided image differs, and the NFE is not doubled.
     result = _sample(*common, '--prompt=two dogs on a red sofa', '--guidance_rate=1', '--seeds=1',
                      f'--outdir={tmp_path}/c')
-    assert 'NFE:      3\n' in result.output
+    assert 'NFE:      3 real network calls per image\n' in result.output
     assert (tmp_path / 'c' / one).read_bytes() != (tmp_path / 'a' / one).read_bytes()
     # AdaSDE's SD schedule: uniform in DDPM index (999, 666, 333, 0: SD v1's sigmas there).
     result = _sample(*common, '--prompt=a cat', '--schedule_type=discrete', '--schedule_rho=1', '--seeds=0',
