@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Named presets: distill an AdaSDE predictor, sample, score. Edit freely.
 #
-#   bash launch.sh                 # the demo: digits model, 5 NFE, AdaSDE vs 7 baselines, ~9 min on 2 CPU cores
+#   bash launch.sh                 # the demo: digits model, 5 NFE, AdaSDE vs its best learned peer and 7 baselines, ~9 min on 2 CPU cores
 #   bash launch.sh digits-nfe5     # (re)train one shipped digits predictor into exp/ (also digits-nfe3/7/9,
 #                                  #   and the paper's form: digits-paper-nfe3/5)
 #   bash launch.sh cifar10         # the paper's recipes: train, sample 50k, FID (GPUs; also ffhq, imagenet64,
@@ -19,7 +19,7 @@ run() { if [ "$GPUS" -gt 1 ]; then torchrun --standalone --nproc_per_node="$GPUS
 # `missing`) is not offered, and appears by itself once it is: add a preset here and as a case below.
 PRESETS="demo digits-nfe3 digits-nfe5 digits-nfe7 digits-nfe9 digits-paper-nfe3 digits-paper-nfe5 digits-peers cifar10 ffhq imagenet64 lsun_bedroom imagenet256
     lsun_bedroom_ldm ms_coco"
-declare -A ABOUT=([demo]="(default) digits model, 5 NFE: distill AdaSDE, sample 10k with it and 7 baselines, FID + RMSE table"
+declare -A ABOUT=([demo]="(default) digits model, 5 NFE: distill AdaSDE, sample 10k with it, its best learned peer and 7 baselines, FID + RMSE table"
     [digits-nfe3]="(re)train the shipped digits predictor at 3 NFE into exp/ (also digits-nfe5|7|9)"
     [digits-peers]="(re)train the learned peers on digits into exp/: AMED, its plug-ins, EPD, EPD-Plugin, AdaSDE without gamma"
     [digits-paper-nfe3]="(re)train the shipped paper-form digits predictor at 3 NFE (also digits-paper-nfe5)"
@@ -106,7 +106,7 @@ digits_paper_predictor() {  # num_steps
 # budget, 5 kimg at batch 32, and the digits loss network (not the FID detector) where the recipe has a feature loss.
 # The NFE are real network calls: AMED and its plug-ins make 2 per step; EPD (K = 2 points) 3 per step, so it
 # reaches 3, 5 and 9 calls (N = 2, 3 with AFS, 4) but not 7.
-PEER="--dataset_name=digits --outdir=exp --seed=0 --batch=32 --total_kimg=5 --resume"
+PEER_TRAIN="--dataset_name=digits --outdir=exp --seed=0 --batch=32 --total_kimg=5 --resume"
 AMED_RECIPE="--sampler_stu=amed --sampler_tea=heun --M=1 --schedule_type=time_uniform --schedule_rho=1 --scale_dir=0.01 --scale_time=0"
 AMED_IPNDM="--sampler_stu=amed_ipndm --sampler_tea=ipndm --M=2 --max_order=4 --scale_dir=0.01 --scale_time=0.2"
 AMED_DPMPP="--sampler_stu=dpmpp --sampler_tea=dpmpp --M=2 --max_order=3"
@@ -142,6 +142,7 @@ demo)
     #    --desc/--resume: a stopped demo continues its own run (a finished one is reused; delete it to start over).
     start=$SECONDS
     ADASDE_DEMO_SETTING="learned, deis base, N=7, AFS"
+    PEER=PEER_NAME PEER_RUN=exp/PEER_DIR PEER_SETTING="PEER_TEXT"
     header "1/4 train.py: distill a 5-NFE AdaSDE predictor for the digits model (5 kimg; continues an earlier demo run)"
     step "train.py (step 1/4)" python train.py --dataset_name=digits --outdir=exps --num_steps=7 --M=1 --gamma=0.02 \
         --lr=0.2 --batch=32 --total_kimg=5 $ADASDE $DIGITS_PLUGIN --desc=-demo --resume
@@ -162,6 +163,9 @@ demo)
         --outdir=$out/euler
     step "sample.py er_sde (step 2/4)" python sample.py $common --solver=er_sde --num_steps=6 --afs=True \
         --outdir=$out/er_sde
+    # The best learned peer at 5 NFE on this model (bench/quality.py, docs/quality.md), from the predictor that
+    # bash launch.sh digits-peers shipped in exp/ (not retrained here).
+    step "sample.py $PEER (step 2/4)" python sample.py $common --predictor_path="$PEER_RUN" --outdir=$out/$PEER
     # 3) The converged sampler on the first 1000 seeds: the reference of the network-free judge.
     header "3/4 sample.py: the converged sampler (Heun, 100 NFE) on seeds 0-999, the reference of the RMSE column"
     step "sample.py heun (step 3/4)" python sample.py --dataset_name=digits --seeds=0-999 --batch=1000 \
@@ -171,7 +175,7 @@ demo)
     header "4/4 fid.py: FID of each solver's 10k images, RMSE of its first 1000 to the converged images"
     errors=$(mktemp)
     trap 'rm -f "$errors"' EXIT
-    declare -A setting=([adasde]="$ADASDE_DEMO_SETTING" [deis]="tAB3, N=7, AFS" [dpmpp]="2M, N=7, AFS"
+    declare -A setting=([adasde]="$ADASDE_DEMO_SETTING" [$PEER]="$PEER_SETTING" [deis]="tAB3, N=7, AFS" [dpmpp]="2M, N=7, AFS"
         [unipc]="bh2 order 3, N=6" [ipndm]="order 4, N=6" [dpm]="N=4, AFS" [euler]="N=7, AFS"
         [er_sde]="order 3, noise_fn 7, N=6, AFS")
     judge() {  # solver command...: $value = the command's last line; if it fails, its error and a stop
@@ -184,7 +188,7 @@ demo)
         fi
     }
     printf '\n| solver | setting (5 NFE) | FID (10k) | RMSE to converged (1k) |\n|---|---|---|---|\n'
-    for s in adasde deis dpmpp unipc ipndm dpm euler er_sde; do
+    for s in adasde $PEER deis dpmpp unipc ipndm dpm euler er_sde; do
         judge $s python fid.py calc --images=$out/$s --ref=src/digits/fid-ref.npz
         fid=$value
         judge $s python fid.py rmse --images=$out/$s --reference=$out/converged
@@ -206,7 +210,7 @@ digits-peers)
     while read -r n afs flags; do
         i=$((i + 1))
         header "train.py ($i/$total): --num_steps=$n --afs=$afs $flags"
-        step "train.py ($i/$total)" python train.py $PEER --num_steps="$n" --afs="$afs" $flags
+        step "train.py ($i/$total)" python train.py $PEER_TRAIN --num_steps="$n" --afs="$afs" $flags
     done < <(peer_runs) ;;
 digits-nfe3) digits_predictor 5 2 ;;
 digits-nfe5) digits_predictor 7 1 ;;

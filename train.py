@@ -216,6 +216,10 @@ def main(**kwargs):
     # CIFAR-10 as in the paper, 2 GPUs:
     torchrun --standalone --nproc_per_node=2 train.py --dataset_name=cifar10 --num_steps=4 --M=3 \\
         --schedule_type=time_uniform --schedule_rho=1 --gamma=0.02 --lr=0.2 --coslr --batch=64 --total_kimg=10
+    # AMED-Solver on the digits model, 5 NFE, the AMED code's recipe (Heun teacher, M=1):
+    python train.py --sampler_stu=amed --num_steps=4 --M=1 --schedule_type=time_uniform --schedule_rho=1
+    # EPD-Solver with K=2 parallel points (5 real network calls, "3 NFE" as EPD counts them):
+    python train.py --sampler_stu=epd --num_steps=3 --num_points=2 --M=3 --lr=0.2 --coslr
     """
     given = {k for k in kwargs if click.get_current_context().get_parameter_source(k)
              != click.core.ParameterSource.DEFAULT}

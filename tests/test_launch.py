@@ -106,7 +106,7 @@ def test_a_failing_sample_step_stops_the_demo(checkout):
 
 def test_a_failing_fid_step_shows_its_error(checkout):
     proc, steps = _launch(checkout, FID_ERROR='Cannot read image 000000/000003.png: truncated')
-    assert proc.returncode == 1 and steps == ['train.py'] + ['sample.py'] * 9 + ['fid.py']
+    assert proc.returncode == 1 and steps == ['train.py'] + ['sample.py'] * 10 + ['fid.py']
     assert 'Error: Cannot read image 000000/000003.png: truncated' in proc.stderr.splitlines()
     assert _launch_lines(proc.stderr) == ['launch.sh: fid.py adasde (step 4/4) failed (exit code 1; its error is '
                                           'above). After fixing it: bash launch.sh demo']
@@ -116,7 +116,7 @@ def test_a_failing_fid_step_shows_its_error(checkout):
 def test_the_demo_explains_its_table(checkout):
     proc, steps = _launch(checkout)
     assert proc.returncode == 0, proc.stderr
-    assert steps == ['train.py'] + ['sample.py'] * 9 + ['fid.py'] * 16  # FID and RMSE of each
+    assert steps == ['train.py'] + ['sample.py'] * 10 + ['fid.py'] * 18  # FID and RMSE of each
     out = proc.stdout
     for header in ('=== 1/4 train.py', '=== 2/4 sample.py', '=== 3/4 sample.py', '=== 4/4 fid.py'):
         assert header in out
