@@ -168,9 +168,9 @@ def measure(seeds, nfes, only, predictors):
 def markdown(rows, num, first_seed, nfes):
     lines = [f'Quality of {num} digits samples per cell (seeds {first_seed}-{first_seed + num - 1}, which training '
              'never draws), from `python bench/quality.py`. Each baseline in its best setting for that judge (AFS '
-             'on or off; the setting follows each value), AdaSDE with the predictor named. Lower is better; bold: '
+             'on or off; the setting follows each value), each learned solver with its predictor named. Lower is better; bold: '
              'best at that NFE. No predictor here was trained against the digits detector.', '']
-    lines += summary(rows, nfes) + ['']
+    lines += winners(rows, nfes) + [''] + summary(rows, nfes) + ['']
     for metric, title in METRICS.items():
         lines += [f'### {title}', '', '| solver | ' + ' | '.join(f'NFE {n}' for n in nfes) + ' |',
                   '|---|' + '---|' * len(nfes)]
@@ -185,6 +185,30 @@ def markdown(rows, num, first_seed, nfes):
         (nfe, cell), = rows['converged'].items()
         lines += ['', f'Converged sampler ({CONVERGED[0]}, {nfe} NFE): {cell[metric][0]:.4g}.', '']
     return '\n'.join(lines)
+
+
+def winners(rows, nfes):
+    """One line per NFE and judge: the best training-free solver, the best AdaSDE row and the best other learned
+    solver (each with its row label), bold for the best of the three."""
+    lines = ['### Who wins where: training-free, AdaSDE, the other learned solvers', '',
+             'Per NFE (real network calls) and judge, the best row of each group; bold: the best of the three.', '',
+             '| NFE | judge | best training-free | best AdaSDE | best other learned |', '|---|---|---|---|---|']
+    groups = (lambda label: not is_learned(label), lambda label: label.startswith('adasde'),
+              lambda label: is_learned(label) and not label.startswith('adasde'))
+    for n in nfes:
+        for metric in METRICS:
+            best = []
+            for member in groups:
+                cells = [(c[n][metric][0], label) for label, c in rows.items()
+                         if label != 'converged' and member(label) and n in c]
+                best.append(min(cells) if cells else None)
+            if best[0] is None:
+                continue
+            top = min(b[0] for b in best if b is not None)
+            shown = ['-' if b is None else (f'**{b[0]:.4g}** ({b[1]})' if b[0] == top else f'{b[0]:.4g} ({b[1]})')
+                     for b in best]
+            lines.append(f'| {n} | {metric.upper()} | ' + ' | '.join(shown) + ' |')
+    return lines
 
 
 def summary(rows, nfes):
