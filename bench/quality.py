@@ -168,8 +168,8 @@ def measure(seeds, nfes, only, predictors):
 def markdown(rows, num, first_seed, nfes):
     lines = [f'Quality of {num} digits samples per cell (seeds {first_seed}-{first_seed + num - 1}, which training '
              'never draws), from `python bench/quality.py`. Each baseline in its best setting for that judge (AFS '
-             'on or off; the setting follows each value), each learned solver with its predictor named. Lower is better; bold: '
-             'best at that NFE. No predictor here was trained against the digits detector.', '']
+             'on or off; the setting follows each value), each learned solver with its predictor named. Lower is '
+             'better; bold: best at that NFE. No predictor here was trained against the digits detector.', '']
     lines += winners(rows, nfes) + [''] + summary(rows, nfes) + ['']
     for metric, title in METRICS.items():
         lines += [f'### {title}', '', '| solver | ' + ' | '.join(f'NFE {n}' for n in nfes) + ' |',
