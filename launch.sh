@@ -142,7 +142,8 @@ demo)
     #    --desc/--resume: a stopped demo continues its own run (a finished one is reused; delete it to start over).
     start=$SECONDS
     ADASDE_DEMO_SETTING="learned, deis base, N=7, AFS"
-    PEER=PEER_NAME PEER_RUN=exp/PEER_DIR PEER_SETTING="PEER_TEXT"
+    PEER=epd_ipndm PEER_RUN=exp/00012-digits-3-5-epd_ipndm-dpm-3-uni1.0-afs
+    PEER_SETTING="learned, EPD-Plugin, K=2, N=3, AFS (EPD counts 3)"
     header "1/4 train.py: distill a 5-NFE AdaSDE predictor for the digits model (5 kimg; continues an earlier demo run)"
     step "train.py (step 1/4)" python train.py --dataset_name=digits --outdir=exps --num_steps=7 --M=1 --gamma=0.02 \
         --lr=0.2 --batch=32 --total_kimg=5 $ADASDE $DIGITS_PLUGIN --desc=-demo --resume
@@ -197,9 +198,12 @@ demo)
     printf '\nFID: the Frechet distance between features (the digits classifier) of 10k samples and of the 1797\n'
     printf 'training digits (src/digits/fid-ref.npz). Lower is better; a converged sampler (Heun, 100 NFE) scores 0.68\n'
     printf 'on this model, the floor of this column. The AdaSDE predictor was trained by L2 to its teacher, never\n'
-    printf 'against this detector. RMSE: per image, pixels in [0, 1], to the image the converged sampler makes from\n'
-    printf 'the same seed, averaged over seeds 0-999; it needs no network (0 = converged). Training never draws\n'
-    printf 'these seeds. Every solver and NFE, with KID too: docs/quality.md.\n'
+    printf 'against this detector. %s is the best learned peer at 5 NFE (bench/quality.py), shipped in exp/ by\n' "$PEER"
+    printf 'bash launch.sh digits-peers: its last step trains against digits_loss, another network. NFE are real\n'
+    printf 'network calls (EPD evaluates its 2 points per step in one batched call). RMSE: per image, pixels in\n'
+    printf '[0, 1], to the image the converged sampler makes from the same seed, averaged over seeds 0-999; it\n'
+    printf 'needs no network (0 = converged). Training never draws these seeds. Every solver and NFE, with KID\n'
+    printf 'too: docs/quality.md.\n'
     printf '\nDemo done in %d s; predictor in %s, images in %s/\n' $((SECONDS - start)) "$exp" "$out"
     printf 'Look at 64 AdaSDE samples: %s\n' "$out/adasde-grid.png"
     ;;

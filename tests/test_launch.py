@@ -121,6 +121,7 @@ def test_the_demo_explains_its_table(checkout):
     for header in ('=== 1/4 train.py', '=== 2/4 sample.py', '=== 3/4 sample.py', '=== 4/4 fid.py'):
         assert header in out
     assert '| adasde | learned, deis base, N=7, AFS | 1.234 | 1.234 |' in out
+    assert '| epd_ipndm | learned, EPD-Plugin, K=2, N=3, AFS (EPD counts 3) | 1.234 | 1.234 |' in out
     flat = ' '.join(out.split())
     assert 'Lower is better; a converged sampler (Heun, 100 NFE) scores 0.68 on this model' in flat
     assert 'training digits (src/digits/fid-ref.npz)' in flat
@@ -133,6 +134,8 @@ def test_the_demo_explains_its_table(checkout):
     assert 'fid.py rmse --images=samples/demo/adasde --reference=samples/demo/converged' in ' '.join(calls)
     assert 'the same seed, averaged over seeds 0-999; it needs no network' in flat
     assert '--resume' in calls[0] and '--desc=-demo' in calls[0]
+    assert '--predictor_path=exp/00012-digits-3-5-epd_ipndm-dpm-3-uni1.0-afs' in calls[2]  # the shipped peer
+    assert os.path.isdir(os.path.join(REPO, 'exp', '00012-digits-3-5-epd_ipndm-dpm-3-uni1.0-afs'))
 
 
 @pytest.mark.parametrize('preset', ['digits-nfe3', 'digits-nfe5', 'digits-nfe7', 'digits-nfe9', 'digits-paper-nfe3',
