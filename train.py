@@ -115,8 +115,9 @@ HYPERPARAMS = dict(
     amed=('num_steps', 'base', 'scale_dir', 'scale_time', 'max_order', 'predict_x0', 'lower_order_final'),
     epd=('num_steps', 'num_points', 'base', 'scale_dir', 'scale_time', 'max_order', 'fcn'),
 )
-SOLVER_ONLY_FLAGS = dict(gamma='adasde', base='adasde', num_points='adasde or epd', fcn='adasde or epd',
-                         predict_x0='amed', lower_order_final='amed')
+SOLVER_ONLY_FLAGS = dict(gamma='adasde', base='adasde', num_points='adasde or epd', fcn='adasde or epd')
+# Flags the AdaSDE and EPD codes take (and record) but do not use: accepted, so that their launch lines run here.
+UNUSED_FLAGS = ('predict_x0', 'lower_order_final')
 
 
 def resolve_student(opts, given):
@@ -128,6 +129,10 @@ def resolve_student(opts, given):
         if flag in given and flag not in HYPERPARAMS[kind]:
             raise click.UsageError(f'--{flag} is an option of {owners}, not of --sampler_stu={opts.sampler_stu} '
                                    f'({kind})')
+    unused = [flag for flag in UNUSED_FLAGS if flag in given and flag not in HYPERPARAMS[kind]]
+    if unused:
+        dist.print0(f'Note: {", ".join("--" + f for f in unused)} has no effect on --sampler_stu={opts.sampler_stu} '
+                    f'({kind}), as in its reference code.')
     for key, value in SOLVER_DEFAULTS[kind].items():
         if opts[key] is None:
             opts[key] = value

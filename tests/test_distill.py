@@ -189,3 +189,48 @@ def test_train_py_unknown_model_is_one_line(name, tmp_path):
     assert result.exit_code == 2 and not os.listdir(tmp_path)
     assert f"unknown dataset '{name}'; choose from afhqv2, cifar10, digits," in result.output
     assert 'prompts' not in result.output.split('choose from')[1]
+
+#----------------------------------------------------------------------------
+# train.py takes the learned peers' launch lines as their codes write them.
+
+
+def _dry_run(*args, outdir='exps-dry-run-not-created'):
+    import json
+
+    from click.testing import CliRunner
+
+    import train
+    result = CliRunner().invoke(train.main, [f'--outdir={outdir}', *args, '-n'])
+    out = result.output
+    options = json.loads(out[out.index('{'):out.index('\n}\n') + 3]) if result.exit_code == 0 else None
+    return result, options
+
+
+def test_train_py_takes_the_references_launch_lines():
+    # AMED's CIFAR-10 iPNDM plug-in line (its launch.sh): a plain 'ipndm' is AMED's plug-in.
+    result, c = _dry_run('--dataset_name=digits', '--sampler_stu=ipndm', '--sampler_tea=ipndm', '--num_steps=4',
+                         '--M=2', '--afs=True', '--scale_dir=0.01', '--scale_time=0.2', '--max_order=4',
+                         '--schedule_type=polynomial', '--schedule_rho=7', '--batch=128', '--total_kimg=10')
+    assert result.exit_code == 0, result.output
+    assert (c['sampler_stu'], c['predictor_kwargs']['base'], c['sampler_tea'], c['substeps']) == \
+        ('amed', 'ipndm', 'ipndm', 1)
+    assert c['lr'] == 5e-3 and c['alpha'] == 0 and 'Student: amed_ipndm, 4 time points, 5 NFE' in result.output
+    # EPD's released ipndm runs (EPD-only flags: --coslr, --num_points): the EPD-Plugin, with EPD's 2 sub-steps.
+    result, c = _dry_run('--dataset_name=digits', '--sampler_stu=ipndm', '--sampler_tea=dpm', '--num_steps=4',
+                         '--M=3', '--num_points=2', '--afs=True', '--scale_dir=0.05', '--scale_time=0.2',
+                         '--max_order=3', '--schedule_type=time_uniform', '--schedule_rho=1', '--lr=0.2', '--coslr',
+                         '--predict_x0=False', '--seed=0')
+    assert result.exit_code == 0, result.output
+    assert (c['sampler_stu'], c['predictor_kwargs']['base'], c['predictor_kwargs']['num_points'], c['substeps']) \
+        == ('epd', 'ipndm', 2, 2)
+    assert 'Note: --predict_x0 has no effect on --sampler_stu=ipndm (epd)' in result.output
+    assert '8 NFE (real network calls; 5 as the EPD code counts them)' in result.output
+    # The AMED-Solver with nothing but its name: the AMED code's defaults.
+    result, c = _dry_run('--sampler_stu=amed')
+    assert (c['sampler_tea'], c['M'], c['schedule_type'], c['schedule_rho'], c['predictor_kwargs']['scale_dir']) \
+        == ('heun', 1, 'polynomial', 7.0, 0.01)
+    # An option of another solver is refused in one line.
+    result, _ = _dry_run('--sampler_stu=amed', '--gamma=0.1')
+    assert result.exit_code != 0 and 'Error: --gamma is an option of adasde, not of --sampler_stu=amed' in result.output
+    result, _ = _dry_run('--sampler_stu=epd', '--sampler_tea=ipndm', '--tea_substeps=2')
+    assert result.exit_code != 0 and '--tea_substeps is for a dpm or heun teacher' in result.output
