@@ -39,8 +39,19 @@ def init():
 
 
 def _leave():
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    """Leave together: a rank that tears its group down while a peer still works (rank 0 writing the result) can
+    make the peer's gloo threads abort it. Wait for every rank (bounded, in case one died), then destroy."""
+    if not torch.distributed.is_initialized():
+        return
+    try:
+        if torch.distributed.get_backend() == 'gloo':
+            import datetime
+            torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        else:
+            torch.distributed.barrier()
+    except Exception:  # a peer is gone: nothing to wait for
+        pass
+    torch.distributed.destroy_process_group()
 
 #----------------------------------------------------------------------------
 
