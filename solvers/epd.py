@@ -119,15 +119,6 @@ class EPDPredictor(LearnedPredictor):
     def load_official(cls, path):
         return load_official(path)
 
-    def _set_tables(self, tensors, path):
-        shape = (self.num_steps - 1, self.num_points)
-        with torch.no_grad():
-            for name in TABLES:
-                if tuple(tensors[name].shape) != shape:
-                    raise ValueError(f'{path}: table {name} has shape {tuple(tensors[name].shape)}, expected {shape}')
-                getattr(self, name).copy_(tensors[name].detach().float())
-        return self.requires_grad_(False).eval()
-
 #----------------------------------------------------------------------------
 # Import of the official snapshots: a pickle of {'model': EPD_predictor, 'loss_fn':
 # EPD_loss}, both persistence-decorated classes with their source embedded. The
@@ -162,7 +153,7 @@ def load_official(path):
         tensors = {ours: params[theirs] for ours, theirs in OFFICIAL_TABLES.items()}
     except (KeyError, TypeError) as e:
         raise ValueError(f'{path}: incomplete EPD snapshot: {e!r}') from None
-    return predictor._set_tables(tensors, path)
+    return predictor.load_tensors(tensors, path)
 
 #----------------------------------------------------------------------------
 # One step i, from sigma_i to sigma_{i+1}, differentiable with respect to the predictor:
@@ -209,8 +200,9 @@ def predictor_step(net, predictor, i, x, sigmas, state=None, extra_args=None, af
 
 
 def epd_nfe(num_steps, predictor=None):
-    """Real network evaluations per image without AFS: (1 + K)(num_steps - 1), K = 2 without a predictor."""
-    return (1 + getattr(predictor, 'num_points', DEFAULT_POINTS)) * (num_steps - 1)
+    """Real network evaluations per image without AFS: the predictor's count, (1 + K)(num_steps - 1), with the EPD
+    code's K = 2 when there is none."""
+    return predictor.nfe(num_steps) if predictor is not None else (1 + DEFAULT_POINTS) * (num_steps - 1)
 
 
 sample_epd = register('epd', nfe=epd_nfe, schedule=('time_uniform', 1))(learned_sampler('epd'))
