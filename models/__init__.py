@@ -5,7 +5,7 @@ load_model(name_or_path) accepts
     into ./src/<name>/ (the embedded `digits` model ships with the repository and loads offline);
   - an EDM network pickle (.pkl path or URL, e.g. network-snapshot-*.pkl of EDM's train.py);
   - a directory with this project's model.json + model.safetensors (models/edm.py save_model);
-  - a Stable Diffusion checkpoint or diffusers directory (models/sd.py);
+  - a Stable Diffusion (1.x/2.x or XL) checkpoint or diffusers directory (models/sd.py);
   - with kind='cm'|'adm'|'ldm', a checkpoint of a consistency-models, guided-diffusion or latent-diffusion
     model (models/adapters.py), its architecture given as arch={...} in the original code's names.
 
@@ -72,14 +72,17 @@ def edm_bottleneck(net):
 # Adapters per zoo kind.
 
 
-def _load_sd(path_or_id, **kwargs):
+def _load_sd(path_or_id, family=None, **kwargs):
+    """Stable Diffusion 1.x/2.x or XL (`family` 'sd' or 'sdxl'; default: what models.sd.pipeline_family finds at
+    a local path, else 'sd')."""
     try:
         from . import sd
     except ImportError as err:
         raise ModelError(f'Stable Diffusion needs diffusers and transformers (pip install "adasde[sd]"): '
                          f'{one_line(err)}') from err
+    family = family or sd.pipeline_family(path_or_id) or 'sd'
     try:
-        return sd.load_sd(path_or_id, **kwargs)
+        return (sd.load_sdxl if family == 'sdxl' else sd.load_sd)(path_or_id, **kwargs)
     except ImportError as err:
         raise ModelError(f'Stable Diffusion needs diffusers and transformers (pip install "adasde[sd]"): '
                          f'{one_line(err)}') from err
@@ -145,15 +148,17 @@ def _load_zoo(name, device, **kwargs):
     if entry.kind == 'edm':
         _no_kwargs(f'model {name!r}', kwargs)
         return load_edm_pickle(zoo.fetch(name), entry=entry)
-    if entry.kind == 'sd':
+    if entry.kind in ('sd', 'sdxl'):
+        # The row's original checkpoint if it is stored, else the diffusers pipeline on the hub (its cache).
         local = zoo.local_path(entry)
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kwargs.setdefault('guidance_type', entry.guidance_type)
         kwargs.setdefault('guidance_rate', entry.guidance_rate)
         if os.path.isfile(local):
-            return _load_sd(local, device=device, **kwargs)
-        from .sd import SD_DEFAULT
-        return _load_sd(SD_DEFAULT, device=device, **kwargs)
+            return _load_sd(local, family=entry.kind, device=device, **kwargs)
+        from . import sd
+        return _load_sd(sd.SDXL_DEFAULT if entry.kind == 'sdxl' else sd.SD_DEFAULT, family=entry.kind, device=device,
+                        **kwargs)
     raise ModelError(f'zoo entry {name!r} is a data file, not a model (use models.zoo.fetch({name!r}))')
 
 #----------------------------------------------------------------------------
@@ -190,12 +195,12 @@ def load_model(name_or_path, device='cpu', **kwargs):
         if kind == 'pickle':
             _no_kwargs(f'model {src}', kwargs)
             net = load_edm_pickle(src)
-        elif kind in ('zip', 'sd-safetensors'):
+        elif kind in ('zip', 'sd-safetensors', 'sdxl-safetensors'):
             from .sd import SINGLE_FILE_SUFFIXES
             if not src.endswith(SINGLE_FILE_SUFFIXES):
                 raise ModelError(f'{src}: a torch checkpoint; for a cm/adm/ldm one give its kind (--model_kind), and '
                                  'a Stable Diffusion checkpoint must be named *.ckpt or *.safetensors')
-            net = _load_sd(src, device=device, **sd_kwargs)
+            net = _load_sd(src, family='sdxl' if kind == 'sdxl-safetensors' else 'sd', device=device, **sd_kwargs)
         elif kind == 'predictor':
             raise ModelError(f'{src} is a learned-solver predictor, not a diffusion model (give it as '
                              '--predictor_path)')
@@ -223,8 +228,9 @@ ACCEPTED_FORMATS = ('an EDM network pickle, a Stable Diffusion checkpoint (.ckpt
 
 def sniff_model_file(path):
     """What a file holds, from its first bytes: 'pickle' (protocol 2-5), 'zip' (torch.save, .ckpt),
-    'sd-safetensors' / 'predictor' / 'safetensors' (a valid safetensors header: Stable Diffusion weights, an
-    learned-solver predictor (AdaSDE, AMED, EPD), anything else), or None."""
+    'sdxl-safetensors' / 'sd-safetensors' / 'predictor' / 'safetensors' (a valid safetensors header: SDXL weights
+    (a second text encoder, conditioner.embedders.1.*), Stable Diffusion 1.x/2.x weights, a learned-solver
+    predictor (AdaSDE, AMED, EPD), anything else), or None."""
     import json
     with open(path, 'rb') as f:
         head = f.read(8)
@@ -247,7 +253,8 @@ def sniff_model_file(path):
     if isinstance(meta, dict) and str(meta.get('format', '')).endswith('-predictor'):
         return 'predictor'
     if any(str(name).startswith('model.diffusion_model.') for name in header):
-        return 'sd-safetensors'
+        return 'sdxl-safetensors' if any(str(name).startswith('conditioner.embedders.1.') for name in header) \
+            else 'sd-safetensors'
     return 'safetensors'
 
 

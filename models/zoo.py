@@ -33,7 +33,7 @@ class ModelError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ZooEntry:
     name: str
-    kind: str                       # adapter: 'embedded', 'edm', 'cm', 'adm', 'ldm', 'sd', 'file'
+    kind: str                       # adapter: 'embedded', 'edm', 'cm', 'adm', 'ldm', 'sd', 'sdxl', 'file'
     url: str = None                 # source of the file (None: shipped with the repository)
     file: str = None                # name of the stored file in <src>/<name>/
     storage: str = 'src'            # 'src': <src>/<name>/; 'repo': the repository's src/<name>/; 'hub': diffusers
@@ -114,6 +114,12 @@ ZOO = {e.name: e for e in [
              'v1-5-pruned-emaonly.ckpt', 'v1-5-pruned-emaonly.ckpt', storage='hub', resolution=64, channels=4,
              label_kind='text', sigma_min=0.0291675, sigma_max=14.6146, guidance_type='cfg',
              guidance_rate=7.5, description='Stable Diffusion v1.5, text-to-image (CFG 7.5), MS-COCO prompts'),
+    # SDXL keeps SD's DDPM schedule (scaled_linear 0.00085-0.012, 1000 steps), hence ms_coco's sigma range;
+    # guidance 5.0 is the SDXL pipeline's default scale. With the MS-COCO captions as its prompts.
+    ZooEntry('sdxl', 'sdxl', 'https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/'
+             'sd_xl_base_1.0.safetensors', 'sd_xl_base_1.0.safetensors', storage='hub', resolution=128, channels=4,
+             label_kind='text', sigma_min=0.0291675, sigma_max=14.6146, guidance_type='cfg', guidance_rate=5.0,
+             description='Stable Diffusion XL base 1.0, text-to-image 1024 px (CFG 5), MS-COCO prompts'),
     ZooEntry('prompts', 'file', 'https://github.com/boomb0om/text2image-benchmark/releases/download/v0.0.1/'
              'MS-COCO_val2014_30k_captions.csv', 'MS-COCO_val2014_30k_captions.csv',
              description='the 30k MS-COCO val2014 captions (column "text"; caption index = seed)'),
