@@ -64,7 +64,7 @@ def test_help_lists_the_presets_that_can_run(checkout):
     assert proc.returncode == 0 and not steps, proc.stderr
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith('  ')]
     assert listed == ['demo', 'digits-nfe3', 'digits-paper-nfe3', 'digits-peers', 'cifar10', 'ffhq', 'imagenet64',
-                      'lsun_bedroom', 'imagenet256', 'lsun_bedroom_ldm', 'ms_coco']
+                      'lsun_bedroom', 'imagenet256', 'lsun_bedroom_ldm', 'ms_coco', 'sdxl']
     assert 'digits-nfe5|7|9' in proc.stdout
 
 

@@ -110,6 +110,20 @@ def test_attributes_and_dispatch(net, sdxl_dir, tmp_path, monkeypatch):
     assert isinstance(loaded, SDXLDenoiser) and loaded.guidance_rate == 3.0
 
 
+def test_zoo_row_offline(tmp_path):
+    """Offline and uncached, the zoo name (the hub's diffusers pipeline) fails with one line."""
+    script = ('from models import load_model, ModelError\ntry:\n    load_model("sdxl")\n'
+              'except ModelError as err:\n    print("ERROR", err)\n')
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'),
+               ADASDE_SRC_DIR=str(tmp_path / 'src'), DNNLIB_CACHE_DIR=str(tmp_path / 'cache'), OMP_NUM_THREADS='1')
+    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith('ERROR')]
+    assert len(lines) == 1 and 'cannot load SDXL from stabilityai/stable-diffusion-xl-base-1.0' in lines[0], \
+        result.stdout
+
+
 def test_single_file_dispatch(tmp_path, monkeypatch):
     """A single .safetensors checkpoint is SDXL when it holds the second text encoder (conditioner.embedders.1.*),
     and goes to StableDiffusionXLPipeline.from_single_file; SD 1.x files to the SD loader."""
