@@ -78,14 +78,13 @@ class SDDenoiser(DiscreteVPSchedule, torch.nn.Module):
         c_in = (1 / torch.sqrt(1 + sigma.double() ** 2)).to(x.dtype).reshape(-1, 1, 1, 1)
         c_noise = self.M * self.sigma_inv(sigma.double()) - 1  # continuous DDPM index in [0, M - 1]
         x_vp = x * c_in
-        used = self.text_keys + self.shared_keys
         if self.guidance_rate != 1:
             both = {k: torch.cat([cond[f'unconditional_{k}'], cond[k]]) for k in self.text_keys}
             both.update({k: torch.cat([cond[k], cond[k]]) for k in self.shared_keys})
             out_u, out_c = self._unet(x_vp.repeat(2, 1, 1, 1), c_noise.repeat(2), **both).to(x.dtype).chunk(2)
             out = out_u + self.guidance_rate * (out_c - out_u)
         else:
-            out = self._unet(x_vp, c_noise, **{k: cond[k] for k in used}).to(x.dtype)
+            out = self._unet(x_vp, c_noise, **{k: cond[k] for k in self.text_keys + self.shared_keys}).to(x.dtype)
         sigma = sigma.to(x.dtype).reshape(-1, 1, 1, 1)
         # v-prediction: v = alpha (eps - sigma x0) with alpha = c_in, hence eps = alpha (v + sigma x_vp).
         eps = c_in * (out + sigma * x_vp) if self.prediction_type == 'v_prediction' else out
@@ -105,7 +104,7 @@ class SDDenoiser(DiscreteVPSchedule, torch.nn.Module):
         cond = {k: v for k, v in given.items() if v is not None}
         for k, v in self.shared_defaults().items():
             cond.setdefault(k, v)
-        if self.guidance_rate != 1:
+        if self.guidance_rate != 1 and not set(uncond_keys) <= set(cond):
             for k, v in self.unconditional().items():
                 cond.setdefault(f'unconditional_{k}', v)
         return {k: self._batch(v, batch) for k, v in cond.items()}
