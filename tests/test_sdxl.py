@@ -269,23 +269,41 @@ def test_denoiser_is_the_guided_unet(net, guidance_rate):
 # 'latent', against our `euler` on the same noise levels.
 
 
-@pytest.mark.parametrize('spacing', ['leading', 'trailing'])
-def test_euler_matches_pipeline(net64, spacing):
-    """diffusers' scheduler picks integer DDPM timesteps (leading: 751, 501, 251, 1; trailing: 999, 749, 499, 249) and
-    steps on the table's noise levels sigma_n = sqrt((1 - acp_n) / acp_n) there. Our UNet time is the continuous
-    index M t(sigma) - 1, which DPM-Solver's interpolation makes exactly n at sigma_n: on these knots the two time
-    mappings agree (between knots they differ, diffusers interpolating in log sigma, we in log alpha over t, so
-    use_karras_sigmas' off-grid levels would not compare to 1e-5). We take the knots in float64 from our own table
-    (the scheduler's float32 copies would move our index off the integer by ~1e-5). The pipeline scales its
-    initial noise by init_noise_sigma (sqrt(sigma_0^2 + 1) for leading spacing, sigma_0 for trailing): that scaled
-    tensor is the state both start from. Its last step goes to sigma = 0, i.e. returns D(x; sigma_last): we make
-    that call ourselves. Every intermediate state is compared, to 1e-5, with float64 weights on both sides: in
-    float32 the UNet's own rounding (a batch of 4 rows there, of 2 + 2 here) times sigma leaves 1.2e-5 on latents
-    of size 13 at the first step already; in float64 what is left is the scheduler's float32 step arithmetic,
-    about 2e-6 after four steps."""
+EULER_CASES = {  # scheduler config, pipeline arguments, the DDPM timesteps diffusers then uses
+    'leading': (dict(timestep_spacing='leading'), dict(num_inference_steps=4), [751, 501, 251, 1]),
+    'trailing': (dict(timestep_spacing='trailing'), dict(num_inference_steps=4), [999, 749, 499, 249]),
+    'karras': (dict(use_karras_sigmas=True), dict(num_inference_steps=4), [999, 687.1533, 145.9391, 0]),
+    'sigmas': (dict(timestep_spacing='trailing'), dict(sigmas=[999, 700, 400, 100]), [999, 700, 400]),
+}
+
+
+@pytest.mark.parametrize('case', sorted(EULER_CASES))
+def test_euler_matches_pipeline(net64, case):
+    """The noise levels: diffusers' own choice with leading and trailing spacing (integer DDPM timesteps, the table's
+    sigma_n = sqrt((1 - acp_n) / acp_n) there), Karras sigmas (off the table), and sigmas given to the pipeline (the
+    table's at 999, 700, 400, 100; the pipeline then steps to the last one and not to 0).
+
+    Time: on the table's knots our UNet time, the continuous index M t(sigma) - 1, is exactly n, as diffusers' is.
+    Between knots the two mappings differ (diffusers interpolates the index linearly in log sigma, we interpolate
+    log alpha linearly in t, DPM-Solver's): by at most 0.0015 in index above index 100, 0.011 between 10 and 100,
+    0.086 below 10 (SD's table, measured on a dense grid). Karras' levels here fall at indices 999, 687.15, 145.94
+    and on the last knot, so the differences there are below 0.0015 and the latents still agree to 1e-5; a
+    schedule with levels between the lowest knots would not. For the knots we take the table
+    in float64 (the scheduler's float32 copies would move our index off the integer by ~1e-5).
+
+    The pipeline scales its initial noise by init_noise_sigma (sqrt(sigma_0^2 + 1) for leading spacing, else
+    sigma_0): that scaled tensor is the state both start from. When its last step goes to sigma = 0 it returns
+    D(x; sigma_last): we make that call ourselves. Every intermediate state is compared, to 1e-5, with float64
+    weights on both sides: in float32 the UNet's own rounding (a batch of 4 rows there, of 2 + 2 here) times sigma
+    leaves 1.2e-5 on latents of size 13 at the first step already; in float64 what is left is the scheduler's float32
+    step arithmetic, at most 5e-6 here after four steps."""
     net = net64
-    pipe = pipeline_of(net, timestep_spacing=spacing)
-    num_steps = 4
+    scheduler_config, call, expected_timesteps = EULER_CASES[case]
+    acp = torch.exp(2 * net.log_alpha_array)
+    table = torch.sqrt((1 - acp) / acp)
+    if 'sigmas' in call:
+        call = dict(sigmas=table[call['sigmas']].tolist())
+    pipe = pipeline_of(net, **scheduler_config)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     states = []
 
@@ -293,21 +311,26 @@ def test_euler_matches_pipeline(net64, spacing):
         states.append(kwargs['latents'].clone())
         return kwargs
     with torch.no_grad():
-        final = pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=num_steps, guidance_scale=5.0,
-                     latents=noise, output_type='latent', callback_on_step_end=record).images
-    timesteps = pipe.scheduler.timesteps.long()
-    assert timesteps.tolist() == ([751, 501, 251, 1] if spacing == 'leading' else [999, 749, 499, 249])
-    acp = torch.exp(2 * net.log_alpha_array)
-    sigmas = torch.sqrt((1 - acp) / acp)[timesteps]
-    torch.testing.assert_close(sigmas.float(), pipe.scheduler.sigmas[:-1], rtol=1e-6, atol=0)
-    torch.testing.assert_close(net.network_time(sigmas), timesteps.double(), rtol=0, atol=1e-9)
+        final = pipe(prompt=PROMPTS, height=16, width=16, guidance_scale=5.0, latents=noise, output_type='latent',
+                     callback_on_step_end=record, **call).images
+    timesteps = pipe.scheduler.timesteps.double()
+    torch.testing.assert_close(timesteps, torch.tensor(expected_timesteps, dtype=torch.float64), rtol=0, atol=1e-3)
+    if case == 'karras':
+        sigmas = pipe.scheduler.sigmas[:-1].double()
+    else:
+        sigmas = table[timesteps.long()] if 'sigmas' not in call else torch.tensor(call['sigmas'], dtype=torch.float64)
+        torch.testing.assert_close(net.network_time(sigmas[:len(timesteps)]), timesteps, rtol=0, atol=1e-3)
+    to_zero = float(pipe.scheduler.sigmas[-1]) == 0
+    torch.testing.assert_close(sigmas.float(), pipe.scheduler.sigmas[:-1] if to_zero else pipe.scheduler.sigmas,
+                               rtol=1e-6, atol=0)
     x = noise * pipe.scheduler.init_noise_sigma
     ours = []
     with torch.no_grad():
         args = net.prompt_args(PROMPTS)
         x = solvers.get_solver('euler')(net, x, sigmas, extra_args=args, callback=lambda d: ours.append(d['x']))
-        ours.append(net(x, float(sigmas[-1]), **args))
-    assert len(states) == len(ours) == num_steps
+        if to_zero:
+            ours.append(net(x, float(sigmas[-1]), **args))
+    assert len(states) == len(ours) == len(timesteps)
     for a, b in zip(ours, states):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[-1], final, rtol=1e-5, atol=1e-5)
