@@ -124,16 +124,22 @@ def test_zoo_row_offline(tmp_path):
         result.stdout
 
 
-def test_single_file_dispatch(tmp_path, monkeypatch):
+def test_single_file_dispatch(sdxl_dir, tmp_path, monkeypatch):
     """A single .safetensors checkpoint is SDXL when it holds the second text encoder (conditioner.embedders.1.*),
-    and goes to StableDiffusionXLPipeline.from_single_file; SD 1.x files to the SD loader."""
+    and goes to StableDiffusionXLPipeline.from_single_file (here a stand-in that reads the tiny folder); SD 1.x
+    files go to the SD loader."""
+    from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
     import models
     from models import sd
     calls = []
-    monkeypatch.setattr(sd, 'load_sdxl', lambda path, **kw: calls.append(('sdxl', path)) or torch.nn.Identity())
-    monkeypatch.setattr(sd, 'load_sd', lambda path, **kw: calls.append(('sd', path)) or torch.nn.Identity())
+
+    def from_single_file(cls, path, **kwargs):
+        calls.append(('from_single_file', path, kwargs))
+        return cls.from_pretrained(sdxl_dir, **kwargs)
+    monkeypatch.setattr(StableDiffusionXLPipeline, 'from_single_file', classmethod(from_single_file))
+    monkeypatch.setattr(sd, 'load_sd', lambda path, **kw: calls.append(('load_sd', path)) or torch.nn.Identity())
     weights = {'model.diffusion_model.out.0.weight': torch.zeros(1)}
     save_file(weights, str(tmp_path / 'sd15.safetensors'))
     save_file({**weights, 'conditioner.embedders.1.model.text_projection': torch.zeros(1)},
@@ -141,9 +147,11 @@ def test_single_file_dispatch(tmp_path, monkeypatch):
     assert models.sniff_model_file(str(tmp_path / 'sdxl.safetensors')) == 'sdxl-safetensors'
     assert pipeline_family(str(tmp_path / 'sdxl.safetensors')) == 'sdxl'
     assert pipeline_family(str(tmp_path / 'sd15.safetensors')) == 'sd'
-    models.load_model(str(tmp_path / 'sdxl.safetensors'))
+    net = models.load_model(str(tmp_path / 'sdxl.safetensors'))
+    assert isinstance(net, SDXLDenoiser) and net.guidance_rate == 5.0
     models.load_model(str(tmp_path / 'sd15.safetensors'))
-    assert calls == [('sdxl', str(tmp_path / 'sdxl.safetensors')), ('sd', str(tmp_path / 'sd15.safetensors'))]
+    assert calls == [('from_single_file', str(tmp_path / 'sdxl.safetensors'), dict(add_watermarker=False)),
+                     ('load_sd', str(tmp_path / 'sd15.safetensors'))]
 
 
 def test_precision_and_vae_in_float32(sdxl_dir, net):
