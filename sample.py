@@ -353,8 +353,7 @@ def folder_settings(c, shown, schedule_type, schedule_rho, dtype):
         options=dict(shown), num_steps=c.num_steps, afs=c.afs, schedule_type=schedule_type,
         schedule_rho=schedule_rho, class_idx=c.class_idx, guidance_type=c.guidance_type,
         guidance_rate=c.guidance_rate, prompt=prompt, dtype=str(dtype).removeprefix('torch.'), subdirs=c.subdirs,
-        predictor=dict(file=os.path.abspath(c.predictor_file), sha256=_file_digest(c.predictor_file))
-        if c.predictor_path else None)
+        predictor=dict(kind=c.solver, content_sha256=c.options['predictor'].digest()) if c.predictor_path else None)
 
 
 def existing_images(outdir):

@@ -71,7 +71,8 @@ def check_no_conflicting_run(outdir, desc, c):
 
 
 def check_training_state(path):
-    """One line, never torch's advice to unpickle, when training-state.pt is not a state that train.py wrote."""
+    """The iteration a training state reached; one line, never torch's advice to unpickle, when training-state.pt is
+    not a state that train.py wrote."""
     import torch
     problem = None
     if not zipfile.is_zipfile(path):
@@ -86,6 +87,7 @@ def check_training_state(path):
     if problem:
         raise click.ClickException(f'cannot resume from {path}: {problem}; delete it to restart that run, or leave '
                                    'out --resume to start a new one')
+    return int(state['cur_iter'])
 
 #----------------------------------------------------------------------------
 
@@ -294,7 +296,14 @@ def main(**kwargs):
         check_no_conflicting_run(opts.outdir, desc, c)
         dist.print0('No run with these options to resume; starting a new one.')
     if resume_dir is not None:
-        check_training_state(os.path.join(resume_dir, 'training-state.pt'))
+        from training.training_loop import snapshot_path, total_iterations
+        done = check_training_state(os.path.join(resume_dir, 'training-state.pt'))
+        total = total_iterations(opts.total_kimg, opts.batch)
+        final = snapshot_path(resume_dir, total, opts.batch)
+        if done >= total and os.path.isfile(final):  # finished: nothing to redo, no file to rewrite
+            dist.print0(f'--resume: {resume_dir} is finished ({total}/{total} iterations); its predictor: {final}. '
+                        'Nothing to do (delete that run to train it again).')
+            return
     c.run_dir = resume_dir or next_run_dir(opts.outdir, desc)
 
     dist.print0(json.dumps(c, indent=2))

@@ -122,6 +122,15 @@ def distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas,
     return losses
 
 
+def total_iterations(total_kimg, batch):
+    return math.ceil(total_kimg * 1000 / batch)
+
+
+def snapshot_path(run_dir, cur_iter, batch):
+    """The predictor file of iteration cur_iter (named by its kimg, as EDM names snapshots)."""
+    return os.path.join(run_dir, f'network-snapshot-{int(round(cur_iter * batch / 1000)):06d}.safetensors')
+
+
 def model_dtype(net):
     """float64 for a model computing in float64 (its parameters, or an exact denoiser without any), else float32."""
     params = list(net.parameters()) if isinstance(net, torch.nn.Module) else []
@@ -214,7 +223,7 @@ def training_loop(
         afs=afs, guidance_type=model_kwargs.get('guidance_type'), guidance_rate=model_kwargs.get('guidance_rate'),
         M=M, sampler_tea=sampler_tea, nfe=solvers.nfe(sampler_stu, num_steps, afs=afs, predictor=predictor))
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    total_iters = math.ceil(total_kimg * 1000 / batch)
+    total_iters = total_iterations(total_kimg, batch)
     scheduler = None
     if coslr:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total_kimg * 1000 // batch) + 1,
@@ -238,8 +247,7 @@ def training_loop(
 
     def save_snapshot():
         if rank == 0:
-            kimg = cur_iter * batch / 1000
-            predictor.save(os.path.join(run_dir, f'network-snapshot-{int(round(kimg)):06d}.safetensors'))
+            predictor.save(snapshot_path(run_dir, cur_iter, batch))
 
     # Main loop.
     iters_per_tick = max(1, math.ceil(kimg_per_tick * 1000 / batch))

@@ -1,0 +1,107 @@
+"""Running things twice (issue 18): the same training writes the same predictor file byte for byte, train.py
+--resume on a finished run changes nothing, and sample.py's folder check compares a predictor's content, not its
+file's bytes."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+from click.testing import CliRunner
+
+import sample
+import train
+from solvers.learned import load_predictor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+TINY = ['--num_steps=3', '--M=1', '--batch=4', '--total_kimg=0.008', '--alpha=0']
+
+
+def _files(folder):
+    """{relative path: (bytes, mtime_ns)} of every file under folder."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, 'rb') as f:
+                out[os.path.relpath(path, folder)] = (f.read(), os.stat(path).st_mtime_ns)
+    return out
+
+
+def _train_process(outdir, *args):
+    proc = subprocess.run([sys.executable, 'train.py', f'--outdir={outdir}', *TINY, *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    snapshot, = [os.path.join(root, n) for root, _, names in os.walk(outdir) for n in names
+                 if n.startswith('network-snapshot-')]
+    return snapshot
+
+
+@pytest.mark.parametrize('student', ['adasde', 'amed', 'epd'])
+def test_the_same_training_writes_the_same_bytes(tmp_path, student):
+    # Two processes: safetensors' metadata order changed from process to process before (another sha256 each time).
+    a = _train_process(tmp_path / 'a', f'--sampler_stu={student}')
+    b = _train_process(tmp_path / 'b', f'--sampler_stu={student}')
+    with open(a, 'rb') as fa, open(b, 'rb') as fb:
+        data = fa.read()
+        assert data == fb.read()
+    # The header is the sorted, compact JSON of the format, padded to 8 bytes; the file still reads everywhere.
+    size = struct.unpack('<Q', data[:8])[0]
+    header = data[8:8 + size]
+    assert size % 8 == 0 and header.decode().rstrip(' ') == json.dumps(json.loads(header), sort_keys=True,
+                                                                       separators=(',', ':'))
+    assert load_predictor(a).kind == student
+    assert set(safetensors.torch.load_file(a)) == set(load_predictor(a).state_dict())
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+    outdir = tmp_path / 'exps'
+    result = CliRunner().invoke(train.main, [f'--outdir={outdir}', *TINY])
+    assert result.exit_code == 0, result.output
+    run_dir, = outdir.iterdir()
+    before = _files(outdir)
+    result = CliRunner().invoke(train.main, [f'--outdir={outdir}', *TINY, '--resume'])
+    assert result.exit_code == 0, result.output
+    snapshot = run_dir / 'network-snapshot-000000.safetensors'
+    assert result.output.splitlines()[-1] == (f'--resume: {run_dir} is finished (2/2 iterations); its predictor: '
+                                              f'{snapshot}. Nothing to do (delete that run to train it again).')
+    assert 'iter ' not in result.output  # no training
+    assert _files(outdir) == before  # not a byte, not a timestamp: no log line, no options file, no snapshot
+
+
+def test_sample_compares_the_predictor_content(tmp_path):
+    outdir = tmp_path / 'exps'
+    assert CliRunner().invoke(train.main, [f'--outdir={outdir}', *TINY]).exit_code == 0
+    snapshot = str(next(outdir.glob('*/network-snapshot-*')))
+    images = tmp_path / 'images'
+
+    def run_sample(path, *extra):
+        return CliRunner().invoke(sample.main, [f'--predictor_path={path}', '--seeds=0-1', f'--outdir={images}',
+                                                *extra])
+    result = run_sample(snapshot)
+    assert result.exit_code == 0, result.output
+
+    # The same content in a file of other bytes (another header order, written by plain safetensors) and under
+    # another name: the folder takes it, the images are skipped as done.
+    predictor = load_predictor(snapshot)
+    meta = dict(settings=json.dumps(predictor.settings), hyperparams=json.dumps(predictor.hyperparams()),
+                version=str(predictor.format_version), format='adasde-predictor')
+    copy = tmp_path / 'copy.safetensors'
+    safetensors.torch.save_file(predictor.state_dict(), str(copy), metadata=meta)
+    assert copy.read_bytes() != open(snapshot, 'rb').read()
+    result = run_sample(copy)
+    assert result.exit_code == 0 and '(2 already done)' in result.output, result.output
+
+    # Another predictor (one coefficient changed) is refused, naming the predictor.
+    predictor.state_dict()[next(iter(predictor.state_dict()))].view(-1)[0] += 1e-3
+    other = tmp_path / 'other.safetensors'
+    predictor.save(other)
+    result = run_sample(other)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    error, = [line for line in result.output.splitlines() if line.startswith('Error:')]
+    assert error.startswith(f"Error: {images} was made with predictor={{'content_sha256': ") and \
+        'give --overwrite to replace its images, or another --outdir' in error, result.output
