@@ -36,8 +36,8 @@ def next_run_dir(outdir, desc):
     return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
 
 
-def _runs_with_state(outdir):
-    """(run_dir, its options) of the runs in outdir that have a training state, newest first."""
+def _runs(outdir):
+    """(run_dir, its options, whether it has a training state) of the runs in outdir, newest first."""
     if not os.path.isdir(outdir):
         return
     for d in sorted(os.listdir(outdir), reverse=True):
@@ -47,15 +47,27 @@ def _runs_with_state(outdir):
                 old = json.load(f)
         except (OSError, ValueError):
             continue
-        if isinstance(old, dict) and os.path.isfile(os.path.join(run_dir, 'training-state.pt')):
-            yield run_dir, {k: v for k, v in old.items() if k != 'run_dir'}
+        if isinstance(old, dict):
+            has_state = os.path.isfile(os.path.join(run_dir, 'training-state.pt'))
+            yield run_dir, {k: v for k, v in old.items() if k != 'run_dir'}, has_state
 
 
 def find_resumable(outdir, c):
     """The newest run in outdir with exactly these options and a training state to continue from."""
     new = {k: v for k, v in c.items() if k != 'run_dir'}
-    for run_dir, old in _runs_with_state(outdir):
-        if not cli.differing(old, new):
+    for run_dir, old, has_state in _runs(outdir):
+        if has_state and not cli.differing(old, new):
+            return run_dir
+    return None
+
+
+def find_stateless_twin(outdir, desc, c):
+    """The newest run named <id>-<desc> with exactly these options but no training state: a shipped run (exp/
+    keeps a run's options, log and predictor, not its state), retrained in place by --resume."""
+    new = {k: v for k, v in c.items() if k != 'run_dir'}
+    for run_dir, old, has_state in _runs(outdir):
+        if not has_state and re.fullmatch(r'\d+-' + re.escape(desc), os.path.basename(run_dir)) \
+                and not cli.differing(old, new):
             return run_dir
     return None
 
@@ -64,8 +76,8 @@ def check_no_conflicting_run(outdir, desc, c):
     """--resume found no run with these options: refuse if the newest run of the same name (<id>-<desc>), the
     one meant to be continued, was made with other options, naming the first that differs."""
     new = {k: v for k, v in c.items() if k != 'run_dir'}
-    for run_dir, old in _runs_with_state(outdir):
-        if re.fullmatch(r'\d+-' + re.escape(desc), os.path.basename(run_dir)):
+    for run_dir, old, has_state in _runs(outdir):
+        if has_state and re.fullmatch(r'\d+-' + re.escape(desc), os.path.basename(run_dir)):
             raise click.UsageError(f'--resume: {cli.mismatch_message(run_dir, old, new)}; give the same options to '
                                    'continue it, or leave out --resume to start a new run')
 
@@ -292,9 +304,16 @@ def main(**kwargs):
         cli.resolve_device(opts.device)
     cli.check_output_dir(opts.outdir, need_bytes=2**20)
     resume_dir = find_resumable(opts.outdir, c) if opts.resume else None
+    rerun_dir = None
     if opts.resume and resume_dir is None:
         check_no_conflicting_run(opts.outdir, desc, c)
-        dist.print0('No run with these options to resume; starting a new one.')
+        rerun_dir = find_stateless_twin(opts.outdir, desc, c)
+        if rerun_dir is not None:
+            dist.print0(f'--resume: {rerun_dir} has these options but no training state (a shipped run keeps only '
+                        'its predictor): training it again in place, from the start; its log and predictor are '
+                        'replaced.')
+        else:
+            dist.print0('No run with these options to resume; starting a new one.')
     if resume_dir is not None:
         from training.training_loop import snapshot_path, total_iterations
         done = check_training_state(os.path.join(resume_dir, 'training-state.pt'))
@@ -304,7 +323,7 @@ def main(**kwargs):
             dist.print0(f'--resume: {resume_dir} is finished ({total}/{total} iterations); its predictor: {final}. '
                         'Nothing to do (delete that run to train it again).')
             return
-    c.run_dir = resume_dir or next_run_dir(opts.outdir, desc)
+    c.run_dir = resume_dir or rerun_dir or next_run_dir(opts.outdir, desc)
 
     dist.print0(json.dumps(c, indent=2))
     parallel = make_predictor(kind, **hyper).parallel_nfe(opts.num_steps) - int(opts.afs)
@@ -318,6 +337,10 @@ def main(**kwargs):
 
     # Create the run directory and go.
     if dist.get_rank() == 0:
+        if rerun_dir is not None:  # a fresh log; the old predictor stays until the new one replaces it
+            for name in ('log.txt', 'stats.jsonl'):
+                if os.path.exists(os.path.join(rerun_dir, name)):
+                    os.remove(os.path.join(rerun_dir, name))
         os.makedirs(c.run_dir, exist_ok=True)
         cli.write_settings(os.path.join(c.run_dir, 'training_options.json'), c)
         Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)

@@ -105,3 +105,24 @@ def test_sample_compares_the_predictor_content(tmp_path):
     error, = [line for line in result.output.splitlines() if line.startswith('Error:')]
     assert error.startswith(f"Error: {images} was made with predictor={{'content_sha256': ") and \
         'give --overwrite to replace its images, or another --outdir' in error, result.output
+
+
+def test_resume_retrains_a_run_without_state_in_place(tmp_path):
+    """A shipped run (exp/ keeps options, log and predictor, not the training state): --resume with its options
+    trains it again into its own folder, with a fresh log, to the same bytes; never into a new <id>-... folder."""
+    outdir = tmp_path / 'exp'
+    assert CliRunner().invoke(train.main, [f'--outdir={outdir}', *TINY]).exit_code == 0
+    run_dir, = outdir.iterdir()
+    (run_dir / 'training-state.pt').unlink()
+    shipped = {name: data for name, (data, _) in _files(run_dir).items()}
+    result = CliRunner().invoke(train.main, [f'--outdir={outdir}', *TINY, '--resume'])
+    assert result.exit_code == 0, result.output
+    assert f'--resume: {run_dir} has these options but no training state (a shipped run keeps only its predictor): ' \
+        'training it again in place, from the start; its log and predictor are replaced.' in result.output
+    assert list(outdir.iterdir()) == [run_dir]
+    again = {name: data for name, (data, _) in _files(run_dir).items()}
+    assert set(again) == set(shipped) | {'training-state.pt'}
+    for name in ('network-snapshot-000000.safetensors', 'training_options.json'):
+        assert again[name] == shipped[name], name
+    assert len(again['stats.jsonl'].splitlines()) == len(shipped['stats.jsonl'].splitlines())  # replaced, not added
+    assert again['log.txt'].count(b'iter 2/2') == 1
