@@ -408,6 +408,10 @@ def build_config(kwargs):
     info = solvers.solver_info(c.solver)
     c.schedule_type = c.schedule_type or info.schedule[0]
     c.schedule_rho = info.schedule[1] if c.schedule_rho is None else c.schedule_rho
+    try:
+        solvers.check_schedule(c.schedule_type, c.schedule_rho)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--schedule_rho') from None
     c.nfe = solvers.nfe(c.solver, c.num_steps, afs=c.afs, **c.options)
     c.outdir = c.outdir or os.path.join('samples', _dataset_label(c), f'{c.solver}_nfe{c.nfe}')
     cli.check_output_dir(c.outdir)

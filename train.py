@@ -134,6 +134,11 @@ SOLVER_ONLY_FLAGS = dict(gamma='adasde', base='adasde', num_points='adasde or ep
 UNUSED_FLAGS = ('predict_x0', 'lower_order_final')
 
 
+def plugins_of(kind):
+    """The --sampler_stu names of a learned solver's forms."""
+    return [name for name, (k, _) in STUDENTS.items() if k == kind]
+
+
 def resolve_student(opts, given):
     """(learned solver, its base) of --sampler_stu, and the solver-dependent defaults filled into opts."""
     kind, base = STUDENTS[opts.sampler_stu]
@@ -152,6 +157,9 @@ def resolve_student(opts, given):
             opts[key] = value
     if kind == 'adasde':
         base = opts.base
+    elif 'base' in given and opts.base != base:  # an AMED or EPD student names its base itself
+        raise click.UsageError(f'--base is an option of adasde; the base of {kind} is chosen by --sampler_stu (one '
+                               f'of {", ".join(plugins_of(kind))}), here {opts.sampler_stu}: {base}')
     if opts.sampler_tea not in ('dpm', 'heun') and 'tea_substeps' in given:
         raise click.UsageError(f'--tea_substeps is for a dpm or heun teacher, not --sampler_tea={opts.sampler_tea}')
     return kind, base
@@ -258,8 +266,16 @@ def main(**kwargs):
     model = opts.model_path or opts.dataset_name
     kind, base = resolve_student(opts, given)
     feature_net = opts.feature_net or getattr(ZOO.get(opts.dataset_name), 'feature_net', None) or 'inception'
+    if opts.alpha == 0 and feature_net != 'none' and 'feature_net' in given:
+        raise click.UsageError(f'--feature_net={feature_net} is the network of the feature loss, which --alpha=0 '
+                               + ('turns off' if 'alpha' in given else f'(the default of {kind}) leaves out')
+                               + '; give --alpha > 0 to use it, or leave out --feature_net')
     if feature_net == 'none' or opts.alpha == 0:
         feature_net = None
+    try:
+        solvers.check_schedule(opts.schedule_type, opts.schedule_rho)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--schedule_rho') from None
     judge = detector_for(opts.dataset_name) if opts.dataset_name in ZOO else None
     if feature_net is not None and feature_net == judge:
         dist.print0(f'Warning: --feature_net={feature_net} is the FID detector of {opts.dataset_name}: FID then scores '
@@ -300,8 +316,15 @@ def main(**kwargs):
     desc = (f'{opts.dataset_name}-{opts.num_steps}-{nfe}-{student}-{opts.sampler_tea}-{opts.M}-'
             f'{schedule_tag(opts.schedule_type, opts.schedule_rho)}{"-afs" if opts.afs else ""}{opts.desc}')
 
-    if opts.device is not None:
-        cli.resolve_device(opts.device)
+    device = cli.resolve_device(opts.device) if opts.device is not None else dist.device()
+    entry = ZOO.get(model)
+    if entry is not None and entry.resolution and entry.channels:  # a --model_path model: in training_loop, loaded
+        from training.training_loop import check_batch_fits
+        try:
+            check_batch_fits(opts.batch, dist.get_world_size(), (entry.channels, entry.resolution, entry.resolution),
+                             opts.num_steps, device)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
     cli.check_output_dir(opts.outdir, need_bytes=2**20)
     resume_dir = find_resumable(opts.outdir, c) if opts.resume else None
     rerun_dir = None
@@ -347,10 +370,13 @@ def main(**kwargs):
     dist.barrier()
     from training.training_loop import training_loop
     state = os.path.join(c.run_dir, 'training-state.pt')
+    import torch
     try:
         training_loop(**c, resume_state=state if resume_dir else None)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
+    except (MemoryError, torch.cuda.OutOfMemoryError):  # the check before the run counts the states only
+        raise click.ClickException(f'out of memory during training at --batch={opts.batch}; lower --batch') from None
     # Stopped early (SIGTERM, Ctrl-C): exit 130/143, so that a script running train.py stops too (launch.sh).
     if dist.should_stop() and not glob.glob(os.path.join(glob.escape(c.run_dir), 'network-snapshot-*')):
         sys.exit(dist.stop_exit_code())

@@ -126,3 +126,56 @@ def test_resume_retrains_a_run_without_state_in_place(tmp_path):
         assert again[name] == shipped[name], name
     assert len(again['stats.jsonl'].splitlines()) == len(shipped['stats.jsonl'].splitlines())  # replaced, not added
     assert again['log.txt'].count(b'iter 2/2') == 1
+
+#----------------------------------------------------------------------------
+# Options that were dropped in silence or ended in a traceback: one Error line each, before any work (no run
+# folder).
+
+
+def _assert_error(command, expected, *args, tmp_path):
+    outdir = tmp_path / 'out'
+    result = CliRunner().invoke(command, [*map(str, args), f'--outdir={outdir}'])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert 'Traceback' not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith('Error:')]
+    assert errors == [f'Error: {expected}'], result.output
+    assert not outdir.exists()
+
+
+def test_train_base_of_an_amed_or_epd_student(tmp_path):
+    _assert_error(train.main, '--base is an option of adasde; the base of epd is chosen by --sampler_stu (one of epd, '
+                  'epd_ipndm), here epd_ipndm: ipndm', '--sampler_stu=epd_ipndm', '--base=deis', tmp_path=tmp_path)
+    _assert_error(train.main, '--base is an option of adasde; the base of amed is chosen by --sampler_stu (one of '
+                  'amed, euler, dpm, dpmpp, amed_ipndm), here dpm: dpm', '--sampler_stu=dpm', '--base=ipndm',
+                  tmp_path=tmp_path)
+    # The base the student has anyway is no contradiction.
+    result = CliRunner().invoke(train.main, ['--sampler_stu=epd_ipndm', '--base=ipndm', f'--outdir={tmp_path}', '-n'])
+    assert result.exit_code == 0 and '"base": "ipndm"' in result.output, result.output
+
+
+def test_train_feature_net_without_feature_loss(tmp_path):
+    _assert_error(train.main, '--feature_net=lpips is the network of the feature loss, which --alpha=0 turns off; '
+                  'give --alpha > 0 to use it, or leave out --feature_net', '--feature_net=lpips', '--alpha=0',
+                  tmp_path=tmp_path)
+    _assert_error(train.main, '--feature_net=digits is the network of the feature loss, which --alpha=0 (the default '
+                  'of amed) leaves out; give --alpha > 0 to use it, or leave out --feature_net', '--sampler_stu=amed',
+                  '--feature_net=digits', tmp_path=tmp_path)
+    result = CliRunner().invoke(train.main, ['--feature_net=none', '--alpha=0', f'--outdir={tmp_path}', '-n'])
+    assert result.exit_code == 0 and '"feature_net": null' in result.output, result.output
+
+
+@pytest.mark.parametrize('schedule', ['polynomial', 'time_uniform'])
+def test_schedule_rho_zero(tmp_path, schedule):
+    expected = (f'Invalid value for --schedule_rho: the {schedule} schedule takes the 1/rho power: rho must be '
+                'finite and nonzero, not 0')
+    _assert_error(train.main, expected, f'--schedule_type={schedule}', '--schedule_rho=0', tmp_path=tmp_path)
+    _assert_error(sample.main, expected, '--dataset_name=digits', '--solver=euler', f'--schedule_type={schedule}',
+                  '--schedule_rho=0', tmp_path=tmp_path)
+
+
+def test_train_batch_that_cannot_fit(tmp_path):
+    from training.training_loop import memory_of
+    have = memory_of('cpu') / 2**30
+    _assert_error(train.main, f'--batch=1000000000: one iteration holds at least 1192.1 GiB per process (1000000000 '
+                  f'trajectories x 5 states of 1x8x8 float32), more than the {have:.1f} GiB of cpu; lower --batch (or '
+                  'spread it over more processes)', '--batch=1000000000', tmp_path=tmp_path)
