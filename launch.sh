@@ -2,7 +2,7 @@
 # Named presets: distill an AdaSDE predictor, sample, score. Edit freely.
 #
 #   bash launch.sh                 # the demo: digits model, 5 NFE, AdaSDE vs its best learned peer and 7 baselines, ~9 min on 2 CPU cores
-#   bash launch.sh digits-nfe5     # (re)train one shipped digits predictor into exp/ (also digits-nfe3/7/9,
+#   bash launch.sh digits-nfe5     # retrain one shipped digits predictor in its exp/ folder (also digits-nfe3/7/9,
 #                                  #   and the paper's form: digits-paper-nfe3/5)
 #   bash launch.sh cifar10         # the paper's recipes: train, sample 50k, FID (GPUs; also ffhq, imagenet64,
 #                                  #   lsun_bedroom, imagenet256, lsun_bedroom_ldm, ms_coco, sdxl)
@@ -20,9 +20,9 @@ run() { if [ "$GPUS" -gt 1 ]; then torchrun --standalone --nproc_per_node="$GPUS
 PRESETS="demo digits-nfe3 digits-nfe5 digits-nfe7 digits-nfe9 digits-paper-nfe3 digits-paper-nfe5 digits-peers cifar10 ffhq imagenet64 lsun_bedroom imagenet256
     lsun_bedroom_ldm ms_coco sdxl"
 declare -A ABOUT=([demo]="(default) digits model, 5 NFE: distill AdaSDE, sample 10k with it, its best learned peer and 7 baselines, FID + RMSE table"
-    [digits-nfe3]="(re)train the shipped digits predictor at 3 NFE into exp/ (also digits-nfe5|7|9)"
-    [digits-peers]="(re)train the learned peers on digits into exp/: AMED, its plug-ins, EPD, EPD-Plugin, AdaSDE without gamma"
-    [digits-paper-nfe3]="(re)train the shipped paper-form digits predictor at 3 NFE (also digits-paper-nfe5)"
+    [digits-nfe3]="retrain the shipped digits predictor at 3 NFE in its exp/ folder (also digits-nfe5|7|9)"
+    [digits-peers]="retrain the shipped learned peers on digits in their exp/ folders: AMED, its plug-ins, EPD, EPD-Plugin, AdaSDE without gamma"
+    [digits-paper-nfe3]="retrain the shipped paper-form digits predictor at 3 NFE in its exp/ folder (also digits-paper-nfe5)"
     [cifar10]="the paper's recipe: train, sample 50k, FID (GPUs)" [ffhq]="the paper's recipe (GPUs)"
     [imagenet64]="the paper's recipe (GPUs)" [lsun_bedroom]="the paper's recipe (GPUs)"
     [imagenet256]="guided diffusion 256 with classifier guidance, lsun_bedroom's recipe (GPUs)"
@@ -44,7 +44,9 @@ usage() {
 
 # One step of a preset: a step that fails or is stopped (Ctrl-C, SIGTERM: exit 130/143) ends the preset, with
 # one line saying so; its own error is above that line. Every train.py here runs with --resume, so running the
-# preset again continues a stopped run (and reuses a finished one: delete it from exps/ to start over).
+# preset again continues a stopped run (and reuses a finished one: delete it from exps/ to start over). A preset
+# that reproduces a shipped run (--outdir=exp) retrains it in its own folder, replacing its log and predictor
+# (exp/ keeps no training state; train.py --resume says so), never into a new exp/<id>-... folder.
 step() {  # label command...
     local label=$1 rc=0
     shift
@@ -209,7 +211,8 @@ demo)
     printf 'Look at 64 AdaSDE samples: %s\n' "$out/adasde-grid.png"
     ;;
 digits-peers)
-    # Every learned peer at 3-9 NFE into exp/ (30 runs, a few minutes each on a CPU); --resume reuses finished runs.
+    # Every learned peer at 3-9 NFE, each retrained in its exp/ folder (30 runs, a few minutes each on a CPU);
+    # --resume reuses the runs this checkout finished.
     i=0
     total=$(peer_runs | wc -l)
     while read -r n afs flags; do

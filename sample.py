@@ -353,8 +353,7 @@ def folder_settings(c, shown, schedule_type, schedule_rho, dtype):
         options=dict(shown), num_steps=c.num_steps, afs=c.afs, schedule_type=schedule_type,
         schedule_rho=schedule_rho, class_idx=c.class_idx, guidance_type=c.guidance_type,
         guidance_rate=c.guidance_rate, prompt=prompt, dtype=str(dtype).removeprefix('torch.'), subdirs=c.subdirs,
-        predictor=dict(file=os.path.abspath(c.predictor_file), sha256=_file_digest(c.predictor_file))
-        if c.predictor_path else None)
+        predictor=dict(kind=c.solver, content_sha256=c.options['predictor'].digest()) if c.predictor_path else None)
 
 
 def existing_images(outdir):
@@ -409,6 +408,10 @@ def build_config(kwargs):
     info = solvers.solver_info(c.solver)
     c.schedule_type = c.schedule_type or info.schedule[0]
     c.schedule_rho = info.schedule[1] if c.schedule_rho is None else c.schedule_rho
+    try:
+        solvers.check_schedule(c.schedule_type, c.schedule_rho)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--schedule_rho') from None
     c.nfe = solvers.nfe(c.solver, c.num_steps, afs=c.afs, **c.options)
     c.outdir = c.outdir or os.path.join('samples', _dataset_label(c), f'{c.solver}_nfe{c.nfe}')
     cli.check_output_dir(c.outdir)

@@ -36,8 +36,8 @@ def next_run_dir(outdir, desc):
     return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
 
 
-def _runs_with_state(outdir):
-    """(run_dir, its options) of the runs in outdir that have a training state, newest first."""
+def _runs(outdir):
+    """(run_dir, its options, whether it has a training state) of the runs in outdir, newest first."""
     if not os.path.isdir(outdir):
         return
     for d in sorted(os.listdir(outdir), reverse=True):
@@ -47,15 +47,27 @@ def _runs_with_state(outdir):
                 old = json.load(f)
         except (OSError, ValueError):
             continue
-        if isinstance(old, dict) and os.path.isfile(os.path.join(run_dir, 'training-state.pt')):
-            yield run_dir, {k: v for k, v in old.items() if k != 'run_dir'}
+        if isinstance(old, dict):
+            has_state = os.path.isfile(os.path.join(run_dir, 'training-state.pt'))
+            yield run_dir, {k: v for k, v in old.items() if k != 'run_dir'}, has_state
 
 
 def find_resumable(outdir, c):
     """The newest run in outdir with exactly these options and a training state to continue from."""
     new = {k: v for k, v in c.items() if k != 'run_dir'}
-    for run_dir, old in _runs_with_state(outdir):
-        if not cli.differing(old, new):
+    for run_dir, old, has_state in _runs(outdir):
+        if has_state and not cli.differing(old, new):
+            return run_dir
+    return None
+
+
+def find_stateless_twin(outdir, desc, c):
+    """The newest run named <id>-<desc> with exactly these options but no training state: a shipped run (exp/
+    keeps a run's options, log and predictor, not its state), retrained in place by --resume."""
+    new = {k: v for k, v in c.items() if k != 'run_dir'}
+    for run_dir, old, has_state in _runs(outdir):
+        if not has_state and re.fullmatch(r'\d+-' + re.escape(desc), os.path.basename(run_dir)) \
+                and not cli.differing(old, new):
             return run_dir
     return None
 
@@ -64,14 +76,15 @@ def check_no_conflicting_run(outdir, desc, c):
     """--resume found no run with these options: refuse if the newest run of the same name (<id>-<desc>), the
     one meant to be continued, was made with other options, naming the first that differs."""
     new = {k: v for k, v in c.items() if k != 'run_dir'}
-    for run_dir, old in _runs_with_state(outdir):
-        if re.fullmatch(r'\d+-' + re.escape(desc), os.path.basename(run_dir)):
+    for run_dir, old, has_state in _runs(outdir):
+        if has_state and re.fullmatch(r'\d+-' + re.escape(desc), os.path.basename(run_dir)):
             raise click.UsageError(f'--resume: {cli.mismatch_message(run_dir, old, new)}; give the same options to '
                                    'continue it, or leave out --resume to start a new run')
 
 
 def check_training_state(path):
-    """One line, never torch's advice to unpickle, when training-state.pt is not a state that train.py wrote."""
+    """The iteration a training state reached; one line, never torch's advice to unpickle, when training-state.pt is
+    not a state that train.py wrote."""
     import torch
     problem = None
     if not zipfile.is_zipfile(path):
@@ -86,6 +99,7 @@ def check_training_state(path):
     if problem:
         raise click.ClickException(f'cannot resume from {path}: {problem}; delete it to restart that run, or leave '
                                    'out --resume to start a new one')
+    return int(state['cur_iter'])
 
 #----------------------------------------------------------------------------
 
@@ -120,6 +134,11 @@ SOLVER_ONLY_FLAGS = dict(gamma='adasde', base='adasde', num_points='adasde or ep
 UNUSED_FLAGS = ('predict_x0', 'lower_order_final')
 
 
+def plugins_of(kind):
+    """The --sampler_stu names of a learned solver's forms."""
+    return [name for name, (k, _) in STUDENTS.items() if k == kind]
+
+
 def resolve_student(opts, given):
     """(learned solver, its base) of --sampler_stu, and the solver-dependent defaults filled into opts."""
     kind, base = STUDENTS[opts.sampler_stu]
@@ -138,6 +157,9 @@ def resolve_student(opts, given):
             opts[key] = value
     if kind == 'adasde':
         base = opts.base
+    elif 'base' in given and opts.base != base:  # an AMED or EPD student names its base itself
+        raise click.UsageError(f'--base is an option of adasde; the base of {kind} is chosen by --sampler_stu (one '
+                               f'of {", ".join(plugins_of(kind))}), here {opts.sampler_stu}: {base}')
     if opts.sampler_tea not in ('dpm', 'heun') and 'tea_substeps' in given:
         raise click.UsageError(f'--tea_substeps is for a dpm or heun teacher, not --sampler_tea={opts.sampler_tea}')
     return kind, base
@@ -244,8 +266,16 @@ def main(**kwargs):
     model = opts.model_path or opts.dataset_name
     kind, base = resolve_student(opts, given)
     feature_net = opts.feature_net or getattr(ZOO.get(opts.dataset_name), 'feature_net', None) or 'inception'
+    if opts.alpha == 0 and feature_net != 'none' and 'feature_net' in given:
+        raise click.UsageError(f'--feature_net={feature_net} is the network of the feature loss, which --alpha=0 '
+                               + ('turns off' if 'alpha' in given else f'(the default of {kind}) leaves out')
+                               + '; give --alpha > 0 to use it, or leave out --feature_net')
     if feature_net == 'none' or opts.alpha == 0:
         feature_net = None
+    try:
+        solvers.check_schedule(opts.schedule_type, opts.schedule_rho)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--schedule_rho') from None
     judge = detector_for(opts.dataset_name) if opts.dataset_name in ZOO else None
     if feature_net is not None and feature_net == judge:
         dist.print0(f'Warning: --feature_net={feature_net} is the FID detector of {opts.dataset_name}: FID then scores '
@@ -286,16 +316,37 @@ def main(**kwargs):
     desc = (f'{opts.dataset_name}-{opts.num_steps}-{nfe}-{student}-{opts.sampler_tea}-{opts.M}-'
             f'{schedule_tag(opts.schedule_type, opts.schedule_rho)}{"-afs" if opts.afs else ""}{opts.desc}')
 
-    if opts.device is not None:
-        cli.resolve_device(opts.device)
+    device = cli.resolve_device(opts.device) if opts.device is not None else dist.device()
+    entry = ZOO.get(model)
+    if entry is not None and entry.resolution and entry.channels:  # a --model_path model: in training_loop, loaded
+        from training.training_loop import check_batch_fits
+        try:
+            check_batch_fits(opts.batch, dist.get_world_size(), (entry.channels, entry.resolution, entry.resolution),
+                             opts.num_steps, device)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
     cli.check_output_dir(opts.outdir, need_bytes=2**20)
     resume_dir = find_resumable(opts.outdir, c) if opts.resume else None
+    rerun_dir = None
     if opts.resume and resume_dir is None:
         check_no_conflicting_run(opts.outdir, desc, c)
-        dist.print0('No run with these options to resume; starting a new one.')
+        rerun_dir = find_stateless_twin(opts.outdir, desc, c)
+        if rerun_dir is not None:
+            dist.print0(f'--resume: {rerun_dir} has these options but no training state (a shipped run keeps only '
+                        'its predictor): training it again in place, from the start; its log and predictor are '
+                        'replaced.')
+        else:
+            dist.print0('No run with these options to resume; starting a new one.')
     if resume_dir is not None:
-        check_training_state(os.path.join(resume_dir, 'training-state.pt'))
-    c.run_dir = resume_dir or next_run_dir(opts.outdir, desc)
+        from training.training_loop import snapshot_path, total_iterations
+        done = check_training_state(os.path.join(resume_dir, 'training-state.pt'))
+        total = total_iterations(opts.total_kimg, opts.batch)
+        final = snapshot_path(resume_dir, total, opts.batch)
+        if done >= total and os.path.isfile(final):  # finished: nothing to redo, no file to rewrite
+            dist.print0(f'--resume: {resume_dir} is finished ({total}/{total} iterations); its predictor: {final}. '
+                        'Nothing to do (delete that run to train it again).')
+            return
+    c.run_dir = resume_dir or rerun_dir or next_run_dir(opts.outdir, desc)
 
     dist.print0(json.dumps(c, indent=2))
     parallel = make_predictor(kind, **hyper).parallel_nfe(opts.num_steps) - int(opts.afs)
@@ -309,16 +360,23 @@ def main(**kwargs):
 
     # Create the run directory and go.
     if dist.get_rank() == 0:
+        if rerun_dir is not None:  # a fresh log; the old predictor stays until the new one replaces it
+            for name in ('log.txt', 'stats.jsonl'):
+                if os.path.exists(os.path.join(rerun_dir, name)):
+                    os.remove(os.path.join(rerun_dir, name))
         os.makedirs(c.run_dir, exist_ok=True)
         cli.write_settings(os.path.join(c.run_dir, 'training_options.json'), c)
         Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
     dist.barrier()
     from training.training_loop import training_loop
     state = os.path.join(c.run_dir, 'training-state.pt')
+    import torch
     try:
         training_loop(**c, resume_state=state if resume_dir else None)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
+    except (MemoryError, torch.cuda.OutOfMemoryError):  # the check before the run counts the states only
+        raise click.ClickException(f'out of memory during training at --batch={opts.batch}; lower --batch') from None
     # Stopped early (SIGTERM, Ctrl-C): exit 130/143, so that a script running train.py stops too (launch.sh).
     if dist.should_stop() and not glob.glob(os.path.join(glob.escape(c.run_dir), 'network-snapshot-*')):
         sys.exit(dist.stop_exit_code())

@@ -42,7 +42,7 @@ from torch_utils.misc import atomic_write
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = os.path.join(ROOT, 'src', 'digits', 'fid-ref.npz')
 DATA = os.path.join(ROOT, 'src', 'digits', 'digits-8x8.zip')
-CACHE = os.path.join(ROOT, 'samples', 'bench-cache')
+CACHE = os.path.join(ROOT, 'samples', 'bench-cache')  # default of --cache
 NFES = (3, 5, 7, 9)
 BASELINES = [
     ('euler', {}), ('heun', {}), ('dpm', {}), ('dpmpp', dict(max_order=2)), ('dpmpp', dict(max_order=3)),
@@ -67,14 +67,14 @@ def images_of(net, seeds, solver, options, num_steps, afs, schedule=None, batch=
 class Judges:
     """FID, KID and RMSE-to-converged of sample sets drawn from a fixed list of seeds."""
 
-    def __init__(self, net, seeds):
+    def __init__(self, net, seeds, cache=CACHE):
         self.detector = get_detector(detector_for('digits'))
         ref = load_stats(REF)
         self.mu, self.sigma = ref['mu'], ref['sigma']
         real = ImageFolder(DATA)
         self.real_features = self.features(torch.from_numpy(np.stack([real[i] for i in range(len(real))])))
-        os.makedirs(CACHE, exist_ok=True)
-        path = os.path.join(CACHE, f'{CONVERGED[0]}{CONVERGED[1]}-{seeds[0]}-{len(seeds)}.pt')
+        os.makedirs(cache, exist_ok=True)
+        path = os.path.join(cache, f'{CONVERGED[0]}{CONVERGED[1]}-{seeds[0]}-{len(seeds)}.pt')
         if os.path.isfile(path):
             self.converged = torch.load(path, weights_only=True)
         else:
@@ -120,11 +120,11 @@ def is_learned(label):
     return label.split(' ')[0] in LEARNED_LABELS
 
 
-def measure(seeds, nfes, only, predictors):
+def measure(seeds, nfes, only, predictors, cache=CACHE):
     """{label: {nfe: {metric: (value, setting)}}}: per judge, the best setting of each solver at each NFE."""
     net = load_model('digits')
     start = time.time()
-    judges = Judges(net, seeds)
+    judges = Judges(net, seeds, cache)
     print(f'converged reference ({CONVERGED[0]}, N={CONVERGED[1]}) ready after {time.time() - start:.0f} s',
           flush=True)
     rows = {}
@@ -293,7 +293,9 @@ def load_rows(path):
 @click.option('--replot', help='Only redraw <out>.md and <out>.png from <out>.json', is_flag=True)
 @click.option('--merge', help='Start from the rows of earlier .json files (same seeds; repeatable, e.g. one per '
               'NFE run in parallel), replacing those measured again', multiple=True)
-def main(num, first_seed, nfes, only, predictors, no_shipped, out, replot, merge):
+@click.option('--cache', help='Folder of the converged images, kept for the next run on the same seeds', type=str,
+              default=CACHE, show_default=True)
+def main(num, first_seed, nfes, only, predictors, no_shipped, out, replot, merge, cache):
     """Quality vs NFE of every solver on the digits model, by FID, KID and RMSE to the converged sampler."""
     nfes = tuple(int(n) for n in nfes.split(','))
     if replot:
@@ -317,7 +319,7 @@ def main(num, first_seed, nfes, only, predictors, no_shipped, out, replot, merge
             for label, cells in old_rows.items():
                 merged.setdefault(label, {}).update(cells)
             nfes_all |= set(old_nfes)
-        rows = measure(list(range(first_seed, first_seed + num)), nfes, only, extra)
+        rows = measure(list(range(first_seed, first_seed + num)), nfes, only, extra, cache)
         for label, cells in rows.items():
             merged.setdefault(label, {}).update(cells)
         rows = merged

@@ -7,7 +7,7 @@ where x is the state at sigmas[0] and net(x, sigma, **extra_args) is the denoise
 
 from . import adasde, amed, deis, dpm, dpmpp, edm, epd, er_sde, euler, heun, ipndm, unipc  # noqa: F401  (each module registers its solvers on import)
 from .registry import OPTION_DOCS, SOLVERS, SolverInfo, option_table
-from .schedules import SCHEDULES, get_schedule
+from .schedules import SCHEDULES, check_schedule, get_schedule
 
 #----------------------------------------------------------------------------
 
@@ -39,7 +39,7 @@ def nfe(name, num_steps, afs=False, **options):
     return solver_info(name).nfe(num_steps, **options) - int(bool(afs))
 
 
-__all__ = ['SOLVERS', 'SCHEDULES', 'OPTION_DOCS', 'option_table', 'get_schedule', 'get_solver', 'solver_info',
-           'check_options', 'nfe']
+__all__ = ['SOLVERS', 'SCHEDULES', 'OPTION_DOCS', 'option_table', 'check_schedule', 'get_schedule', 'get_solver',
+           'solver_info', 'check_options', 'nfe']
 
 #----------------------------------------------------------------------------

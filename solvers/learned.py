@@ -12,6 +12,7 @@ one differentiable step, `predictor.step(net, i, x, sigmas, state, extra_args, r
 shared by its sampler and by training.
 """
 
+import hashlib
 import json
 
 import torch
@@ -60,9 +61,16 @@ class LearnedPredictor(torch.nn.Module):
         """Refuse sampling settings that differ from those the predictor was trained for (None matches all)."""
         snapshot.check_settings(dict(self.settings, num_steps=self.num_steps), settings)
 
+    def _file_args(self):
+        return f'{self.kind}-predictor', self.format_version, self.hyperparams(), self.settings, self.state_dict()
+
     def save(self, path):
-        snapshot.write_predictor_file(path, f'{self.kind}-predictor', self.format_version, self.hyperparams(),
-                                      self.settings, self.state_dict())
+        snapshot.write_predictor_file(path, *self._file_args())
+
+    def digest(self):
+        """sha256 of what decides this predictor's samples (its kind, hyperparameters, settings and tensors): the
+        hash of the file `save` writes, whatever file (or official snapshot) it was loaded from."""
+        return hashlib.sha256(snapshot.predictor_file_bytes(*self._file_args())).hexdigest()
 
     @classmethod
     def load(cls, path):

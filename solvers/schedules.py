@@ -33,6 +33,16 @@ class VPTime:
 #----------------------------------------------------------------------------
 
 
+def check_schedule(schedule_type, schedule_rho):
+    """ValueError (one line) for a schedule that cannot be built whatever the model: an unknown type, or an
+    exponent the type cannot take (polynomial, time_uniform and discrete take the 1/rho power; logsnr has none)."""
+    if schedule_type not in SCHEDULES:
+        raise ValueError(f'unknown schedule_type {schedule_type!r}; choose from {", ".join(SCHEDULES)}')
+    if schedule_type != 'logsnr' and not (math.isfinite(float(schedule_rho)) and float(schedule_rho) != 0):
+        raise ValueError(f'the {schedule_type} schedule takes the 1/rho power: rho must be finite and nonzero, not '
+                         f'{float(schedule_rho):g}')
+
+
 def get_schedule(num_steps, sigma_min, sigma_max, schedule_type='polynomial', schedule_rho=7, net=None):
     """Return `num_steps` decreasing noise levels from sigma_max to sigma_min as a float64 tensor.
 
@@ -43,6 +53,7 @@ def get_schedule(num_steps, sigma_min, sigma_max, schedule_type='polynomial', sc
         raise ValueError(f'num_steps must be at least 2, got {num_steps}')
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f'need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}')
+    check_schedule(schedule_type, schedule_rho)
     u = np.linspace(0, 1, num_steps, dtype=np.float64)
     rho = float(schedule_rho)
     if schedule_type == 'polynomial':
@@ -52,7 +63,7 @@ def get_schedule(num_steps, sigma_min, sigma_max, schedule_type='polynomial', sc
     elif schedule_type == 'time_uniform':
         vp = VPTime(sigma_min, sigma_max)
         sigmas = vp.sigma((1 + u * (vp.eps_s ** (1 / rho) - 1)) ** rho)
-    elif schedule_type == 'discrete':
+    else:  # discrete
         if net is None or not hasattr(net, 'sigma_inv'):
             raise ValueError("schedule_type='discrete' needs a discrete-time model (net.sigma, net.sigma_inv)")
         t_max = float(net.sigma_inv(torch.as_tensor(sigma_max, dtype=torch.float64)))
@@ -60,8 +71,6 @@ def get_schedule(num_steps, sigma_min, sigma_max, schedule_type='polynomial', sc
         # The reference omits the 1/rho power on t_max (harmless at rho=1); this is the corrected form.
         t = (t_max ** (1 / rho) + u * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho
         sigmas = net.sigma(torch.as_tensor(t, dtype=torch.float64)).double().cpu().numpy()
-    else:
-        raise ValueError(f'unknown schedule_type {schedule_type!r}; choose from {", ".join(SCHEDULES)}')
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     sigmas[0], sigmas[-1] = sigma_max, sigma_min  # exact endpoints, whatever the rounding
     return sigmas

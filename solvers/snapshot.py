@@ -13,6 +13,7 @@ and replaces any other class or function the pickle names by an inert placeholde
 import io
 import json
 import pickle
+import struct
 
 import safetensors
 import safetensors.torch
@@ -109,13 +110,30 @@ SNAPSHOT_ERRORS = (OSError, pickle.UnpicklingError, EOFError, KeyError, Attribut
 # told apart by content (a pickle starts with its protocol byte 0x80).
 
 
+def predictor_file_bytes(file_format, version, hyperparams, settings, tensors):
+    """The bytes of a predictor file: a function of its arguments only. safetensors writes the metadata from a
+    hash map whose order changes from process to process (the same training gave files with other sha256s), so the
+    header is rewritten here with sorted keys, compact, padded with spaces to 8 bytes as the format requires; the
+    tensor data (sorted by safetensors itself) and its offsets are kept as written."""
+    meta = dict(format=file_format, version=str(version), hyperparams=json.dumps(hyperparams, sort_keys=True),
+                settings=json.dumps(settings, sort_keys=True))
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
+    data = safetensors.torch.save(tensors, metadata=meta)
+    size = struct.unpack('<Q', data[:8])[0]
+    header = json.dumps(json.loads(data[8:8 + size]), sort_keys=True, separators=(',', ':')).encode()
+    header += b' ' * (-len(header) % 8)
+    return struct.pack('<Q', len(header)) + header + data[8 + size:]
+
+
 def write_predictor_file(path, file_format, version, hyperparams, settings, tensors):
     """Write `tensors` (float32, on the CPU) and the JSON metadata format / version / hyperparams / settings as one
-    .safetensors file, atomically."""
-    meta = dict(format=file_format, version=str(version), hyperparams=json.dumps(hyperparams),
-                settings=json.dumps(settings))
-    tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+    .safetensors file, atomically; the same arguments give the same bytes."""
+    data = predictor_file_bytes(file_format, version, hyperparams, settings, tensors)
+
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            f.write(data)
+    atomic_write(path, write)
 
 
 def check_settings(trained, given):
@@ -144,6 +162,7 @@ def read_predictor_file(path, what):
 
 __all__ = ['Captured', 'CapturedModule', 'Placeholder', 'SnapshotUnpickler', 'load_snapshot', 'module_state',
            'parameter', 'SNAPSHOT_ERRORS', 'read_predictor_file', 'write_predictor_file',
+           'predictor_file_bytes',
            'check_settings']
 
 #----------------------------------------------------------------------------

@@ -333,7 +333,7 @@ def test_train_resume_with_other_options_is_refused(tmp_path):
     assert list(outdir.iterdir()) == [run_dir] and _files(run_dir) == before
     # The same options resume it; another run name (other num_steps) is another experiment: a new run.
     code, output, _ = _invoke(train.main, '--outdir', outdir, *TRAIN, '--resume')
-    assert code == 0 and f'Output directory: {run_dir}' in output, output
+    assert code == 0 and f'--resume: {run_dir} is finished' in output, output
     code, output, _ = _invoke(train.main, '--outdir', outdir, *TRAIN, '--num_steps=4', '--resume', '--dry-run')
     assert code == 0 and 'No run with these options to resume; starting a new one.' in output, output
 

@@ -306,22 +306,22 @@ def test_distilled_multistep_plugin_beats_its_base(tmp_path):
 def test_bench_quality_runs_on_a_few_seeds(tmp_path):
     """bench/quality.py prints FID, KID and RMSE for its rows (tiny: 20 seeds, one NFE, one baseline)."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    res = subprocess.run([sys.executable, 'bench/quality.py', '--num=20', '--first_seed=500', '--nfe=3',
-                          '--solvers=deis', '--no_shipped', f'--out={tmp_path / "q"}'], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+
+    def bench(*args):  # its converged images go under tmp_path, never into the checkout
+        return subprocess.run([sys.executable, 'bench/quality.py', '--first_seed=500', '--no_shipped',
+                               f'--cache={tmp_path / "cache"}', *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+    res = bench('--num=20', '--nfe=3', '--solvers=deis', f'--out={tmp_path / "q"}')
     assert res.returncode == 0, res.stderr[-2000:]
+    assert os.listdir(tmp_path / 'cache') == ['heun51-500-20.pt']
     rows = json.load(open(tmp_path / 'q.json'))['rows']
     assert set(rows) == {'converged', 'deis'} and set(rows['deis']['3']) == {'fid', 'kid', 'rmse'}
     assert rows['converged']['100']['rmse'][0] == 0 and rows['deis']['3']['rmse'][0] > 0
     assert '### RMSE to converged' in open(tmp_path / 'q.md').read()
     # Runs split by NFE merge into one table.
-    res = subprocess.run([sys.executable, 'bench/quality.py', '--num=20', '--first_seed=500', '--nfe=5',
-                          '--solvers=dpm', '--no_shipped', f'--merge={tmp_path / "q.json"}', f'--out={tmp_path / "m"}'],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = bench('--num=20', '--nfe=5', '--solvers=dpm', f'--merge={tmp_path / "q.json"}', f'--out={tmp_path / "m"}')
     assert res.returncode == 0, res.stderr[-2000:]
     merged = json.load(open(tmp_path / 'm.json'))
     assert merged['nfes'] == [3, 5] and set(merged['rows']['deis']) == {'3'} and set(merged['rows']['dpm']) == {'5'}
-    res = subprocess.run([sys.executable, 'bench/quality.py', '--num=21', '--first_seed=500', '--nfe=5',
-                          '--solvers=none', '--no_shipped', f'--merge={tmp_path / "q.json"}'],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = bench('--num=21', '--nfe=5', '--solvers=none', f'--merge={tmp_path / "q.json"}')
     assert res.returncode == 2 and 'measured on other seeds' in res.stderr

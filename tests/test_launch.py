@@ -162,9 +162,12 @@ def test_each_shipped_predictor_is_what_its_preset_trains(checkout, preset):
         shipped = json.load(f)
     assert {k: v for k, v in options.items() if k != 'run_dir'} == {k: v for k, v in shipped.items() if k != 'run_dir'}
     assert glob.glob(os.path.join(run, 'network-snapshot-*.safetensors'))
+    # The preset retrains that run in place (exp/ holds no training state), never into a new exp/<id>-... folder.
+    assert f'Output directory: exp/{os.path.basename(run)}\n' in dry.stdout
+    assert f'--resume: exp/{os.path.basename(run)} has these options but no training state' in dry.stdout
 
 
-def test_each_shipped_peer_is_what_digits_peers_trains(checkout):
+def test_each_shipped_peer_is_what_digits_peers_trains(checkout, monkeypatch):
     """The learned peers in exp/ (AMED, its plug-ins, EPD, EPD-Plugin, AdaSDE without gamma) are exactly the runs of
     `bash launch.sh digits-peers`: each of its train.py commands gives the options recorded in one shipped run."""
     import glob
@@ -182,6 +185,7 @@ def test_each_shipped_peer_is_what_digits_peers_trains(checkout):
             options = json.load(f)
         shipped[os.path.basename(os.path.dirname(path))] = {k: v for k, v in options.items() if k != 'run_dir'}
     matched = set()
+    monkeypatch.chdir(REPO)  # the preset's --outdir=exp, as launch.sh runs it (a dry run writes nothing)
     for line in lines:
         dry = CliRunner().invoke(train.main, line.split()[1:] + ['-n'])
         assert dry.exit_code == 0, dry.output
@@ -190,5 +194,6 @@ def test_each_shipped_peer_is_what_digits_peers_trains(checkout):
         runs = [name for name, recorded in shipped.items() if recorded == options]
         assert len(runs) == 1, (line, runs)
         assert glob.glob(os.path.join(REPO, 'exp', runs[0], 'network-snapshot-*.safetensors')), runs[0]
+        assert f'Output directory: exp/{runs[0]}\n' in out  # retrained in place, not into a new folder
         matched.add(runs[0])
     assert len(matched) == 30

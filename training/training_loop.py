@@ -122,6 +122,39 @@ def distill_iteration(net, predictor, optimizer, student_sigmas, teacher_sigmas,
     return losses
 
 
+def total_iterations(total_kimg, batch):
+    return math.ceil(total_kimg * 1000 / batch)
+
+
+def snapshot_path(run_dir, cur_iter, batch):
+    """The predictor file of iteration cur_iter (named by its kimg, as EDM names snapshots)."""
+    return os.path.join(run_dir, f'network-snapshot-{int(round(cur_iter * batch / 1000)):06d}.safetensors')
+
+
+def memory_of(device):
+    """Bytes of memory of a device (the machine's RAM for the CPU); None where unknown."""
+    device = torch.device(device)
+    if device.type == 'cpu':
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if device.type == 'cuda':
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
+def check_batch_fits(batch, world, image_shape, num_steps, device):
+    """ValueError (one line) for a batch whose states cannot fit the device. One iteration keeps, for each of its
+    batch / world trajectories per process, the latent, the starting state and the teacher's num_steps - 1 target
+    states at once (all accumulation rounds together: the student's steps run over every round), at least float32;
+    activations and the student's graph come on top, so this is a lower bound that refuses only what cannot fit."""
+    have = memory_of(device)
+    need = (batch // world) * math.prod(image_shape) * 4 * (num_steps + 1)
+    if have is not None and need > have:
+        shape = 'x'.join(str(n) for n in image_shape)
+        raise ValueError(f'--batch={batch}: one iteration holds at least {need / 2**30:.1f} GiB per process '
+                         f'({batch // world} trajectories x {num_steps + 1} states of {shape} float32), more than the '
+                         f'{have / 2**30:.1f} GiB of {device}; lower --batch (or spread it over more processes)')
+
+
 def model_dtype(net):
     """float64 for a model computing in float64 (its parameters, or an exact denoiser without any), else float32."""
     params = list(net.parameters()) if isinstance(net, torch.nn.Module) else []
@@ -191,6 +224,7 @@ def training_loop(
         from models.sd import load_prompts
         net.prompts = load_prompts(prompts)
     num_steps = predictor_kwargs['num_steps']
+    check_batch_fits(batch, world, (net.img_channels, net.img_resolution, net.img_resolution), num_steps, device)
     student_sigmas, teacher_sigmas = student_and_teacher_sigmas(net, num_steps, M, schedule_type, schedule_rho)
     if alpha > 0 and feature_net is not None:
         from models.detectors import get_feature_net
@@ -214,7 +248,7 @@ def training_loop(
         afs=afs, guidance_type=model_kwargs.get('guidance_type'), guidance_rate=model_kwargs.get('guidance_rate'),
         M=M, sampler_tea=sampler_tea, nfe=solvers.nfe(sampler_stu, num_steps, afs=afs, predictor=predictor))
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    total_iters = math.ceil(total_kimg * 1000 / batch)
+    total_iters = total_iterations(total_kimg, batch)
     scheduler = None
     if coslr:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total_kimg * 1000 // batch) + 1,
@@ -238,8 +272,7 @@ def training_loop(
 
     def save_snapshot():
         if rank == 0:
-            kimg = cur_iter * batch / 1000
-            predictor.save(os.path.join(run_dir, f'network-snapshot-{int(round(kimg)):06d}.safetensors'))
+            predictor.save(snapshot_path(run_dir, cur_iter, batch))
 
     # Main loop.
     iters_per_tick = max(1, math.ceil(kimg_per_tick * 1000 / batch))
