@@ -38,12 +38,34 @@ PREDICTOR_SETTINGS = ('num_steps', 'afs', 'schedule_type', 'schedule_rho', 'guid
 
 #----------------------------------------------------------------------------
 # Batch-invariant network evaluation. On the CPU, matrix products and
-# convolutions take different code paths for different batch sizes (a batch
-# of 1 runs a matrix-vector product), so the same image can come out ~3e-8
-# apart in a batch of 1 and in a batch of 64: enough to flip a rounded pixel
-# now and then. Feeding the network only chunks of exactly `size` images (the
-# last one padded with copies of its final image) runs every image through the
+# convolutions take different code paths for different batch sizes and thread
+# counts (a batch of 1 runs a matrix-vector product; a 1x1 convolution of
+# fewer than 16 images changes kernel with the thread count), so the same
+# image can come out ~3e-8 apart in a batch of 1 and in a batch of 64: enough
+# to flip a rounded pixel now and then. Feeding the network -- and the
+# decoder of a latent model -- only chunks of exactly `size` images (the last
+# one padded with copies of its final image) runs every image through the
 # same kernels, whatever the batch around it.
+
+
+def call_in_chunks(fn, size, batch, **args):
+    """fn(**args) on chunks of exactly `size` rows (size <= 0: one call): every tensor argument whose first
+    dimension is `batch` is cut (the last chunk padded with copies of its final row); the outputs are joined."""
+    if size <= 0 or batch == size:
+        return fn(**args)
+    outputs = []
+    for start in range(0, batch, size):
+        chunk = {k: _chunk_rows(v, batch, start, size) for k, v in args.items()}
+        outputs.append(fn(**chunk)[:min(size, batch - start)])
+    return torch.cat(outputs)
+
+
+def _chunk_rows(value, batch, start, size):
+    if not torch.is_tensor(value) or value.ndim == 0 or value.shape[0] != batch:
+        return value
+    rows = value[start:start + size]
+    pad = size - rows.shape[0]
+    return torch.cat([rows, rows[-1:].expand(pad, *rows.shape[1:])]) if pad else rows
 
 
 class FixedBatchDenoiser:
@@ -62,19 +84,7 @@ class FixedBatchDenoiser:
             return self.net(x, sigma, **kwargs)
         sigma = torch.as_tensor(sigma, device=x.device)
         sigma = sigma.reshape(-1).expand(batch) if sigma.numel() in (1, batch) else sigma
-        args = dict(x=x, sigma=sigma, **kwargs)
-        outputs = []
-        for start in range(0, batch, self.size):
-            chunk = {k: self._rows(v, batch, start) for k, v in args.items()}
-            outputs.append(self.net(**chunk)[:min(self.size, batch - start)])
-        return torch.cat(outputs)
-
-    def _rows(self, value, batch, start):
-        if not torch.is_tensor(value) or value.ndim == 0 or value.shape[0] != batch:
-            return value
-        rows = value[start:start + self.size]
-        pad = self.size - rows.shape[0]
-        return torch.cat([rows, rows[-1:].expand(pad, *rows.shape[1:])]) if pad else rows
+        return call_in_chunks(self.net, self.size, batch, x=x, sigma=sigma, **kwargs)
 
 #----------------------------------------------------------------------------
 # Files: <outdir>[/<seed - seed % 1000:06d>]/<seed:06d>.png, written to a
@@ -181,7 +191,8 @@ def generate_batches(net, batches, solver, options, sigmas, *, afs=False, net_ba
         extra_args = condition_fn(batch_seeds) if condition_fn is not None else None
         x = sample_batch(evaluator, batch_seeds, solver, sigmas, options, afs=afs, class_idx=class_idx,
                          extra_args=extra_args, dtype=dtype, device=device)
-        yield batch_seeds, (net.decode(x) if hasattr(net, 'decode') else x)
+        yield batch_seeds, (call_in_chunks(net.decode, net_batch, x.shape[0], latents=x) if hasattr(net, 'decode')
+                            else x)
 
 #----------------------------------------------------------------------------
 # Predictors: a file, a folder of snapshots, or an experiment number looked up

@@ -71,10 +71,11 @@ class CMDenoiser(_Adapter):
         sd2 = self.sigma_data ** 2
         c_skip = sd2 / (s ** 2 + sd2)
         c_out = s * self.sigma_data / (s ** 2 + sd2).sqrt()
-        c_in = 1 / (s ** 2 + sd2).sqrt()
-        t_net = 250 * torch.log(s)
+        s64 = sigma.double()  # the network's inputs from float64 coefficients, whatever the state's dtype
+        c_in = 1 / (s64 ** 2 + sd2).sqrt()
+        t_net = 250 * torch.log(s64)
         with self._amp(x):
-            F_x = self.unet((_col(c_in, dtype) * x).float(), t_net.float())
+            F_x = self.unet((_col(c_in, torch.float64) * x).float(), t_net.float())
         return (_col(c_skip, dtype) * x + _col(c_out, dtype) * F_x.to(dtype)).to(x.dtype)
 
 #----------------------------------------------------------------------------
@@ -129,9 +130,11 @@ class ADMGuidedDenoiser(_Adapter):
         sigma = _sigma_rows(x, sigma)
         dtype = torch.promote_types(x.dtype, sigma.dtype)
         s = sigma.to(dtype)
-        c_in = _col(1 / (1 + s ** 2).sqrt(), dtype)
-        c_noise = self.network_time(s).float()
-        x_in = (c_in * x).float()
+        # The network's inputs from float64 coefficients, whatever the state's dtype (as LDMDenoiser): the time
+        # computed in float32 lands a float32 step or two off, and the time embedding follows it.
+        s64 = sigma.double()
+        c_noise = self.network_time(s64).float()
+        x_in = (_col(1 / (1 + s64 ** 2).sqrt(), torch.float64) * x).float()
         with self._amp(x):
             eps = self.unet(x_in, c_noise, y)[:, :self.img_channels].to(dtype)
         if self.guidance_rate != 0:
@@ -170,9 +173,10 @@ class LDMDenoiser(DiscreteVPSchedule, _Adapter):
         sigma = _sigma_rows(x, sigma)
         dtype = torch.promote_types(x.dtype, sigma.dtype)
         s = sigma.to(dtype)
-        c_in = _col(1 / (1 + s ** 2).sqrt(), dtype)
+        s64 = sigma.double()  # the network's inputs from float64 coefficients, as the other adapters
         with self._amp(x):
-            eps = self.unet((c_in * x).float(), self.network_time(s).float())
+            eps = self.unet((_col(1 / (1 + s64 ** 2).sqrt(), torch.float64) * x).float(),
+                            self.network_time(s64).float())
         return (x - _col(s, dtype) * eps.to(dtype)).to(x.dtype)
 
     def decode(self, latents):

@@ -710,6 +710,30 @@ def test_sample_py_one_and_two_processes(files, tmp_path, kind):
     assert '2 process(es)' in proc.stdout and _pngs(tmp_path / 'two') == one
 
 
+def test_ldm_images_depend_on_the_seed_only(files):
+    """A batch of several gives the same decoded images, and so the same PNG bytes, as each image alone, under 1 and
+    2 threads: the VQ decoder sees fixed-size chunks as the UNet does (a 1x1 convolution of fewer than 16 images
+    takes another kernel with 2 threads than with 1, and the decoded pixels moved by up to 6e-6)."""
+    import sample
+    net = load(files[0], 'ldm')
+    seeds = [0, 1, 2, 3, 4]
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for num_threads, batch in ((1, 5), (2, 5), (1, 1), (2, 1), (2, 2)):
+            torch.set_num_threads(num_threads)
+            with torch.no_grad():
+                images = torch.cat([x for _, x in sample.generate_images(net, seeds, 'dpmpp', num_steps=3,
+                                                                         max_batch_size=batch, net_batch=16)])
+            runs.append(images)
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[0].shape == (5, 3, 32, 32)
+    for images in runs[1:]:
+        assert torch.equal(images, runs[0])
+        assert sample.to_uint8(images).tobytes() == sample.to_uint8(runs[0]).tobytes()
+
+
 def test_sample_py_bad_arch_is_one_line(files, tmp_path):
     from click.testing import CliRunner
 
