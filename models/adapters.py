@@ -279,11 +279,23 @@ def ldm_parts(arch):
 # Loading.
 
 
+def cm_attention_as_conv1d(sd, unet):
+    """The Consistency Models code builds attention's qkv and proj_out as 1x1 Conv2d (weights [out, in, 1, 1]),
+    guided-diffusion and this UNet as Conv1d ([out, in, 1]) on the flattened pixels: the same map, so a published
+    weight of that shape is taken with its last axis dropped. Files in this UNet's own layout pass unchanged."""
+    own = unet.state_dict()
+
+    def fits(k, v):
+        return (k.endswith(('.qkv.weight', '.proj_out.weight')) and k in own and own[k].ndim == 3 and v.ndim == 4
+                and tuple(v.shape) == (*own[k].shape, 1))
+    return {k: v[..., 0] if fits(k, v) else v for k, v in sd.items()}
+
+
 def load_cm(path, arch=None, published=None, amp_dtype='float16'):
     flags = merged(published, parse_arch(arch), openai_unet.GUIDED_DEFAULTS, 'model_arch')
     unet = build_cm(flags)
-    checkpoint.load_strict(unet, checkpoint.state_dict_of(checkpoint.read(path, 'cm checkpoint'), path), path,
-                           'cm (consistency-models UNet)')
+    sd = checkpoint.state_dict_of(checkpoint.read(path, 'cm checkpoint'), path)
+    checkpoint.load_strict(unet, cm_attention_as_conv1d(sd, unet), path, 'cm (consistency-models UNet)')
     return CMDenoiser(unet, amp_dtype=amp_dtype)
 
 
