@@ -261,7 +261,19 @@ def predictor_config(c, given):
     c.options = dict(predictor=predictor)
 
 
+def _model_file(name):
+    """What a model name or path loads, for comparing models: a zoo name's file where it is stored (its folder's
+    model.json for the embedded models), a model folder's model.json, else the name itself."""
+    entry = models.zoo.ZOO.get(name)
+    if entry is not None and entry.file:
+        path = models.zoo.local_path(entry)
+        return path if os.path.exists(path) or not entry.url else (models.zoo.cached_path(entry.url) or path)
+    return os.path.join(name, 'model.json') if os.path.isdir(name) else name
+
+
 def _same_model(a, b):
+    """Whether two model names or paths load the same model (by the file they resolve to, not the string)."""
+    a, b = _model_file(a), _model_file(b)
     return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 #----------------------------------------------------------------------------
@@ -402,6 +414,7 @@ def build_config(kwargs):
         raise click.UsageError('give --dataset_name, --model_path or --predictor_path')
     if c.dataset_name is not None and c.model_path is not None and c.predictor_path is None:
         raise click.UsageError('give --dataset_name or --model_path, not both')
+    cli.check_model_kind(c.model_kind, c.model_path)
     c.solver = c.solver or 'dpmpp'
     c.num_steps = c.num_steps or 6
     c.afs = bool(c.afs)
