@@ -472,9 +472,9 @@ def test_features_of_the_openai_families():
         for p in net.parameters():  # the originals zero their output layers; random weights everywhere
             torch.nn.init.normal_(p, 0, 0.2)
         x = latents(3, (net.img_channels, net.img_resolution, net.img_resolution), scale=1.7).float()
-        vp = (x / torch.sqrt(1 + sigma ** 2)).float()
+        vp = (x.double() / torch.sqrt(1 + sigma ** 2)).float()  # scaled in float64, as the adapters
         if net is cm:
-            expected = openai_explicit(net.unet, (x / torch.sqrt(sigma ** 2 + 0.25)).float(),
+            expected = openai_explicit(net.unet, (x.double() / torch.sqrt(sigma ** 2 + 0.25)).float(),
                                        (250 * torch.log(sigma)).float().expand(3))
             extra = None
         elif net is adm:
