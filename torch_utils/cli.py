@@ -66,15 +66,15 @@ def run(command):
             err.show()
         report_to_torchrun(f'Error: {err.format_message()}')
         sys.exit(err.exit_code)
-    except Exception as err:
-        import traceback
-        report_to_torchrun(f'{type(err).__name__}: {err}', traceback.format_exc().rstrip())
-        raise
-    except (click.Abort, KeyboardInterrupt):
+    except (click.Abort, KeyboardInterrupt):  # click.Abort is a RuntimeError: before the clause below
         if is_rank0():
             print(f'{os.path.basename(sys.argv[0])}: stopped (Ctrl-C); files written so far are whole and kept. '
                   'Run the same command again to continue.', file=sys.stderr, flush=True)
         sys.exit(130)
+    except Exception as err:
+        import traceback
+        report_to_torchrun(f'{type(err).__name__}: {err}', traceback.format_exc().rstrip())
+        raise
     sys.exit(rv if isinstance(rv, int) else 0)
 
 # Under torchrun a failing rank makes the launcher print its own report (about 45 lines: its traceback, then a
