@@ -17,6 +17,7 @@ import click
 import numpy as np
 import PIL.Image
 
+from torch_utils import cli
 from torch_utils.cli import one_line
 from torch_utils.misc import atomic_write
 
@@ -183,16 +184,23 @@ def read_dataset(path, max_size=None, random_seed=0):
 @click.option('--max-images', help='Write at most this many images', metavar='INT', type=click.IntRange(min=1))
 def main(source, dest, max_images):
     """Write a dataset in the EDM format (an uncompressed zip of PNGs with dataset.json labels)."""
+    if dest.lower().endswith('.zip'):
+        cli.check_output_file(dest)
+    else:
+        cli.check_output_dir(dest, option='--dest')
     images, labels = load_digits_source()
     if max_images is not None:
         images, labels = images[:max_images], labels[:max_images]
-    write_dataset(dest, images, labels)
+    try:
+        write_dataset(dest, images, labels)
+    except OSError as err:
+        raise click.ClickException(f'--dest={dest}: cannot write ({one_line(err)})') from None
     click.echo(f'Wrote {len(images)} images of {images.shape[2]}x{images.shape[1]} to {dest}')
 
 #----------------------------------------------------------------------------
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)
 
 #----------------------------------------------------------------------------

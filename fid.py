@@ -410,11 +410,17 @@ def rmse_to_reference(images, reference):
               metavar='PATH|ZIP', type=str, required=True)
 @_click_errors
 def rmse(image_path, ref_path):
-    """Mean per-image RMSE (pixels in [0, 1]) to the images of the same names under --reference."""
+    """Mean per-image RMSE (pixels in [0, 1]) to the images of the same names under --reference.
+
+    Only the names (seeds) found in both folders are scored; a line before the value says how many, and how many
+    were found in one folder only (e.g. 10k samples for FID against a 1k converged reference: 1000 scored)."""
     images, reference = ImageFolder(image_path), ImageFolder(ref_path)
-    common = sorted(set(images.names) & set(reference.names))
+    names, ref_names = set(images.names), set(reference.names)
+    common = sorted(names & ref_names)
     if not common:
         raise FIDInputError(f'no image of {image_path} has a namesake under {ref_path}')
+    print(f'Scoring {len(common)} images found in both folders; {len(names) - len(common)} only under --images, '
+          f'{len(ref_names) - len(common)} only under --reference (not scored)')
 
     def pick(folder):
         where = {name: i for i, name in enumerate(folder.names)}

@@ -38,12 +38,39 @@ PREDICTOR_SETTINGS = ('num_steps', 'afs', 'schedule_type', 'schedule_rho', 'guid
 
 #----------------------------------------------------------------------------
 # Batch-invariant network evaluation. On the CPU, matrix products and
-# convolutions take different code paths for different batch sizes (a batch
-# of 1 runs a matrix-vector product), so the same image can come out ~3e-8
-# apart in a batch of 1 and in a batch of 64: enough to flip a rounded pixel
-# now and then. Feeding the network only chunks of exactly `size` images (the
-# last one padded with copies of its final image) runs every image through the
-# same kernels, whatever the batch around it.
+# convolutions take different code paths for different batch sizes and thread
+# counts (a batch of 1 runs a matrix-vector product; a 1x1 convolution of
+# fewer than 16 images changes kernel with the thread count), so the same
+# image can come out ~3e-8 apart in a batch of 1 and in a batch of 64: enough
+# to flip a rounded pixel now and then. Feeding the network -- and the
+# decoder of a latent model -- only chunks of exactly `size` images (the last
+# one padded with copies of its final image) runs every image through the
+# same kernels, whatever the batch around it. The decoder takes chunks of
+# DECODER_CHUNK images: the fewest for which those CPU kernels no longer
+# change with the thread count (measured: 1x1 convolutions, chunks of 1 to 15
+# differ between 1 and 2 threads), and few enough that a 512-pixel decoder
+# stays small in memory whatever --batch is.
+DECODER_CHUNK = 16
+
+
+def call_in_chunks(fn, size, batch, **args):
+    """fn(**args) on chunks of exactly `size` rows (size <= 0: one call): every tensor argument whose first
+    dimension is `batch` is cut (the last chunk padded with copies of its final row); the outputs are joined."""
+    if size <= 0 or batch == size:
+        return fn(**args)
+    outputs = []
+    for start in range(0, batch, size):
+        chunk = {k: _chunk_rows(v, batch, start, size) for k, v in args.items()}
+        outputs.append(fn(**chunk)[:min(size, batch - start)])
+    return torch.cat(outputs)
+
+
+def _chunk_rows(value, batch, start, size):
+    if not torch.is_tensor(value) or value.ndim == 0 or value.shape[0] != batch:
+        return value
+    rows = value[start:start + size]
+    pad = size - rows.shape[0]
+    return torch.cat([rows, rows[-1:].expand(pad, *rows.shape[1:])]) if pad else rows
 
 
 class FixedBatchDenoiser:
@@ -62,19 +89,7 @@ class FixedBatchDenoiser:
             return self.net(x, sigma, **kwargs)
         sigma = torch.as_tensor(sigma, device=x.device)
         sigma = sigma.reshape(-1).expand(batch) if sigma.numel() in (1, batch) else sigma
-        args = dict(x=x, sigma=sigma, **kwargs)
-        outputs = []
-        for start in range(0, batch, self.size):
-            chunk = {k: self._rows(v, batch, start) for k, v in args.items()}
-            outputs.append(self.net(**chunk)[:min(self.size, batch - start)])
-        return torch.cat(outputs)
-
-    def _rows(self, value, batch, start):
-        if not torch.is_tensor(value) or value.ndim == 0 or value.shape[0] != batch:
-            return value
-        rows = value[start:start + self.size]
-        pad = self.size - rows.shape[0]
-        return torch.cat([rows, rows[-1:].expand(pad, *rows.shape[1:])]) if pad else rows
+        return call_in_chunks(self.net, self.size, batch, x=x, sigma=sigma, **kwargs)
 
 #----------------------------------------------------------------------------
 # Files: <outdir>[/<seed - seed % 1000:06d>]/<seed:06d>.png, written to a
@@ -181,7 +196,8 @@ def generate_batches(net, batches, solver, options, sigmas, *, afs=False, net_ba
         extra_args = condition_fn(batch_seeds) if condition_fn is not None else None
         x = sample_batch(evaluator, batch_seeds, solver, sigmas, options, afs=afs, class_idx=class_idx,
                          extra_args=extra_args, dtype=dtype, device=device)
-        yield batch_seeds, (net.decode(x) if hasattr(net, 'decode') else x)
+        yield batch_seeds, (call_in_chunks(net.decode, DECODER_CHUNK, x.shape[0], latents=x)
+                            if hasattr(net, 'decode') else x)
 
 #----------------------------------------------------------------------------
 # Predictors: a file, a folder of snapshots, or an experiment number looked up
@@ -250,7 +266,19 @@ def predictor_config(c, given):
     c.options = dict(predictor=predictor)
 
 
+def _model_file(name):
+    """What a model name or path loads, for comparing models: a zoo name's file where it is stored (its folder's
+    model.json for the embedded models), a model folder's model.json, else the name itself."""
+    entry = models.zoo.ZOO.get(name)
+    if entry is not None and entry.file:
+        path = models.zoo.local_path(entry)
+        return path if os.path.exists(path) or not entry.url else (models.zoo.cached_path(entry.url) or path)
+    return os.path.join(name, 'model.json') if os.path.isdir(name) else name
+
+
 def _same_model(a, b):
+    """Whether two model names or paths load the same model (by the file they resolve to, not the string)."""
+    a, b = _model_file(a), _model_file(b)
     return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 #----------------------------------------------------------------------------
@@ -390,6 +418,7 @@ def build_config(kwargs):
         raise click.UsageError('give --dataset_name, --model_path or --predictor_path')
     if c.dataset_name is not None and c.model_path is not None and c.predictor_path is None:
         raise click.UsageError('give --dataset_name or --model_path, not both')
+    cli.check_model_kind(c.model_kind, c.model_path)
     c.solver = c.solver or 'dpmpp'
     c.num_steps = c.num_steps or 6
     c.afs = bool(c.afs)

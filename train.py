@@ -258,6 +258,7 @@ def main(**kwargs):
     if opts.model_path is None and opts.dataset_name not in models:
         raise click.BadParameter(f'unknown dataset {opts.dataset_name!r}; choose from {", ".join(models)} '
                                  'or give --model_path', param_hint='--dataset_name')
+    cli.check_model_kind(opts.model_kind, opts.model_path)
     if opts.model_kind is not None and click.get_current_context().get_parameter_source('dataset_name') \
             == click.core.ParameterSource.DEFAULT:
         # A user's cm/adm/ldm checkpoint is not the digits model: name the run after its file (and so use the

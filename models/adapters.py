@@ -71,10 +71,11 @@ class CMDenoiser(_Adapter):
         sd2 = self.sigma_data ** 2
         c_skip = sd2 / (s ** 2 + sd2)
         c_out = s * self.sigma_data / (s ** 2 + sd2).sqrt()
-        c_in = 1 / (s ** 2 + sd2).sqrt()
-        t_net = 250 * torch.log(s)
+        s64 = sigma.double()  # the network's inputs from float64 coefficients, whatever the state's dtype
+        c_in = 1 / (s64 ** 2 + sd2).sqrt()
+        t_net = 250 * torch.log(s64)
         with self._amp(x):
-            F_x = self.unet((_col(c_in, dtype) * x).float(), t_net.float())
+            F_x = self.unet((_col(c_in, torch.float64) * x).float(), t_net.float())
         return (_col(c_skip, dtype) * x + _col(c_out, dtype) * F_x.to(dtype)).to(x.dtype)
 
 #----------------------------------------------------------------------------
@@ -129,9 +130,11 @@ class ADMGuidedDenoiser(_Adapter):
         sigma = _sigma_rows(x, sigma)
         dtype = torch.promote_types(x.dtype, sigma.dtype)
         s = sigma.to(dtype)
-        c_in = _col(1 / (1 + s ** 2).sqrt(), dtype)
-        c_noise = self.network_time(s).float()
-        x_in = (c_in * x).float()
+        # The network's inputs from float64 coefficients, whatever the state's dtype (as LDMDenoiser): the time
+        # computed in float32 lands a float32 step or two off, and the time embedding follows it.
+        s64 = sigma.double()
+        c_noise = self.network_time(s64).float()
+        x_in = (_col(1 / (1 + s64 ** 2).sqrt(), torch.float64) * x).float()
         with self._amp(x):
             eps = self.unet(x_in, c_noise, y)[:, :self.img_channels].to(dtype)
         if self.guidance_rate != 0:
@@ -170,9 +173,10 @@ class LDMDenoiser(DiscreteVPSchedule, _Adapter):
         sigma = _sigma_rows(x, sigma)
         dtype = torch.promote_types(x.dtype, sigma.dtype)
         s = sigma.to(dtype)
-        c_in = _col(1 / (1 + s ** 2).sqrt(), dtype)
+        s64 = sigma.double()  # the network's inputs from float64 coefficients, as the other adapters
         with self._amp(x):
-            eps = self.unet((c_in * x).float(), self.network_time(s).float())
+            eps = self.unet((_col(1 / (1 + s64 ** 2).sqrt(), torch.float64) * x).float(),
+                            self.network_time(s64).float())
         return (x - _col(s, dtype) * eps.to(dtype)).to(x.dtype)
 
     def decode(self, latents):
@@ -275,11 +279,23 @@ def ldm_parts(arch):
 # Loading.
 
 
+def cm_attention_as_conv1d(sd, unet):
+    """The Consistency Models code builds attention's qkv and proj_out as 1x1 Conv2d (weights [out, in, 1, 1]),
+    guided-diffusion and this UNet as Conv1d ([out, in, 1]) on the flattened pixels: the same map, so a published
+    weight of that shape is taken with its last axis dropped. Files in this UNet's own layout pass unchanged."""
+    own = unet.state_dict()
+
+    def fits(k, v):
+        return (k.endswith(('.qkv.weight', '.proj_out.weight')) and k in own and own[k].ndim == 3 and v.ndim == 4
+                and tuple(v.shape) == (*own[k].shape, 1))
+    return {k: v[..., 0] if fits(k, v) else v for k, v in sd.items()}
+
+
 def load_cm(path, arch=None, published=None, amp_dtype='float16'):
     flags = merged(published, parse_arch(arch), openai_unet.GUIDED_DEFAULTS, 'model_arch')
     unet = build_cm(flags)
-    checkpoint.load_strict(unet, checkpoint.state_dict_of(checkpoint.read(path, 'cm checkpoint'), path), path,
-                           'cm (consistency-models UNet)')
+    sd = checkpoint.state_dict_of(checkpoint.read(path, 'cm checkpoint'), path)
+    checkpoint.load_strict(unet, cm_attention_as_conv1d(sd, unet), path, 'cm (consistency-models UNet)')
     return CMDenoiser(unet, amp_dtype=amp_dtype)
 
 

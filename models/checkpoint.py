@@ -51,10 +51,20 @@ def read(path, what='checkpoint'):
             raise ModelError(f'{path}: refused by the safe loader (torch.load with weights_only=True): the file '
                              'stores Python objects besides tensors; in an environment you trust, load it and '
                              'torch.save its state_dict') from None
-        raise ModelError(f'{path}: not a readable PyTorch checkpoint ({one_line(err)})') from None
+        raise ModelError(f'{path}: not a PyTorch checkpoint (the safe loader stopped: {_reason(err)})') from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError) as err:
         raise ModelError(f'{path}: not a readable PyTorch checkpoint (truncated or another format: '
-                         f'{one_line(err)})') from None
+                         f'{_reason(err)})') from None
+
+
+def _reason(err):
+    """torch's reason for refusing a file, without its advice to retry with weights_only=False: that unpickles
+    arbitrary code, never to be done for a file that is not known to be a checkpoint."""
+    text = str(err)
+    if 'WeightsUnpickler error:' in text:
+        text = text.split('WeightsUnpickler error:', 1)[1].split('Check the documentation', 1)[0]
+    text = one_line(text)
+    return text if text and 'weights_only' not in text else 'not a valid checkpoint stream'
 
 
 def state_dict_of(obj, path):

@@ -466,14 +466,15 @@ def test_features_of_the_openai_families():
                                      adapters.build_classifier(OPENAI_ARCH['cls']), guidance_rate=1.0)
     unet, vq, acp, _ = adapters.ldm_parts(dict(zoo.ZOO['lsun_bedroom_ldm'].arch['model'], **OPENAI_ARCH['ldm']))
     ldm = adapters.LDMDenoiser(unet, vq, acp)
-    sigma = torch.tensor(1.7, dtype=torch.float64)
+    # The level as the denoiser receives it: denoise() gives sigma in the state's dtype (float32 here).
+    sigma = torch.tensor(1.7, dtype=torch.float32).double()
     for net in (cm, adm, ldm):
         for p in net.parameters():  # the originals zero their output layers; random weights everywhere
             torch.nn.init.normal_(p, 0, 0.2)
         x = latents(3, (net.img_channels, net.img_resolution, net.img_resolution), scale=1.7).float()
-        vp = (x / torch.sqrt(1 + sigma ** 2)).float()
+        vp = (x.double() / torch.sqrt(1 + sigma ** 2)).float()  # scaled in float64, as the adapters
         if net is cm:
-            expected = openai_explicit(net.unet, (x / torch.sqrt(sigma ** 2 + 0.25)).float(),
+            expected = openai_explicit(net.unet, (x.double() / torch.sqrt(sigma ** 2 + 0.25)).float(),
                                        (250 * torch.log(sigma)).float().expand(3))
             extra = None
         elif net is adm:
@@ -484,6 +485,31 @@ def test_features_of_the_openai_families():
             expected = openai_explicit(net.unet, vp, net.network_time(sigma).float().expand(3))
             extra = None
         check_features(net, x, 1.7, expected, extra, module=net.unet.middle_block)
+
+
+def test_openai_network_inputs_do_not_depend_on_the_state_dtype():
+    """The UNet sees the same float32 input and time for a float32 and a float64 state: the coefficients are
+    computed in float64 (a time computed in float32 was a float32 step off, 364.13544 for 364.13547 at sigma 1.7,
+    and the ADM features moved by 1e-4)."""
+    from models import adapters, zoo
+    torch.manual_seed(0)
+    unet, vq, acp, _ = adapters.ldm_parts(dict(zoo.ZOO['lsun_bedroom_ldm'].arch['model'], **OPENAI_ARCH['ldm']))
+    nets = (adapters.CMDenoiser(adapters.build_cm(OPENAI_ARCH['cm'])),
+            adapters.ADMGuidedDenoiser(adapters.build_adm(OPENAI_ARCH['adm']), guidance_rate=0),
+            adapters.LDMDenoiser(unet, vq, acp))
+    for net in nets:
+        x = latents(3, (net.img_channels, net.img_resolution, net.img_resolution), scale=1.7).float()
+        extra = dict(class_labels=torch.tensor([1, 4, 9])) if net.label_dim else {}
+        seen = []
+        handle = net.unet.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[:2]))
+        try:
+            with torch.no_grad():
+                for state in (x, x.double()):
+                    net(state, torch.tensor(1.7, dtype=torch.float32).to(state.dtype), **extra)
+        finally:
+            handle.remove()
+        (x32, t32), (x64, t64) = seen
+        assert t32.dtype == t64.dtype == torch.float32 and torch.equal(t32, t64) and torch.equal(x32, x64)
 
 
 @pytest.fixture(scope='module')

@@ -308,6 +308,97 @@ def test_qkv_layout(files, kind, layout):
     assert (before - after).abs().max() > 1e-4  # the layout matters for the whole denoiser
 
 
+#----------------------------------------------------------------------------
+# The Consistency Models file layout, written out from that code's description (not from this project's
+# modules): a guided-diffusion UNet whose attention qkv and proj_out are 1x1 Conv2d, weights [out, in, 1, 1].
+PUBLISHED_CM_ARCH = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult='1,2',
+                         attention_resolutions='8', num_head_channels=16, use_scale_shift_norm=False,
+                         resblock_updown=True, dropout=0.0)
+
+
+def _published_res(prefix, c_in, c_out, emb=128):
+    """ResBlock: in_layers.{0 GroupNorm, 2 conv3x3}, emb_layers.1 (Linear to C), out_layers.{0 GroupNorm,
+    3 conv3x3}, skip_connection (1x1 conv) only when the width changes."""
+    shapes = {'in_layers.0.weight': [c_in], 'in_layers.0.bias': [c_in],
+              'in_layers.2.weight': [c_out, c_in, 3, 3], 'in_layers.2.bias': [c_out],
+              'emb_layers.1.weight': [c_out, emb], 'emb_layers.1.bias': [c_out],
+              'out_layers.0.weight': [c_out], 'out_layers.0.bias': [c_out],
+              'out_layers.3.weight': [c_out, c_out, 3, 3], 'out_layers.3.bias': [c_out]}
+    if c_in != c_out:
+        shapes.update({'skip_connection.weight': [c_out, c_in, 1, 1], 'skip_connection.bias': [c_out]})
+    return {f'{prefix}.{k}': v for k, v in shapes.items()}
+
+
+def _published_attn(prefix, c):
+    return {f'{prefix}.norm.weight': [c], f'{prefix}.norm.bias': [c], f'{prefix}.qkv.weight': [3 * c, c, 1, 1],
+            f'{prefix}.qkv.bias': [3 * c], f'{prefix}.proj_out.weight': [c, c, 1, 1], f'{prefix}.proj_out.bias': [c]}
+
+
+def published_cm_state_dict(seed=0):
+    """PUBLISHED_CM_ARCH's tensors as the Consistency Models code names and shapes them: widths 32 (level 0) and
+    64 (level 1, 8x8, attention, 4 heads of 16), time embedding 128, downsample and upsample by ResBlocks."""
+    shapes = {'time_embed.0.weight': [128, 32], 'time_embed.0.bias': [128],
+              'time_embed.2.weight': [128, 128], 'time_embed.2.bias': [128],
+              'input_blocks.0.0.weight': [32, 3, 3, 3], 'input_blocks.0.0.bias': [32]}
+    shapes.update(_published_res('input_blocks.1.0', 32, 32))
+    shapes.update(_published_res('input_blocks.2.0', 32, 32))  # down=True
+    shapes.update(_published_res('input_blocks.3.0', 32, 64))
+    shapes.update(_published_attn('input_blocks.3.1', 64))
+    shapes.update(_published_res('middle_block.0', 64, 64))
+    shapes.update(_published_attn('middle_block.1', 64))
+    shapes.update(_published_res('middle_block.2', 64, 64))
+    # Output blocks take the skip of input blocks 3, 2, 1, 0 (widths 64, 32, 32, 32) concatenated.
+    shapes.update(_published_res('output_blocks.0.0', 128, 64))
+    shapes.update(_published_attn('output_blocks.0.1', 64))
+    shapes.update(_published_res('output_blocks.1.0', 96, 64))
+    shapes.update(_published_attn('output_blocks.1.1', 64))
+    shapes.update(_published_res('output_blocks.1.2', 64, 64))  # up=True
+    shapes.update(_published_res('output_blocks.2.0', 96, 32))
+    shapes.update(_published_res('output_blocks.3.0', 64, 32))
+    shapes.update({'out.0.weight': [32], 'out.0.bias': [32], 'out.2.weight': [3, 32, 3, 3], 'out.2.bias': [3]})
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in shapes.items():
+        noise = torch.randn(shape, generator=g)
+        if len(shape) > 1:
+            sd[name] = noise / math.sqrt(noise[0].numel())
+        else:
+            sd[name] = 1 + 0.1 * noise if name.endswith('weight') else 0.3 * noise
+    return sd
+
+
+def test_cm_published_layout_loads(tmp_path):
+    """A file in the Consistency Models layout (1x1 Conv2d attention) loads, and gives the same denoiser as the
+    project's own layout (Conv1d) of the same weights; the attention is the published one, written out here."""
+    published = published_cm_state_dict()
+    assert published['middle_block.1.qkv.weight'].shape == (192, 64, 1, 1)
+    torch.save(published, tmp_path / 'edm_bedroom256_ema.pt')
+    own = {k: v[..., 0] if k.endswith(('qkv.weight', 'proj_out.weight')) else v for k, v in published.items()}
+    torch.save(own, tmp_path / 'own.pt')
+    nets = [models.load_model(str(tmp_path / name), kind='cm', arch=arch_json(PUBLISHED_CM_ARCH))
+            for name in ('edm_bedroom256_ema.pt', 'own.pt')]
+    x = torch.randn([2, 3, 16, 16], generator=torch.Generator().manual_seed(1)) * 2
+    with torch.no_grad():
+        a, b = (net(x, torch.tensor([0.5, 3.0])) for net in nets)
+        assert torch.equal(a, b) and a.abs().max() > 0.1
+        # The middle attention by hand with the file's 4-d weights: 1x1 Conv2d, three-major split (flash).
+        h = torch.randn([2, 64, 4, 4], generator=torch.Generator().manual_seed(2))
+        W = published
+        qkv = torch.nn.functional.conv2d(torch.nn.functional.group_norm(
+            h, 32, W['middle_block.1.norm.weight'], W['middle_block.1.norm.bias']),
+            W['middle_block.1.qkv.weight'], W['middle_block.1.qkv.bias']).reshape(2, 3, 4, 16, 16)
+        q, k, v = qkv.unbind(1)
+        attn = torch.softmax(torch.einsum('bhdt,bhds->bhts', q, k) / 4.0, -1)
+        mixed = torch.einsum('bhts,bhds->bhdt', attn, v).reshape(2, 64, 4, 4)
+        expected = h + torch.nn.functional.conv2d(mixed, W['middle_block.1.proj_out.weight'],
+                                                  W['middle_block.1.proj_out.bias'])
+        assert torch.allclose(nets[0].unet.middle_block[1](h), expected, atol=1e-5)
+    bad = dict(published, **{'middle_block.1.qkv.weight': torch.zeros(192, 64, 1, 2)})
+    torch.save(bad, tmp_path / 'bad.pt')
+    with pytest.raises(ModelError, match=r'1 of another shape \(e.g. middle_block.1.qkv.weight: \[192, 64, 1, 2\]'):
+        models.load_model(str(tmp_path / 'bad.pt'), kind='cm', arch=arch_json(PUBLISHED_CM_ARCH))
+
+
 def test_classifier_layouts(files):
     d, m = files
     net = load(d, 'adm', guidance_rate=4.0)
@@ -411,7 +502,8 @@ def test_load_errors(files, tmp_path):
     fails('truncated.pt: not a readable PyTorch checkpoint', truncated, 'cm', arch=CM_ARCH)
     text = tmp_path / 'notes.ckpt'
     text.write_text('not a checkpoint')
-    fails('notes.ckpt: not a readable PyTorch checkpoint', text, 'ldm', arch=LDM_ARCH)
+    fails(r'notes.ckpt: not a PyTorch checkpoint \(the safe loader stopped: ', text, 'ldm', arch=LDM_ARCH)
+    assert 'weights_only' not in cases[-1]  # never the advice to unpickle a file that is not known to be safe
 
     import argparse
     torch.save({'state_dict': {}, 'hparams': argparse.Namespace(lr=1)}, tmp_path / 'objects.ckpt')  # as old Lightning
@@ -708,6 +800,30 @@ def test_sample_py_one_and_two_processes(files, tmp_path, kind):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert '2 process(es)' in proc.stdout and _pngs(tmp_path / 'two') == one
+
+
+def test_ldm_images_depend_on_the_seed_only(files):
+    """A batch of several gives the same decoded images, and so the same PNG bytes, as each image alone, under 1 and
+    2 threads: the VQ decoder sees fixed-size chunks as the UNet does (a 1x1 convolution of fewer than 16 images
+    takes another kernel with 2 threads than with 1, and the decoded pixels moved by up to 6e-6)."""
+    import sample
+    net = load(files[0], 'ldm')
+    seeds = [0, 1, 2, 3, 4]
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for num_threads, batch in ((1, 5), (2, 5), (1, 1), (2, 1), (2, 2)):
+            torch.set_num_threads(num_threads)
+            with torch.no_grad():
+                images = torch.cat([x for _, x in sample.generate_images(net, seeds, 'dpmpp', num_steps=3,
+                                                                         max_batch_size=batch, net_batch=16)])
+            runs.append(images)
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[0].shape == (5, 3, 32, 32)
+    for images in runs[1:]:
+        assert torch.equal(images, runs[0])
+        assert sample.to_uint8(images).tobytes() == sample.to_uint8(runs[0]).tobytes()
 
 
 def test_sample_py_bad_arch_is_one_line(files, tmp_path):

@@ -64,13 +64,39 @@ def run(command):
     except click.ClickException as err:
         if is_rank0():
             err.show()
+        report_to_torchrun(f'Error: {err.format_message()}')
         sys.exit(err.exit_code)
-    except (click.Abort, KeyboardInterrupt):
+    except (click.Abort, KeyboardInterrupt):  # click.Abort is a RuntimeError: before the clause below
         if is_rank0():
             print(f'{os.path.basename(sys.argv[0])}: stopped (Ctrl-C); files written so far are whole and kept. '
                   'Run the same command again to continue.', file=sys.stderr, flush=True)
         sys.exit(130)
+    except Exception as err:
+        import traceback
+        report_to_torchrun(f'{type(err).__name__}: {err}', traceback.format_exc().rstrip())
+        raise
     sys.exit(rv if isinstance(rv, int) else 0)
+
+# Under torchrun a failing rank makes the launcher print its own report (about 45 lines: its traceback, then a
+# "Root Cause" block per failed rank), after anything the script printed. The launcher names in that block a file
+# (TORCHELASTIC_ERROR_FILE, set for each rank) and shows what the rank wrote there on the block's `traceback :`
+# line, the last line before the closing rule: writing the error line there puts it at the end of what a user reads.
+
+
+def report_to_torchrun(message, callstack=None):
+    """Leave `message` (and `callstack`, shown instead of it when given) where torchrun's failure report shows it;
+    nothing outside torchrun."""
+    path = os.environ.get('TORCHELASTIC_ERROR_FILE')
+    if not path:
+        return
+    import time
+    data = dict(message=dict(message=message, extraInfo=dict(py_callstack=callstack or message,
+                                                             timestamp=str(int(time.time())))))
+    try:
+        with open(path, 'w') as f:
+            json.dump(data, f)
+    except OSError:
+        pass  # the report then says less; the error itself was shown
 
 #----------------------------------------------------------------------------
 # Devices: one that this machine does not have is an error, not a silent CPU run.
@@ -218,3 +244,10 @@ def model_options(dataset_default=None):
             fn = option(fn)
         return fn
     return decorator
+
+
+def check_model_kind(model_kind, model_path):
+    """--model_kind describes a --model_path checkpoint; without one it would be applied to a zoo name."""
+    if model_kind is not None and model_path is None:
+        raise click.UsageError(f'--model_kind={model_kind} is the family of a --model_path checkpoint: give '
+                               '--model_path (a zoo model from --dataset_name knows its own kind)')
