@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import PIL.Image
@@ -69,14 +70,26 @@ def _pngs(outdir):
 # Pieces.
 
 
+def _lists(batches):
+    return [list(b) for b in batches]
+
+
 def test_split_seeds_matches_edm():
     batches = sample.split_seeds(list(range(50000)), 64)[0]
     sizes = [len(b) for b in batches]
     assert len(batches) == 782 and sizes.count(64) == 734 and sizes.count(63) == 48
-    assert sum(batches, []) == list(range(50000))
+    assert sum(_lists(batches), []) == list(range(50000))
+    # EDM's split: torch.tensor_split of the seed tensor into num_batches pieces, rank r takes every world-th.
+    for n, batch, world in [(50000, 64, 1), (10, 4, 2), (1001, 7, 3), (5, 64, 4)]:
+        pieces = [t.tolist() for t in torch.arange(n).tensor_split(((n - 1) // (batch * world) + 1) * world)]
+        assert [_lists(b) for b in sample.split_seeds(list(range(n)), batch, world)] == \
+            [pieces[r::world] for r in range(world)]
     per_rank = sample.split_seeds(list(range(10)), 4, world_size=2)
-    assert per_rank == [[[0, 1, 2], [6, 7]], [[3, 4, 5], [8, 9]]]
-    assert sample.split_seeds([], 4, world_size=2) == [[], []]
+    assert [_lists(b) for b in per_rank] == [[[0, 1, 2], [6, 7]], [[3, 4, 5], [8, 9]]]
+    assert [_lists(b) for b in sample.split_seeds([], 4, world_size=2)] == [[], []]
+    # A hundred million seeds: split on demand, as ranges.
+    huge = sample.split_seeds(sample.parse_int_list('0-99999999'), 64, world_size=2)
+    assert len(huge[1]) == 781250 and list(huge[1][-1]) == list(range(99999936, 100000000))
 
 
 def test_image_conversion_and_paths():
@@ -150,13 +163,14 @@ def test_interrupted_run_resumes_to_the_same_bytes(model_dir, tmp_path, monkeypa
     # Kill the run after 6 images, in its second batch.
     class Killed(Exception):
         pass
-    save_image, saved = sample.save_image, []
+    save_image, saved, lock = sample.save_image, [], threading.Lock()
 
     def save_then_die(array, path):
-        if len(saved) == 6:
-            raise Killed
-        save_image(array, path)
-        saved.append(path)
+        with lock:  # the writer threads save concurrently
+            if len(saved) == 6:
+                raise Killed
+            save_image(array, path)
+            saved.append(path)
     monkeypatch.setattr(sample, 'save_image', save_then_die)
     assert isinstance(_run(*common, '--outdir', tmp_path / 'cut').exception, Killed)
     monkeypatch.setattr(sample, 'save_image', save_image)
@@ -268,7 +282,7 @@ def test_bad_input(model_dir, tmp_path):
     _assert_error('--seeds: Invalid range "5-2" in \'5-2\': the end is smaller than the start', *m, '--seeds=5-2')
     _assert_error('--seeds: Invalid item "x" in \'x\': expected a non-negative integer or a range "a-b"',
                   *m, '--seeds=x')
-    _assert_error('--seeds: a seed appears twice', *m, '--seeds=1-3,2')
+    _assert_error('--seeds: seed 2 appears twice', *m, '--seeds=1-3,2')
     _assert_error('give --dataset_name, --model_path or --predictor_path', '--seeds=1')
     _assert_error(f'network pickle not found: {tmp_path / "missing.pkl"}', '--model_path', tmp_path / 'missing.pkl')
     _assert_error(f"unknown model 'no_such_dataset': not a zoo name ({', '.join(models.ZOO)}), nor an existing "
