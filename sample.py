@@ -448,8 +448,9 @@ def _seeds_in(folder, first=None):
 
 
 def done_seeds(outdir, seeds, subdirs=True):
-    """The seeds among `seeds` (IntRanges) whose PNG exists, as IntRanges: one listing of outdir, and one of each
-    existing subfolder that can hold a requested seed, so the time goes with what is on disk, not with len(seeds)."""
+    """The seeds whose PNG exists in a folder that can hold one of `seeds` (IntRanges), sorted, as IntRanges: one
+    listing of outdir, and one of each existing subfolder that can hold a requested seed, so the time goes with
+    what is on disk, not with len(seeds). seeds.without(done_seeds(...)) are the seeds still to do."""
     if not subdirs:
         return _seeds_in(outdir)
     try:

@@ -1,9 +1,11 @@
 """sample.py: a sample's bytes depend on its seed only (batch size, process count, resume), file layout, errors."""
 
+import errno
 import os
 import subprocess
 import sys
 import threading
+import types
 
 import numpy as np
 import PIL.Image
@@ -288,6 +290,65 @@ def test_bad_input(model_dir, tmp_path):
     _assert_error(f"unknown model 'no_such_dataset': not a zoo name ({', '.join(models.ZOO)}), nor an existing "
                   'file, directory or URL', '--dataset_name=no_such_dataset')
     assert not _pngs(tmp_path)
+
+
+def test_sizes_that_cannot_fit_fail_up_front(model_dir, tmp_path, monkeypatch):
+    m = ['--model_path', model_dir, '--outdir', tmp_path]
+    monkeypatch.setattr(sample.cli, 'available_memory', lambda device: 10 * 2**30)
+    # 10^9 images of 1x8x8 float32 = 238.4 GiB for one network call's input.
+    _assert_error('--net_batch=1000000000: 1000000000 images of 1x8x8 need 238.4 GiB for the input alone, and cpu has '
+                  '10.0 GiB available; give a smaller --net_batch', *m, '--net_batch=1000000000')
+    _assert_error('--batch=100000000: 100000000 images of 1x8x8 need 47.7 GiB for the input alone, and cpu has '
+                  '10.0 GiB available; give a smaller --batch', *m, '--batch=100000000', '--seeds=0-99999999')
+    # A hundred million seeds: every PNG takes at least one block of the disk (4 KiB here).
+    monkeypatch.setattr(sample.cli.shutil, 'disk_usage', lambda path: types.SimpleNamespace(free=2**36))
+    monkeypatch.setattr(sample.cli, 'bytes_on_disk', lambda size, path: -(-size // 4096) * 4096)
+    _assert_error(f'--outdir={tmp_path}: 65536 MiB free on that disk, this run needs about 390625 MiB',
+                  *m, '--seeds=0-99999999')
+    assert not _pngs(tmp_path)
+
+
+def test_existing_seeds_are_found_by_folder(tmp_path):
+    out = str(tmp_path)
+    for seed in (3, 4, 5, 999, 1000, 7001, 123456):
+        sample.save_image(np.zeros([2, 2, 1], np.uint8), sample.image_path(out, seed))
+    sample.save_image(np.zeros([2, 2, 1], np.uint8), os.path.join(out, '001000', '000005.png'))  # wrong folder
+    os.makedirs(os.path.join(out, '002000', '002001.png'))  # a folder, not an image
+    seeds = sample.parse_int_list('0-99999999')
+    assert sample.done_seeds(out, seeds).ranges == (range(3, 6), range(999, 1001), range(7001, 7002),
+                                                    range(123456, 123457))
+    assert list(sample.done_seeds(out, sample.parse_int_list('7000-7999,5'))) == [3, 4, 5, 999, 7001]  # 2 folders
+    todo = seeds.without(sample.done_seeds(out, seeds))
+    assert len(todo) == 10**8 - 7 and todo[:4] == sample.parse_int_list('0-2,6')
+    flat = str(tmp_path / 'flat')
+    for seed in (0, 1, 2, 10):
+        sample.save_image(np.zeros([2, 2, 1], np.uint8), sample.image_path(flat, seed, subdirs=False))
+    assert sample.done_seeds(flat, seeds, subdirs=False).ranges == (range(0, 3), range(10, 11))
+
+
+def test_full_disk_says_how_to_resume(model_dir, tmp_path, monkeypatch):
+    common = ['--model_path', model_dir, '--seeds=0-13', '--batch=4', '--solver=euler', '--num_steps=3']
+    _ok(*common, '--outdir', tmp_path / 'full')
+    write, calls, lock = sample.atomic_write_bytes, [], threading.Lock()
+
+    def write_until_full(path, data):  # the disk fills after 6 images
+        with lock:
+            calls.append(path)
+            if len(calls) > 6:
+                raise OSError(errno.ENOSPC, 'No space left on device')
+        write(path, data)
+    monkeypatch.setattr(sample, 'atomic_write_bytes', write_until_full)
+    result = _run(*common, '--outdir', tmp_path / 'cut')
+    assert result.exit_code == 1 and 'Traceback' not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith('Error:')] == [
+        f'Error: {tmp_path / "cut"}: no space left on the disk after 6 new image(s) of this process, all whole; free '
+        'some space and run the same command again: the images already written are skipped']
+    cut = _pngs(tmp_path / 'cut')
+    full = _pngs(tmp_path / 'full')
+    assert len(cut) == 6 and all(full[name] == data for name, data in cut.items())
+    monkeypatch.setattr(sample, 'atomic_write_bytes', write)
+    assert '(6 already done)' in _ok(*common, '--outdir', tmp_path / 'cut').output
+    assert _pngs(tmp_path / 'cut') == full
 
 
 def test_bad_solver_option_values_fail_before_sampling(model_dir, tmp_path):
