@@ -11,15 +11,18 @@ For each size (32x32x3 and 256x256x3 by default) and process count (1 and 2), th
    the same layout, split over the same number of processes: the raw PNG rate;
 
 and prints both rates and their ratio (1.0: sample.py is as fast as writing the PNGs alone). Times are wall times
-of the whole call (process start and imports excluded, torchrun's rendezvous included). On a machine shared with
-other jobs, run it when the load is low and read the ratio, not the rates.
+of the whole call (process start and imports excluded, torchrun's rendezvous included). It also prints the CPU time
+(user + system, all threads, summed over the processes) per image of both, and their ratio: on a machine shared
+with other jobs, where the wall times carry the others' load, that is the figure to read.
 
-    python bench/pipeline_speed.py [--sizes 32,256] [--procs 1,2] [--num 32:8000,256:400] [-- sample.py options]
+    python bench/pipeline_speed.py [--sizes 32,256] [--procs 1,2] [--num 32:8000,256:400] [--repeat 3]
+                                   [-- sample.py options]
 """
 
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -57,16 +60,18 @@ class FreeDenoiser(torch.nn.Module):
         return x / (1 + sigma ** 2)
 
 
+def cpu_seconds(who=resource.RUSAGE_SELF):
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_sample(channels, resolution, args):
-    """sample.py's command with the free denoiser in place of the model; returns its wall time (seconds)."""
+    """sample.py's command with the free denoiser in place of the model; returns its wall and CPU time (seconds)."""
     import sample
     sample.load_net = lambda c, device: FreeDenoiser(channels, resolution).to(device)
-    start = time.perf_counter()
-    try:
-        sample.main.main(args, standalone_mode=False)
-    finally:
-        elapsed = time.perf_counter() - start
-    return elapsed
+    start, cpu = time.perf_counter(), cpu_seconds()
+    sample.main.main(args, standalone_mode=False)
+    return time.perf_counter() - start, cpu_seconds() - cpu
 
 #----------------------------------------------------------------------------
 # The raw rate: the same images, written with PIL alone.
@@ -79,6 +84,8 @@ def _write(job):
 
 
 def raw_rate(outdir, procs):
+    """Images per second and CPU seconds per image of PIL alone writing the PNGs under outdir, in `procs`
+    child processes."""
     files = sorted(os.path.join(root, name) for root, _, names in os.walk(outdir) for name in names
                    if name.endswith('.png'))
     arrays = [np.asarray(PIL.Image.open(path)) for path in files]
@@ -87,15 +94,15 @@ def raw_rate(outdir, procs):
     for folder in {os.path.dirname(p) for p in paths}:
         os.makedirs(folder, exist_ok=True)
     jobs = [(arrays[r::procs], paths[r::procs]) for r in range(procs)]
-    start = time.perf_counter()
-    if procs == 1:
-        _write(jobs[0])
-    else:
-        with multiprocessing.get_context('fork').Pool(procs) as pool:
-            pool.map(_write, jobs)
-    elapsed = time.perf_counter() - start
+    start, cpu = time.perf_counter(), cpu_seconds(resource.RUSAGE_CHILDREN)
+    workers = [multiprocessing.get_context('fork').Process(target=_write, args=(job,)) for job in jobs]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
     shutil.rmtree(target)
-    return len(files) / elapsed
+    return len(files) / elapsed, cpu / len(files)
 
 #----------------------------------------------------------------------------
 
@@ -112,36 +119,43 @@ def sample_rate(resolution, procs, num, extra, workdir):
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise click.ClickException(f'sample.py failed: {proc.stderr.strip().splitlines()[-1:]}')
-    seconds = float(proc.stdout.strip().splitlines()[-1].split()[-1])
-    return outdir, num / seconds
+    times = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith('seconds ')]
+    wall, cpu = max(float(t[0]) for t in times), sum(float(t[1]) for t in times)
+    return outdir, num / wall, cpu / num
 
 
 @click.command(context_settings=dict(ignore_unknown_options=True))
 @click.option('--sizes', help='Image sides (3 channels)', default='32,256', show_default=True)
 @click.option('--procs', help='Process counts', default='1,2', show_default=True)
 @click.option('--num', help='Images per size', default='32:8000,256:400', show_default=True)
+@click.option('--repeat', help='Runs of each, in turn (best taken)', type=click.IntRange(min=1), default=3,
+              show_default=True)
 @click.option('--worker', help='(internal) run sample.py in this process: JSON [channels, resolution, args]')
 @click.argument('extra', nargs=-1, type=click.UNPROCESSED)
-def main(sizes, procs, num, worker, extra):
+def main(sizes, procs, num, repeat, worker, extra):
     if worker is not None:
         channels, resolution, args = json.loads(worker)
-        elapsed = run_sample(channels, resolution, args)
-        if os.environ.get('RANK', '0') == '0':
-            print(f'seconds {elapsed:.6f}', flush=True)
+        wall, cpu = run_sample(channels, resolution, args)
+        print(f'seconds {wall:.6f} {cpu:.6f}', flush=True)
         return
     counts = dict(item.split(':') for item in num.split(','))
-    print(f'{"size":>9s} {"procs":>5s} {"images":>6s} {"sample.py img/s":>15s} {"raw PNG img/s":>13s} {"ratio":>6s}')
+    print(f'{"size":>9s} {"procs":>5s} {"images":>6s} {"sample.py img/s":>15s} {"raw PNG img/s":>13s} {"ratio":>6s} '
+          f'{"sample.py CPU us/img":>20s} {"raw CPU us/img":>14s} {"CPU ratio":>9s}', flush=True)
     for resolution in [int(s) for s in sizes.split(',')]:
         for p in [int(s) for s in procs.split(',')]:
-            workdir = tempfile.mkdtemp(prefix='pipeline-speed-')
-            try:
-                count = int(counts[str(resolution)])
-                outdir, rate = sample_rate(resolution, p, count, list(extra), workdir)
-                raw = raw_rate(outdir, p)
-            finally:
-                shutil.rmtree(workdir)
-            print(f'{resolution:4d}x{resolution:<4d} {p:5d} {count:6d} {rate:15.0f} {raw:13.0f} {rate / raw:6.3f}',
-                  flush=True)
+            count = int(counts[str(resolution)])
+            rate = raw = 0
+            cpu = raw_cpu = float('inf')
+            for _ in range(repeat):  # in turn, so that both see the same machine; the best of each
+                workdir = tempfile.mkdtemp(prefix='pipeline-speed-')
+                try:
+                    outdir, rate_i, cpu_i = sample_rate(resolution, p, count, list(extra), workdir)
+                    raw_i, raw_cpu_i = raw_rate(outdir, p)
+                finally:
+                    shutil.rmtree(workdir)
+                rate, cpu, raw, raw_cpu = max(rate, rate_i), min(cpu, cpu_i), max(raw, raw_i), min(raw_cpu, raw_cpu_i)
+            print(f'{resolution:4d}x{resolution:<4d} {p:5d} {count:6d} {rate:15.0f} {raw:13.0f} {rate / raw:6.3f} '
+                  f'{cpu * 1e6:20.0f} {raw_cpu * 1e6:14.0f} {raw_cpu / cpu:9.3f}', flush=True)
 
 #----------------------------------------------------------------------------
 
