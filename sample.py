@@ -85,6 +85,58 @@ class FixedBatchDenoiser:
         return torch.cat([rows, rows[-1:].expand(pad, *rows.shape[1:])]) if pad else rows
 
 #----------------------------------------------------------------------------
+# Speed options of the network call, each off by default (the defaults call the network as loaded, so their
+# images are those of earlier versions byte for byte): the network's precision, the channels_last memory layout,
+# torch.compile. Each may change pixels, so a folder records them when they are on. Precision: models with their
+# own mixed-precision switch (EDMPrecond's use_fp16/amp_dtype, the openai adapters' amp_dtype, active on CUDA only;
+# by default float16 for the adapters, float32 for EDM) get it set; any other model runs under torch.autocast.
+
+NET_DTYPES = {'auto': None, 'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def own_precision(net):
+    """Whether the model switches its precision itself (attribute amp_dtype), which it does on CUDA only."""
+    return hasattr(net, 'amp_dtype')
+
+
+class NetCall:
+    """`net` called under the speed options; every attribute is the network's."""
+
+    def __init__(self, net, net_dtype='auto', channels_last=False, compile=False):
+        self.net = net
+        dtype = NET_DTYPES[net_dtype]
+        self.autocast = None
+        if dtype is not None and own_precision(net):
+            if hasattr(net, 'use_fp16'):  # EDMPrecond: amp_dtype is a torch dtype
+                net.use_fp16 = dtype != torch.float32
+                net.amp_dtype = dtype if dtype != torch.float32 else net.amp_dtype
+            else:  # the openai adapters: a name, None for float32
+                net.amp_dtype = None if dtype == torch.float32 else net_dtype
+        elif dtype not in (None, torch.float32):
+            self.autocast = dtype
+        self.channels_last = channels_last
+        if channels_last and isinstance(net, torch.nn.Module):
+            net.to(memory_format=torch.channels_last)
+        self.fn = torch.compile(net) if compile else net
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def __call__(self, x, sigma, **kwargs):
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.autocast is None:
+            return self.fn(x, sigma, **kwargs)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            return self.fn(x, sigma, **kwargs)
+
+
+def speed_settings(net_dtype='auto', channels_last=False, compile=False):
+    """The speed options that are on, for the folder's settings (none with the defaults)."""
+    on = dict(net_dtype=net_dtype, channels_last=channels_last, compile=compile)
+    return {k: v for k, v in on.items() if v not in ('auto', False)}
+
+#----------------------------------------------------------------------------
 # Files: <outdir>[/<seed - seed % 1000:06d>]/<seed:06d>.png, written to a
 # temporary name in the same folder and renamed, so a PNG is whole or absent.
 
@@ -221,7 +273,7 @@ def sample_batch(net, seeds, solver, sigmas, options=None, *, afs=False, class_i
 
 def generate_images(net, seeds, solver='dpmpp', options=None, *, num_steps=6, afs=False, schedule_type=None,
                     schedule_rho=None, max_batch_size=64, net_batch=64, class_idx=None, condition_fn=None,
-                    dtype=torch.float32, device=None, rank=0, world_size=1):
+                    dtype=torch.float32, device=None, rank=0, world_size=1, **speed):
     """Yield (batch_seeds, images) for the batches of `seeds` that fall to `rank`; images are NCHW floats in
     about [-1, 1] (decoded when the model is latent). condition_fn(batch_seeds) -> extra_args (text prompts)."""
     info = solvers.solver_info(solver)
@@ -230,13 +282,14 @@ def generate_images(net, seeds, solver='dpmpp', options=None, *, num_steps=6, af
     sigmas = solvers.get_schedule(num_steps, net.sigma_min, net.sigma_max, schedule_type, schedule_rho, net=net)
     yield from generate_batches(net, split_seeds(seeds, max_batch_size, world_size)[rank], solver, options,
                                 sigmas, afs=afs, net_batch=net_batch, class_idx=class_idx, condition_fn=condition_fn,
-                                dtype=dtype, device=device)
+                                dtype=dtype, device=device, **speed)
 
 
 def generate_batches(net, batches, solver, options, sigmas, *, afs=False, net_batch=64, class_idx=None,
-                     condition_fn=None, dtype=torch.float32, device=None):
-    """Yield (batch_seeds, images) for each non-empty batch of seeds in `batches`, down the schedule `sigmas`."""
-    evaluator = FixedBatchDenoiser(net, net_batch)
+                     condition_fn=None, dtype=torch.float32, device=None, **speed):
+    """Yield (batch_seeds, images) for each non-empty batch of seeds in `batches`, down the schedule `sigmas`.
+    `speed`: net_dtype, channels_last, compile (NetCall)."""
+    evaluator = FixedBatchDenoiser(NetCall(net, **speed) if speed_settings(**speed) else net, net_batch)
     for batch_seeds in batches:
         if not batch_seeds:
             continue
@@ -419,7 +472,7 @@ def folder_settings(c, shown, schedule_type, schedule_rho, dtype):
         schedule_rho=schedule_rho, class_idx=c.class_idx, guidance_type=c.guidance_type,
         guidance_rate=c.guidance_rate, prompt=prompt, dtype=str(dtype).removeprefix('torch.'), subdirs=c.subdirs,
         predictor=dict(file=os.path.abspath(c.predictor_file), sha256=_file_digest(c.predictor_file))
-        if c.predictor_path else None)
+        if c.predictor_path else None, **speed_settings(c.net_dtype, c.channels_last, c.compile))
 
 
 def existing_images(outdir):
@@ -540,6 +593,9 @@ def plan_run(c, net):
     run.settings = folder_settings(c, run.shown, c.schedule_type, c.schedule_rho, c.dtype)
     check_folder_settings(c.outdir, run.settings, c.overwrite)
     check_memory(c, net)
+    if c.net_dtype not in ('auto', 'float32') and own_precision(net) and c.device.type != 'cuda':
+        raise click.UsageError(f'--net_dtype={c.net_dtype}: this model switches its precision on CUDA only; on '
+                               f'{c.device.type} it runs in float32')
     skip = c.resume and not c.overwrite
     run.todo = c.seed_list.without(done_seeds(c.outdir, c.seed_list, c.subdirs)) if skip else c.seed_list
     pixels = 3 * net.decoded_resolution ** 2 if hasattr(net, 'decode') else net.img_channels * net.img_resolution ** 2
@@ -581,9 +637,10 @@ def print_summary(c, net, run):
     dist.print0(f'NFE:      {c.nfe} real network calls per image'
                 + (f' ({parallel} "parallel NFE" as the EPD code counts them)' if parallel != c.nfe else '')
                 + (f' ({c.nfe * guidance} model evaluations with guidance)' if guidance > 1 else ''))
+    speed = speed_settings(c.net_dtype, c.channels_last, c.compile)
     dist.print0(f'Seeds:    {len(c.seed_list)} ({len(c.seed_list) - len(run.todo)} already done) -> {c.outdir}, '
                 f'{dist.get_world_size()} process(es), {c.device}, {str(c.dtype).removeprefix("torch.")}, '
-                f'{c.writers} writer thread(s)')
+                f'{c.writers} writer thread(s)' + ''.join(f', {k}={v}' for k, v in speed.items()))
 
 
 def solver_option_flags(fn):
@@ -639,6 +696,11 @@ def _dataset_label(c):
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str)
 @click.option('--dtype', help='Solver state  [default: float64 on cpu, float32 on cuda]',
               type=click.Choice(['float32', 'float64']))
+@click.option('--net_dtype', help="Precision of the network; the solver state keeps --dtype  [default: auto, the "
+              "model's own: float32, float16 on CUDA for the openai families]", type=click.Choice(list(NET_DTYPES)),
+              default='auto')
+@click.option('--channels_last', help='Run the network in the channels_last memory layout', is_flag=True)
+@click.option('--compile', help='torch.compile the network (the first batch compiles it)', is_flag=True)
 def main(**kwargs):
     """Generate images with AdaSDE or a baseline solver, one PNG per seed.
 
@@ -672,7 +734,8 @@ def main(**kwargs):
     rank, world_size = dist.get_rank(), dist.get_world_size()
     batches = generate_batches(net, run.per_rank[rank], c.solver, c.options, run.sigmas, afs=c.afs,
                                net_batch=c.net_batch, class_idx=c.class_idx, condition_fn=run.condition_fn,
-                               dtype=c.dtype, device=c.device)
+                               dtype=c.dtype, device=c.device, net_dtype=c.net_dtype,
+                               channels_last=c.channels_last, compile=c.compile)
     writer = ImageWriter(c.writers)
     try:
         with writer, tqdm.tqdm(total=len(run.todo), unit='img', disable=rank != 0 or not run.todo) as bar:

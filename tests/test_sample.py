@@ -1,6 +1,7 @@
 """sample.py: a sample's bytes depend on its seed only (batch size, process count, resume), file layout, errors."""
 
 import errno
+import hashlib
 import os
 import subprocess
 import sys
@@ -402,3 +403,45 @@ def test_every_learned_solver_samples_and_round_trips(tmp_path, kind, hyper, nfe
     assert bad.exit_code != 0 and f'--predictor_path runs the {kind} solver, not --solver=euler' in bad.output
     bad = _run('--dataset_name=digits', f'--solver={kind}', '--outdir', tmp_path / 'c')
     assert bad.exit_code != 0 and f'the {kind} solver needs a trained predictor' in bad.output
+
+#----------------------------------------------------------------------------
+# The speed options (writer threads, network precision, layout): the defaults give the bytes of the version
+# before them, whatever the number of writer threads.
+
+# sha256 of the PNGs (sorted by path, concatenated) of the digits model, seeds 0-9, --batch=4, written by sample.py
+# before the writer threads, the seed ranges and the speed options existed.
+DIGITS_BEFORE = {'dpmpp': 'e3f2e630576d0002d0322391811c50dd2ca6125ef846e45c2439bc6c7038867d',
+                 'er_sde': '246aa4d91c846dedc74c6f693bd264d827dfd655dc2b71dde314adb970c5b24e'}
+
+
+def _digest(outdir):
+    files = _pngs(outdir)
+    return hashlib.sha256(b''.join(files[name] for name in sorted(files))).hexdigest()
+
+
+@pytest.mark.parametrize('solver', SOLVER_ARGS)
+def test_defaults_write_the_bytes_of_before(tmp_path, solver):
+    common = ['--dataset_name=digits', '--seeds=0-9', '--batch=4', *SOLVER_ARGS[solver]]
+    _ok(*common, '--outdir', tmp_path / 'a')
+    _ok(*common, '--writers=1', '--batch=3', '--outdir', tmp_path / 'b')
+    assert _digest(tmp_path / 'a') == _digest(tmp_path / 'b') == DIGITS_BEFORE[solver]
+
+
+def test_speed_options(tmp_path, monkeypatch):
+    common = ['--dataset_name=digits', '--seeds=0-5', '--solver=euler', '--num_steps=3']
+    result = _ok(*common, '--channels_last', '--outdir', tmp_path / 'cl')
+    assert 'channels_last=True' in result.output and len(_pngs(tmp_path / 'cl')) == 6
+    assert sample.cli.read_settings(str(tmp_path / 'cl' / sample.SETTINGS_FILE))['channels_last'] is True
+    _assert_error('--net_dtype=bfloat16: this model switches its precision on CUDA only; on cpu it runs in float32',
+                  *common, '--net_dtype=bfloat16', '--outdir', tmp_path / 'bf')
+    # A model without its own switch runs under autocast; float32 and auto are the same call.
+    class Probe(torch.nn.Module):
+        def forward(self, x, sigma, **kwargs):
+            return torch.nn.functional.linear(x.float(), torch.eye(x.shape[-1]))
+    x = torch.randn(2, 1, 3, 3)
+    for name, dtype in [('auto', torch.float32), ('float32', torch.float32), ('bfloat16', torch.bfloat16)]:
+        assert sample.NetCall(Probe(), net_dtype=name)(x, torch.ones(2)).dtype == dtype
+    # EDM's switch is set, not wrapped.
+    net = models.load_model('digits')
+    sample.NetCall(net, net_dtype='bfloat16')
+    assert net.use_fp16 and net.amp_dtype == torch.bfloat16
