@@ -111,7 +111,7 @@ def sample_rate(resolution, procs, num, extra, workdir):
     outdir = os.path.join(workdir, f'{resolution}-{procs}')
     args = ['--dataset_name=digits', f'--seeds=0-{num - 1}', f'--outdir={outdir}', *extra]
     worker = [os.path.abspath(__file__), '--worker', json.dumps([3, resolution, args])]
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO, BENCH_TIMES=os.path.join(workdir, 'times'))
     if procs == 1:
         cmd = [sys.executable, *worker]
     else:
@@ -119,8 +119,11 @@ def sample_rate(resolution, procs, num, extra, workdir):
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise click.ClickException(f'sample.py failed: {proc.stderr.strip().splitlines()[-1:]}')
-    times = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith('seconds ')]
-    wall, cpu = max(float(t[0]) for t in times), sum(float(t[1]) for t in times)
+    times = []
+    for r in range(procs):
+        with open(os.path.join(workdir, f'times.{r}')) as f:
+            times.append([float(v) for v in f.read().split()])
+    wall, cpu = max(t[0] for t in times), sum(t[1] for t in times)
     return outdir, num / wall, cpu / num
 
 
@@ -136,7 +139,8 @@ def main(sizes, procs, num, repeat, worker, extra):
     if worker is not None:
         channels, resolution, args = json.loads(worker)
         wall, cpu = run_sample(channels, resolution, args)
-        print(f'seconds {wall:.6f} {cpu:.6f}', flush=True)
+        with open(f'{os.environ["BENCH_TIMES"]}.{os.environ.get("RANK", "0")}', 'w') as f:
+            f.write(f'{wall:.6f} {cpu:.6f}\n')
         return
     counts = dict(item.split(':') for item in num.split(','))
     print(f'{"size":>9s} {"procs":>5s} {"images":>6s} {"sample.py img/s":>15s} {"raw PNG img/s":>13s} {"ratio":>6s} '
