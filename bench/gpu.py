@@ -22,22 +22,18 @@ seconds (tests/test_bench_gpu.py).
     python bench/gpu.py --net_dtype=bfloat16 --channels_last --compile
 """
 
-import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 
 import click
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import sample  # noqa: E402
-import solvers  # noqa: E402
-from models import adapters  # noqa: E402
-from models.edm import EDMPrecond  # noqa: E402
+import sample
+import solvers
+from models import adapters
+from models.edm import EDMPrecond
 
 #----------------------------------------------------------------------------
 # The networks: (build(device) -> Denoiser, batch size users run), full and tiny.

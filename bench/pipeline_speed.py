@@ -35,7 +35,6 @@ import PIL.Image
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 #----------------------------------------------------------------------------
 
