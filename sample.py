@@ -11,11 +11,19 @@ from torch_utils import cli
 
 cli.apply_thread_policy()
 
+import bisect
+import collections
+import collections.abc
+import concurrent.futures
+import errno
 import glob
 import hashlib
+import io
+import itertools
 import math
 import os
 import re
+import threading
 
 import click
 import numpy as np
@@ -28,7 +36,7 @@ import models
 import models.sd
 import solvers
 from torch_utils import distributed as dist
-from torch_utils.misc import StackedRandomGenerator, atomic_write, parse_int_list, to_pixels
+from torch_utils.misc import IntRanges, StackedRandomGenerator, atomic_write_bytes, parse_int_list, to_pixels
 
 # Seeds are taken modulo 2^32 by the generators: a larger one would repeat a smaller one's image.
 MAX_SEED = 2**32 - 1
@@ -92,6 +100,58 @@ class FixedBatchDenoiser:
         return call_in_chunks(self.net, self.size, batch, x=x, sigma=sigma, **kwargs)
 
 #----------------------------------------------------------------------------
+# Speed options of the network call, each off by default (the defaults call the network as loaded, so their
+# images are those of earlier versions byte for byte): the network's precision, the channels_last memory layout,
+# torch.compile. Each may change pixels, so a folder records them when they are on. Precision: models with their
+# own mixed-precision switch (EDMPrecond's use_fp16/amp_dtype, the openai adapters' amp_dtype, active on CUDA only;
+# by default float16 for the adapters, float32 for EDM) get it set; any other model runs under torch.autocast.
+
+NET_DTYPES = {'auto': None, 'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def own_precision(net):
+    """Whether the model switches its precision itself (attribute amp_dtype), which it does on CUDA only."""
+    return hasattr(net, 'amp_dtype')
+
+
+class NetCall:
+    """`net` called under the speed options; every attribute is the network's."""
+
+    def __init__(self, net, net_dtype='auto', channels_last=False, compile=False):
+        self.net = net
+        dtype = NET_DTYPES[net_dtype]
+        self.autocast = None
+        if dtype is not None and own_precision(net):
+            if hasattr(net, 'use_fp16'):  # EDMPrecond: amp_dtype is a torch dtype
+                net.use_fp16 = dtype != torch.float32
+                net.amp_dtype = dtype if dtype != torch.float32 else net.amp_dtype
+            else:  # the openai adapters: a name, None for float32
+                net.amp_dtype = None if dtype == torch.float32 else net_dtype
+        elif dtype not in (None, torch.float32):
+            self.autocast = dtype
+        self.channels_last = channels_last
+        if channels_last and isinstance(net, torch.nn.Module):
+            net.to(memory_format=torch.channels_last)
+        self.fn = torch.compile(net) if compile else net
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def __call__(self, x, sigma, **kwargs):
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.autocast is None:
+            return self.fn(x, sigma, **kwargs)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            return self.fn(x, sigma, **kwargs)
+
+
+def speed_settings(net_dtype='auto', channels_last=False, compile=False):
+    """The speed options that are on, for the folder's settings (none with the defaults)."""
+    on = dict(net_dtype=net_dtype, channels_last=channels_last, compile=compile)
+    return {k: v for k, v in on.items() if v not in ('auto', False)}
+
+#----------------------------------------------------------------------------
 # Files: <outdir>[/<seed - seed % 1000:06d>]/<seed:06d>.png, written to a
 # temporary name in the same folder and renamed, so a PNG is whole or absent.
 
@@ -107,9 +167,47 @@ def to_uint8(images):
 
 
 def save_image(array, path):
-    """Write one HWC uint8 image as PNG ('L' for 1 channel, 'RGB' for 3) through a temporary file."""
+    """Write one HWC uint8 image as PNG ('L' for 1 channel, 'RGB' for 3): encoded in memory, then written to a
+    temporary file and renamed."""
     image = PIL.Image.fromarray(array[:, :, 0], 'L') if array.shape[2] == 1 else PIL.Image.fromarray(array, 'RGB')
-    atomic_write(path, lambda tmp: image.save(tmp, format='PNG'))
+    buffer = io.BytesIO()
+    image.save(buffer, format='PNG')
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+class ImageWriter:
+    """A bounded pool of threads that encode and write the PNGs of a batch while the next batch is generated (PNG
+    encoding and file writes release the GIL). At most `pending` batches wait; the first error of a write is raised
+    in the caller, at its next submit or at the end of the `with` block. `written` counts the images on disk."""
+
+    def __init__(self, threads=2, pending=None):
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(int(threads), 1), thread_name_prefix='png-writer')
+        self.max_pending = pending or 2 * max(int(threads), 1)
+        self.pending = collections.deque()
+        self.written = 0
+        self._lock = threading.Lock()
+
+    def _save(self, arrays, paths):
+        for array, path in zip(arrays, paths):
+            save_image(array, path)
+            with self._lock:
+                self.written += 1
+
+    def submit(self, arrays, paths):
+        while len(self.pending) >= self.max_pending:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self._save, arrays, paths))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            while self.pending and exc_type is None:
+                self.pending.popleft().result()
+        finally:
+            # After an error, the batches not started are dropped; those being written finish (files stay whole).
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def grid_path_for(outdir):
@@ -140,13 +238,29 @@ def save_grid(paths, grid_path, min_tile=64, background=128):
 # near-equal batches, rank r takes every world-th one starting at r.
 
 
+class RankBatches(collections.abc.Sequence):
+    """The batches of one rank, computed on demand: item i is batch r + i * world_size of the split (an IntRanges
+    of seeds). The first n % num_batches batches hold one seed more, as torch.tensor_split makes them."""
+
+    def __init__(self, seeds, num_batches, rank, world_size):
+        self.seeds, self.num_batches, self.rank, self.world_size = seeds, num_batches, rank, world_size
+
+    def __len__(self):
+        return len(range(self.rank, self.num_batches, self.world_size))
+
+    def __getitem__(self, i):
+        j = range(self.rank, self.num_batches, self.world_size)[i]
+        size, extra = divmod(len(self.seeds), self.num_batches)
+        start = j * size + min(j, extra)
+        return self.seeds[start:start + size + (j < extra)]
+
+
 def split_seeds(seeds, max_batch_size, world_size=1):
-    """All batches, one list per rank: result[r] is the list of batches (lists of seeds) of rank r."""
-    if not seeds:
-        return [[] for _ in range(world_size)]
-    num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
-    all_batches = [b.tolist() for b in torch.as_tensor(seeds, dtype=torch.int64).tensor_split(num_batches)]
-    return [all_batches[r::world_size] for r in range(world_size)]
+    """All batches, one lazy sequence per rank: result[r][i] is batch i of rank r (an IntRanges of seeds). Memory
+    and time do not grow with the number of seeds."""
+    seeds = IntRanges.of(seeds)
+    num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size if len(seeds) else 0
+    return [RankBatches(seeds, num_batches, r, world_size) for r in range(world_size)]
 
 #----------------------------------------------------------------------------
 # One batch. Draw order per seed: latent, then (class-conditional models) the
@@ -174,25 +288,27 @@ def sample_batch(net, seeds, solver, sigmas, options=None, *, afs=False, class_i
 
 def generate_images(net, seeds, solver='dpmpp', options=None, *, num_steps=6, afs=False, schedule_type=None,
                     schedule_rho=None, max_batch_size=64, net_batch=64, class_idx=None, condition_fn=None,
-                    dtype=torch.float32, device=None, rank=0, world_size=1):
+                    dtype=torch.float32, device=None, rank=0, world_size=1, **speed):
     """Yield (batch_seeds, images) for the batches of `seeds` that fall to `rank`; images are NCHW floats in
     about [-1, 1] (decoded when the model is latent). condition_fn(batch_seeds) -> extra_args (text prompts)."""
     info = solvers.solver_info(solver)
     schedule_type = schedule_type or info.schedule[0]
     schedule_rho = info.schedule[1] if schedule_rho is None else schedule_rho
     sigmas = solvers.get_schedule(num_steps, net.sigma_min, net.sigma_max, schedule_type, schedule_rho, net=net)
-    yield from generate_batches(net, split_seeds(list(seeds), max_batch_size, world_size)[rank], solver, options,
+    yield from generate_batches(net, split_seeds(seeds, max_batch_size, world_size)[rank], solver, options,
                                 sigmas, afs=afs, net_batch=net_batch, class_idx=class_idx, condition_fn=condition_fn,
-                                dtype=dtype, device=device)
+                                dtype=dtype, device=device, **speed)
 
 
 def generate_batches(net, batches, solver, options, sigmas, *, afs=False, net_batch=64, class_idx=None,
-                     condition_fn=None, dtype=torch.float32, device=None):
-    """Yield (batch_seeds, images) for each non-empty batch of seeds in `batches`, down the schedule `sigmas`."""
-    evaluator = FixedBatchDenoiser(net, net_batch)
+                     condition_fn=None, dtype=torch.float32, device=None, **speed):
+    """Yield (batch_seeds, images) for each non-empty batch of seeds in `batches`, down the schedule `sigmas`.
+    `speed`: net_dtype, channels_last, compile (NetCall)."""
+    evaluator = FixedBatchDenoiser(NetCall(net, **speed) if speed_settings(**speed) else net, net_batch)
     for batch_seeds in batches:
         if not batch_seeds:
             continue
+        batch_seeds = list(batch_seeds)
         extra_args = condition_fn(batch_seeds) if condition_fn is not None else None
         x = sample_batch(evaluator, batch_seeds, solver, sigmas, options, afs=afs, class_idx=class_idx,
                          extra_args=extra_args, dtype=dtype, device=device)
@@ -346,7 +462,9 @@ def condition_fn_for(net, prompt, seeds):
     if prompt.endswith('.csv') and os.path.isfile(prompt):
         try:
             prompts = models.sd.load_prompts(prompt)
-            models.sd.prompts_for_seeds(prompts, seeds)
+            # The first seed, in order, past the last prompt (from the ranges, not from every seed).
+            beyond = next((max(r.start, len(prompts)) for r in seeds.ranges if r.stop > len(prompts)), None)
+            models.sd.prompts_for_seeds(prompts, [] if beyond is None else [beyond])
         except ValueError as e:
             raise click.UsageError(f'--prompt: {e}') from None
         return lambda seeds: net.prompt_args(models.sd.prompts_for_seeds(prompts, seeds))
@@ -381,7 +499,8 @@ def folder_settings(c, shown, schedule_type, schedule_rho, dtype):
         options=dict(shown), num_steps=c.num_steps, afs=c.afs, schedule_type=schedule_type,
         schedule_rho=schedule_rho, class_idx=c.class_idx, guidance_type=c.guidance_type,
         guidance_rate=c.guidance_rate, prompt=prompt, dtype=str(dtype).removeprefix('torch.'), subdirs=c.subdirs,
-        predictor=dict(kind=c.solver, content_sha256=c.options['predictor'].digest()) if c.predictor_path else None)
+        predictor=dict(kind=c.solver, content_sha256=c.options['predictor'].digest()) if c.predictor_path else None,
+        **speed_settings(c.net_dtype, c.channels_last, c.compile))
 
 
 def existing_images(outdir):
@@ -389,6 +508,49 @@ def existing_images(outdir):
     found = glob.glob(os.path.join(glob.escape(outdir), '[0-9][0-9][0-9][0-9][0-9][0-9]*.png'))
     found += glob.glob(os.path.join(glob.escape(outdir), '[0-9]' * 6, '[0-9][0-9][0-9][0-9][0-9][0-9]*.png'))
     return sorted(p for p in found if re.fullmatch(r'\d{6,}\.png', os.path.basename(p)))
+
+
+def _seeds_in(folder, first=None):
+    """IntRanges of the seeds whose PNG <seed>.png is in `folder` (one listing); with `first`, only those of the
+    sample layout's subfolder for seeds first..first+999."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return IntRanges()
+    found = np.array(sorted(int(e.name[:-4]) for e in entries if re.fullmatch(r'\d{6,}\.png', e.name) and e.is_file()),
+                     dtype=np.int64)
+    if first is not None:
+        found = found[(found >= first) & (found < first + 1000)]
+    if len(found) == 0:
+        return IntRanges()
+    breaks = np.flatnonzero(np.diff(found) != 1) + 1
+    starts, ends = found[np.r_[0, breaks]], found[np.r_[breaks - 1, len(found) - 1]]
+    return IntRanges(range(int(a), int(b) + 1) for a, b in zip(starts, ends))
+
+
+def done_seeds(outdir, seeds, subdirs=True):
+    """The seeds whose PNG exists in a folder that can hold one of `seeds` (IntRanges), sorted, as IntRanges: one
+    listing of outdir, and one of each existing subfolder that can hold a requested seed, so the time goes with
+    what is on disk, not with len(seeds). seeds.without(done_seeds(...)) are the seeds still to do."""
+    if not subdirs:
+        return _seeds_in(outdir)
+    try:
+        names = [e.name for e in os.scandir(outdir) if re.fullmatch(r'\d{6,}', e.name) and e.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return IntRanges()
+    requested = sorted(seeds.ranges, key=lambda r: r.start)
+    starts = [r.start for r in requested]
+    reach = list(itertools.accumulate((r.stop for r in requested), max))  # largest stop among ranges so far
+
+    def holds_requested(first):  # does some requested range meet first..first+999?
+        k = bisect.bisect_left(starts, first + 1000)
+        return k > 0 and reach[k - 1] > first
+    pieces = []
+    for name in names:
+        first = int(name)
+        if first % 1000 == 0 and holds_requested(first):
+            pieces.extend(_seeds_in(os.path.join(outdir, name), first).ranges)
+    return IntRanges(sorted(pieces, key=lambda r: r.start))
 
 
 def check_folder_settings(outdir, settings, overwrite):
@@ -427,8 +589,9 @@ def build_config(kwargs):
         c.seed_list = parse_int_list(c.seeds, max_value=MAX_SEED)
     except ValueError as e:
         raise click.UsageError(f'--seeds: {e}') from None
-    if len(set(c.seed_list)) != len(c.seed_list):
-        raise click.UsageError('--seeds: a seed appears twice')
+    duplicate = c.seed_list.first_duplicate()
+    if duplicate is not None:
+        raise click.UsageError(f'--seeds: seed {duplicate} appears twice')
     device = cli.resolve_device(c.device) if c.device else dist.device()
     if device.type == 'cuda' and device.index is None:
         device = dist.device()  # cuda:LOCAL_RANK under torchrun
@@ -462,13 +625,35 @@ def plan_run(c, net):
     run.shown = {k: v for k, v in solvers.check_options(c.solver, c.options).items() if k != 'predictor'}
     run.settings = folder_settings(c, run.shown, c.schedule_type, c.schedule_rho, c.dtype)
     check_folder_settings(c.outdir, run.settings, c.overwrite)
-    run.todo = [s for s in c.seed_list
-                if c.overwrite or not (c.resume and os.path.isfile(image_path(c.outdir, s, c.subdirs)))]
+    check_memory(c, net)
+    if c.net_dtype not in ('auto', 'float32') and own_precision(net) and c.device.type != 'cuda':
+        raise click.UsageError(f'--net_dtype={c.net_dtype}: this model switches its precision on CUDA only; on '
+                               f'{c.device.type} it runs in float32')
+    skip = c.resume and not c.overwrite
+    run.todo = c.seed_list.without(done_seeds(c.outdir, c.seed_list, c.subdirs)) if skip else c.seed_list
     pixels = 3 * net.decoded_resolution ** 2 if hasattr(net, 'decode') else net.img_channels * net.img_resolution ** 2
-    cli.check_output_dir(c.outdir, need_bytes=len(run.todo) * (pixels + 1024))
+    cli.check_output_dir(c.outdir, need_bytes=len(run.todo) * cli.bytes_on_disk(pixels + PNG_OVERHEAD, c.outdir),
+                         need_files=len(run.todo))
     run.per_rank = split_seeds(run.todo, c.max_batch_size, dist.get_world_size())
-    run.images_per_step = [sum(len(b[i]) for b in run.per_rank) for i in range(len(run.per_rank[0]))]
     return run
+
+
+# What a PNG adds to its pixels at most (signature, IHDR, IEND, zlib's stored-block headers): 1 KiB is ample.
+PNG_OVERHEAD = 1024
+
+
+def check_memory(c, net):
+    """One line before any work when a batch cannot fit: the solver state of --batch images, and the input of one
+    network call of --net_batch images (the network's activations come on top)."""
+    image = net.img_channels * net.img_resolution ** 2
+    available = cli.available_memory(c.device)
+    chunk = c.net_batch or c.max_batch_size
+    for option, value, need in (('--batch', c.max_batch_size, c.max_batch_size * image * c.dtype.itemsize),
+                                ('--net_batch', chunk, chunk * image * 4)):
+        if available is not None and need > available:
+            raise click.UsageError(f'{option}={value}: {value} images of {net.img_channels}x{net.img_resolution}x'
+                                   f'{net.img_resolution} need {need / 2**30:.1f} GiB for the input alone, and '
+                                   f'{c.device} has {available / 2**30:.1f} GiB available; give a smaller {option}')
 
 
 def print_summary(c, net, run):
@@ -485,8 +670,10 @@ def print_summary(c, net, run):
     dist.print0(f'NFE:      {c.nfe} real network calls per image'
                 + (f' ({parallel} "parallel NFE" as the EPD code counts them)' if parallel != c.nfe else '')
                 + (f' ({c.nfe * guidance} model evaluations with guidance)' if guidance > 1 else ''))
+    speed = speed_settings(c.net_dtype, c.channels_last, c.compile)
     dist.print0(f'Seeds:    {len(c.seed_list)} ({len(c.seed_list) - len(run.todo)} already done) -> {c.outdir}, '
-                f'{dist.get_world_size()} process(es), {c.device}, {str(c.dtype).removeprefix("torch.")}')
+                f'{dist.get_world_size()} process(es), {c.device}, {str(c.dtype).removeprefix("torch.")}, '
+                f'{c.writers} writer thread(s)' + ''.join(f', {k}={v}' for k, v in speed.items()))
 
 
 def solver_option_flags(fn):
@@ -537,9 +724,16 @@ def _dataset_label(c):
 @click.option('--resume/--no-resume', help='Skip seeds whose PNG exists (in a folder made with the same settings)',
               default=True, show_default=True)
 @click.option('--overwrite', help='Replace the images of a folder made with other settings', is_flag=True)
+@click.option('--writers', help='Threads per process that encode and write PNGs while the next batch is made',
+              metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str)
 @click.option('--dtype', help='Solver state  [default: float64 on cpu, float32 on cuda]',
               type=click.Choice(['float32', 'float64']))
+@click.option('--net_dtype', help="Precision of the network; the solver state keeps --dtype  [default: auto, the "
+              "model's own: float32, float16 on CUDA for the openai families]", type=click.Choice(list(NET_DTYPES)),
+              default='auto')
+@click.option('--channels_last', help='Run the network in the channels_last memory layout', is_flag=True)
+@click.option('--compile', help='torch.compile the network (the first batch compiles it)', is_flag=True)
 def main(**kwargs):
     """Generate images with AdaSDE or a baseline solver, one PNG per seed.
 
@@ -568,19 +762,25 @@ def main(**kwargs):
     dist.barrier()
     print_summary(c, net, run)
 
-    # Generate, rank by rank, with one barrier per batch as EDM does.
-    rank = dist.get_rank()
+    # Generate; the PNGs of a batch are encoded and written by the writer threads while the next batch is made.
+    # The ranks do not wait for each other until the end (rank 0's bar counts its own batches times the ranks).
+    rank, world_size = dist.get_rank(), dist.get_world_size()
     batches = generate_batches(net, run.per_rank[rank], c.solver, c.options, run.sigmas, afs=c.afs,
                                net_batch=c.net_batch, class_idx=c.class_idx, condition_fn=run.condition_fn,
-                               dtype=c.dtype, device=c.device)
-    with tqdm.tqdm(total=len(run.todo), unit='img', disable=rank != 0 or not run.todo) as bar:
-        for step, batch_size in enumerate(run.images_per_step):
-            dist.barrier()
-            if run.per_rank[rank][step]:
-                batch_seeds, images = next(batches)
-                for seed, array in zip(batch_seeds, to_uint8(images)):
-                    save_image(array, image_path(c.outdir, seed, c.subdirs))
-            bar.update(batch_size)
+                               dtype=c.dtype, device=c.device, net_dtype=c.net_dtype,
+                               channels_last=c.channels_last, compile=c.compile)
+    writer = ImageWriter(c.writers)
+    try:
+        with writer, tqdm.tqdm(total=len(run.todo), unit='img', disable=rank != 0 or not run.todo) as bar:
+            for batch_seeds, images in batches:
+                writer.submit(to_uint8(images), [image_path(c.outdir, seed, c.subdirs) for seed in batch_seeds])
+                bar.update(min(len(batch_seeds) * world_size, bar.total - bar.n))
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise click.ClickException(f'{c.outdir}: no space left on the disk after {writer.written} new image(s) of '
+                                   f'this process, all whole; free some space and run the same command again: the '
+                                   'images already written are skipped') from None
     dist.barrier()
     if c.grid and rank == 0 and c.seed_list:
         save_grid([image_path(c.outdir, s, c.subdirs) for s in c.seed_list[:64]], grid_path_for(c.outdir))

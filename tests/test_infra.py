@@ -171,15 +171,43 @@ def test_logger(tmp_path):
 
 
 def test_parse_int_list():
-    assert misc.parse_int_list('1,2,5-10') == [1, 2, 5, 6, 7, 8, 9, 10]
-    assert misc.parse_int_list('0-63') == list(range(64))
-    assert misc.parse_int_list('7') == [7]
-    assert misc.parse_int_list([3, 1]) == [3, 1]
+    assert list(misc.parse_int_list('1,2,5-10')) == [1, 2, 5, 6, 7, 8, 9, 10]
+    assert misc.parse_int_list('1,2,5-10').ranges == (range(1, 3), range(5, 11))
+    assert list(misc.parse_int_list('0-63')) == list(range(64))
+    assert list(misc.parse_int_list('7')) == [7]
+    assert list(misc.parse_int_list([3, 1])) == [3, 1]
+    huge = misc.parse_int_list('0-99999999,5', max_value=2**32 - 1)  # never expanded
+    assert len(huge) == 10**8 + 1 and huge[-1] == 5 and huge[12345678] == 12345678 and huge.first_duplicate() == 5
+    with pytest.raises(ValueError, match='4294967296 in .* is too large'):
+        misc.parse_int_list('0-4294967296', max_value=2**32 - 1)
     for bad, message in [('5-2', 'Invalid range "5-2"'), ('x', 'Invalid item "x"'), ('-3', 'Invalid item "-3"'),
                          ('1,,2', 'Invalid item ""'), ('', 'Expected a list of non-negative integers')]:
         with pytest.raises(ValueError, match=message) as err:
             misc.parse_int_list(bad)
         assert '\n' not in str(err.value)
+
+
+def test_int_ranges_behave_as_their_list():
+    values = [9, 10, 11, 3, 4, 20, 21, 22, 23, 0, 5]
+    seq = misc.IntRanges.of(values)
+    assert seq.ranges == (range(9, 12), range(3, 5), range(20, 24), range(0, 1), range(5, 6))
+    assert list(seq) == values and len(seq) == 11 and seq.max() == 23 and seq.first_duplicate() is None
+    for i in range(-11, 11):
+        assert seq[i] == values[i]
+    for a in range(-12, 13):
+        for b in range(-12, 13):
+            assert list(seq[a:b]) == values[a:b]
+    with pytest.raises(IndexError):
+        seq[11]
+    # Duplicates: the smallest value met twice, found from the ranges alone.
+    assert misc.IntRanges([range(0, 10), range(20, 30), range(25, 26)]).first_duplicate() == 25
+    assert misc.IntRanges([range(5, 9), range(0, 6)]).first_duplicate() == 5
+    # Subtraction keeps the order of the left side; the right side may be in any order and overlap.
+    holes = misc.IntRanges.of([10, 4, 21, 22, 0, 3, 30])
+    assert list(seq.without(holes)) == [v for v in values if v not in set(holes)]
+    holes = misc.IntRanges([range(10, 20), range(15, 30), range(10**8 - 1, 10**8)])
+    big = misc.IntRanges([range(10**8)]).without(holes)
+    assert big.ranges == (range(0, 10), range(30, 10**8 - 1))
 
 
 def test_stacked_random_generator_is_per_seed():

@@ -1,8 +1,12 @@
 """sample.py: a sample's bytes depend on its seed only (batch size, process count, resume), file layout, errors."""
 
+import errno
+import hashlib
 import os
 import subprocess
 import sys
+import threading
+import types
 
 import numpy as np
 import PIL.Image
@@ -69,14 +73,26 @@ def _pngs(outdir):
 # Pieces.
 
 
+def _lists(batches):
+    return [list(b) for b in batches]
+
+
 def test_split_seeds_matches_edm():
     batches = sample.split_seeds(list(range(50000)), 64)[0]
     sizes = [len(b) for b in batches]
     assert len(batches) == 782 and sizes.count(64) == 734 and sizes.count(63) == 48
-    assert sum(batches, []) == list(range(50000))
+    assert sum(_lists(batches), []) == list(range(50000))
+    # EDM's split: torch.tensor_split of the seed tensor into num_batches pieces, rank r takes every world-th.
+    for n, batch, world in [(50000, 64, 1), (10, 4, 2), (1001, 7, 3), (5, 64, 4)]:
+        pieces = [t.tolist() for t in torch.arange(n).tensor_split(((n - 1) // (batch * world) + 1) * world)]
+        assert [_lists(b) for b in sample.split_seeds(list(range(n)), batch, world)] == \
+            [pieces[r::world] for r in range(world)]
     per_rank = sample.split_seeds(list(range(10)), 4, world_size=2)
-    assert per_rank == [[[0, 1, 2], [6, 7]], [[3, 4, 5], [8, 9]]]
-    assert sample.split_seeds([], 4, world_size=2) == [[], []]
+    assert [_lists(b) for b in per_rank] == [[[0, 1, 2], [6, 7]], [[3, 4, 5], [8, 9]]]
+    assert [_lists(b) for b in sample.split_seeds([], 4, world_size=2)] == [[], []]
+    # A hundred million seeds: split on demand, as ranges.
+    huge = sample.split_seeds(sample.parse_int_list('0-99999999'), 64, world_size=2)
+    assert len(huge[1]) == 781250 and list(huge[1][-1]) == list(range(99999936, 100000000))
 
 
 def test_image_conversion_and_paths():
@@ -150,13 +166,14 @@ def test_interrupted_run_resumes_to_the_same_bytes(model_dir, tmp_path, monkeypa
     # Kill the run after 6 images, in its second batch.
     class Killed(Exception):
         pass
-    save_image, saved = sample.save_image, []
+    save_image, saved, lock = sample.save_image, [], threading.Lock()
 
     def save_then_die(array, path):
-        if len(saved) == 6:
-            raise Killed
-        save_image(array, path)
-        saved.append(path)
+        with lock:  # the writer threads save concurrently
+            if len(saved) == 6:
+                raise Killed
+            save_image(array, path)
+            saved.append(path)
     monkeypatch.setattr(sample, 'save_image', save_then_die)
     assert isinstance(_run(*common, '--outdir', tmp_path / 'cut').exception, Killed)
     monkeypatch.setattr(sample, 'save_image', save_image)
@@ -268,12 +285,71 @@ def test_bad_input(model_dir, tmp_path):
     _assert_error('--seeds: Invalid range "5-2" in \'5-2\': the end is smaller than the start', *m, '--seeds=5-2')
     _assert_error('--seeds: Invalid item "x" in \'x\': expected a non-negative integer or a range "a-b"',
                   *m, '--seeds=x')
-    _assert_error('--seeds: a seed appears twice', *m, '--seeds=1-3,2')
+    _assert_error('--seeds: seed 2 appears twice', *m, '--seeds=1-3,2')
     _assert_error('give --dataset_name, --model_path or --predictor_path', '--seeds=1')
     _assert_error(f'network pickle not found: {tmp_path / "missing.pkl"}', '--model_path', tmp_path / 'missing.pkl')
     _assert_error(f"unknown model 'no_such_dataset': not a zoo name ({', '.join(models.ZOO)}), nor an existing "
                   'file, directory or URL', '--dataset_name=no_such_dataset')
     assert not _pngs(tmp_path)
+
+
+def test_sizes_that_cannot_fit_fail_up_front(model_dir, tmp_path, monkeypatch):
+    m = ['--model_path', model_dir, '--outdir', tmp_path]
+    monkeypatch.setattr(sample.cli, 'available_memory', lambda device: 10 * 2**30)
+    # 10^9 images of 1x8x8 float32 = 238.4 GiB for one network call's input.
+    _assert_error('--net_batch=1000000000: 1000000000 images of 1x8x8 need 238.4 GiB for the input alone, and cpu has '
+                  '10.0 GiB available; give a smaller --net_batch', *m, '--net_batch=1000000000')
+    _assert_error('--batch=100000000: 100000000 images of 1x8x8 need 47.7 GiB for the input alone, and cpu has '
+                  '10.0 GiB available; give a smaller --batch', *m, '--batch=100000000', '--seeds=0-99999999')
+    # A hundred million seeds: every PNG takes at least one block of the disk (4 KiB here).
+    monkeypatch.setattr(sample.cli.shutil, 'disk_usage', lambda path: types.SimpleNamespace(free=2**36))
+    monkeypatch.setattr(sample.cli, 'bytes_on_disk', lambda size, path: -(-size // 4096) * 4096)
+    _assert_error(f'--outdir={tmp_path}: 65536 MiB free on that disk, this run needs about 390625 MiB',
+                  *m, '--seeds=0-99999999')
+    assert not _pngs(tmp_path)
+
+
+def test_existing_seeds_are_found_by_folder(tmp_path):
+    out = str(tmp_path)
+    for seed in (3, 4, 5, 999, 1000, 7001, 123456):
+        sample.save_image(np.zeros([2, 2, 1], np.uint8), sample.image_path(out, seed))
+    sample.save_image(np.zeros([2, 2, 1], np.uint8), os.path.join(out, '001000', '000005.png'))  # wrong folder
+    os.makedirs(os.path.join(out, '002000', '002001.png'))  # a folder, not an image
+    seeds = sample.parse_int_list('0-99999999')
+    assert sample.done_seeds(out, seeds).ranges == (range(3, 6), range(999, 1001), range(7001, 7002),
+                                                    range(123456, 123457))
+    assert list(sample.done_seeds(out, sample.parse_int_list('7000-7999,5'))) == [3, 4, 5, 999, 7001]  # 2 folders
+    todo = seeds.without(sample.done_seeds(out, seeds))
+    assert len(todo) == 10**8 - 7 and todo[:4] == sample.parse_int_list('0-2,6')
+    flat = str(tmp_path / 'flat')
+    for seed in (0, 1, 2, 10):
+        sample.save_image(np.zeros([2, 2, 1], np.uint8), sample.image_path(flat, seed, subdirs=False))
+    assert sample.done_seeds(flat, seeds, subdirs=False).ranges == (range(0, 3), range(10, 11))
+
+
+def test_full_disk_says_how_to_resume(model_dir, tmp_path, monkeypatch):
+    common = ['--model_path', model_dir, '--seeds=0-13', '--batch=4', '--solver=euler', '--num_steps=3']
+    _ok(*common, '--outdir', tmp_path / 'full')
+    write, calls, lock = sample.atomic_write_bytes, [], threading.Lock()
+
+    def write_until_full(path, data):  # the disk fills after 6 images
+        with lock:
+            calls.append(path)
+            if len(calls) > 6:
+                raise OSError(errno.ENOSPC, 'No space left on device')
+        write(path, data)
+    monkeypatch.setattr(sample, 'atomic_write_bytes', write_until_full)
+    result = _run(*common, '--outdir', tmp_path / 'cut')
+    assert result.exit_code == 1 and 'Traceback' not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith('Error:')] == [
+        f'Error: {tmp_path / "cut"}: no space left on the disk after 6 new image(s) of this process, all whole; free '
+        'some space and run the same command again: the images already written are skipped']
+    cut = _pngs(tmp_path / 'cut')
+    full = _pngs(tmp_path / 'full')
+    assert len(cut) == 6 and all(full[name] == data for name, data in cut.items())
+    monkeypatch.setattr(sample, 'atomic_write_bytes', write)
+    assert '(6 already done)' in _ok(*common, '--outdir', tmp_path / 'cut').output
+    assert _pngs(tmp_path / 'cut') == full
 
 
 def test_bad_solver_option_values_fail_before_sampling(model_dir, tmp_path):
@@ -327,3 +403,45 @@ def test_every_learned_solver_samples_and_round_trips(tmp_path, kind, hyper, nfe
     assert bad.exit_code != 0 and f'--predictor_path runs the {kind} solver, not --solver=euler' in bad.output
     bad = _run('--dataset_name=digits', f'--solver={kind}', '--outdir', tmp_path / 'c')
     assert bad.exit_code != 0 and f'the {kind} solver needs a trained predictor' in bad.output
+
+#----------------------------------------------------------------------------
+# The speed options (writer threads, network precision, layout): the defaults give the bytes of the version
+# before them, whatever the number of writer threads.
+
+# sha256 of the PNGs (sorted by path, concatenated) of the digits model, seeds 0-9, --batch=4, written by sample.py
+# before the writer threads, the seed ranges and the speed options existed.
+DIGITS_BEFORE = {'dpmpp': 'e3f2e630576d0002d0322391811c50dd2ca6125ef846e45c2439bc6c7038867d',
+                 'er_sde': '246aa4d91c846dedc74c6f693bd264d827dfd655dc2b71dde314adb970c5b24e'}
+
+
+def _digest(outdir):
+    files = _pngs(outdir)
+    return hashlib.sha256(b''.join(files[name] for name in sorted(files))).hexdigest()
+
+
+@pytest.mark.parametrize('solver', SOLVER_ARGS)
+def test_defaults_write_the_bytes_of_before(tmp_path, solver):
+    common = ['--dataset_name=digits', '--seeds=0-9', '--batch=4', *SOLVER_ARGS[solver]]
+    _ok(*common, '--outdir', tmp_path / 'a')
+    _ok(*common, '--writers=1', '--batch=3', '--outdir', tmp_path / 'b')
+    assert _digest(tmp_path / 'a') == _digest(tmp_path / 'b') == DIGITS_BEFORE[solver]
+
+
+def test_speed_options(tmp_path, monkeypatch):
+    common = ['--dataset_name=digits', '--seeds=0-5', '--solver=euler', '--num_steps=3']
+    result = _ok(*common, '--channels_last', '--outdir', tmp_path / 'cl')
+    assert 'channels_last=True' in result.output and len(_pngs(tmp_path / 'cl')) == 6
+    assert sample.cli.read_settings(str(tmp_path / 'cl' / sample.SETTINGS_FILE))['channels_last'] is True
+    _assert_error('--net_dtype=bfloat16: this model switches its precision on CUDA only; on cpu it runs in float32',
+                  *common, '--net_dtype=bfloat16', '--outdir', tmp_path / 'bf')
+    # A model without its own switch runs under autocast; float32 and auto are the same call.
+    class Probe(torch.nn.Module):
+        def forward(self, x, sigma, **kwargs):
+            return torch.nn.functional.linear(x.float(), torch.eye(x.shape[-1]))
+    x = torch.randn(2, 1, 3, 3)
+    for name, dtype in [('auto', torch.float32), ('float32', torch.float32), ('bfloat16', torch.bfloat16)]:
+        assert sample.NetCall(Probe(), net_dtype=name)(x, torch.ones(2)).dtype == dtype
+    # EDM's switch is set, not wrapped.
+    net = models.load_model('digits')
+    sample.NetCall(net, net_dtype='bfloat16')
+    assert net.use_fp16 and net.amp_dtype == torch.bfloat16

@@ -552,6 +552,14 @@ def test_sample_py_end_to_end(sd_dir, tmp_path):
                      f'--outdir={tmp_path}/d')
     assert 'Schedule: discrete rho=1, 4 points: 14.61 2.918 0.9324 0.02917' in result.output
     assert _png_files(tmp_path / 'd') == [os.path.join('000000', '000000.png')]
+    # A seed past the last caption, found from the ranges (a hundred million seeds are never expanded).
+    from click.testing import CliRunner
+
+    import sample
+    result = CliRunner().invoke(sample.main, [*common, f'--prompt={captions}', '--seeds=1,5-99999999',
+                                              f'--outdir={tmp_path}/e'])
+    assert result.exit_code == 2
+    assert 'Error: --prompt: seed 5 has no prompt: 3 prompts cover seeds 0-2' in result.output
 
 #----------------------------------------------------------------------------
 # train.py on Stable Diffusion: distill against the discrete schedule with CFG, captions drawn per trajectory,

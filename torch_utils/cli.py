@@ -130,16 +130,27 @@ def resolve_device(name, option='--device'):
 # system, too little free space. Nothing is created here.
 
 
-def check_output_dir(path, option='--outdir', need_bytes=0, shown=None):
-    """Raise click.UsageError (one line) unless files can be written under the folder `path` (made if missing).
+def _existing_parent(path):
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def bytes_on_disk(size, path):
+    """What a file of `size` bytes takes on the disk of `path`: whole blocks of the file system (4 KiB on most)."""
+    block = os.statvfs(_existing_parent(os.path.abspath(path))).f_bsize if hasattr(os, 'statvfs') else 4096
+    return max(1, -(-size // block)) * block
+
+
+def check_output_dir(path, option='--outdir', need_bytes=0, shown=None, need_files=0):
+    """Raise click.UsageError (one line) unless files can be written under the folder `path` (made if missing):
+    `need_bytes` free on its disk and, where the file system counts them, `need_files` free file entries (inodes).
     `shown`: the path the user gave, for the message (default: the folder)."""
     path = os.path.abspath(path)
     shown = path if shown is None else shown
     if os.path.exists(path) and not os.path.isdir(path) and shown == path:
         raise click.UsageError(f'{option}={shown}: this is a file, not a folder')
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = _existing_parent(path)
     if not os.path.isdir(existing):
         raise click.UsageError(f'{option}={shown}: {existing} is a file, not a folder')
     try:
@@ -153,6 +164,31 @@ def check_output_dir(path, option='--outdir', need_bytes=0, shown=None):
     if free < need_bytes:
         raise click.UsageError(f'{option}={shown}: {free / 2**20:.0f} MiB free on that disk, this run needs about '
                                f'{need_bytes / 2**20:.0f} MiB')
+    inodes = os.statvfs(existing).f_favail if hasattr(os, 'statvfs') else 0
+    if 0 < inodes < need_files:  # 0: a file system without a fixed number of files
+        raise click.UsageError(f'{option}={shown}: that disk has room for {inodes} more files, this run writes '
+                               f'{need_files}')
+
+
+def available_memory(device):
+    """Bytes that a new allocation on `device` can take: the free memory of a CUDA device, MemAvailable of
+    /proc/meminfo for the CPU; None where unknown."""
+    import torch
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != 'cpu':
+        return None
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def check_output_file(path, option='--dest', need_bytes=0):

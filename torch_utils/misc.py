@@ -1,8 +1,12 @@
 """Miscellaneous PyTorch helpers (EDM names): cached constants, shape checks, parameter copies, per-seed RNG."""
 
+import bisect
+import collections.abc
+import contextlib
+import itertools
 import os
 import re
-import tempfile
+import threading
 import warnings
 
 import numpy as np
@@ -13,20 +17,35 @@ import torch
 # folder, then renamed over the target (atomic on POSIX and Windows).
 
 
-def atomic_write(path, write_fn):
-    """Call write_fn(tmp_path) on a temporary file beside `path`, then move it onto `path` (mode 0644)."""
+@contextlib.contextmanager
+def _temporary_beside(path):
+    """A temporary path in the folder of `path` (made if missing), moved onto `path` (mode 0644) when the body ends
+    without an error, removed when it fails. The name is unique per process and thread, so no other writer uses it;
+    one left by a killed run is overwritten."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_' + os.path.basename(path))
-    os.close(fd)
+    tmp = os.path.join(folder, f'.tmp_{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}')
     try:
-        write_fn(tmp)
+        yield tmp
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write(path, write_fn):
+    """Call write_fn(tmp_path) on a temporary file beside `path`, then move it onto `path` (mode 0644)."""
+    with _temporary_beside(path) as tmp:
+        write_fn(tmp)
+
+
+def atomic_write_bytes(path, data):
+    """Write `data` to `path` as atomic_write does, with one open of the temporary file."""
+    with _temporary_beside(path) as tmp:
+        with open(tmp, 'wb') as f:
+            f.write(data)
 
 #----------------------------------------------------------------------------
 # EDM's map from model images in [-1, 1] to pixel values: x * 127.5 + 128,
@@ -152,14 +171,112 @@ class StackedRandomGenerator:
 #----------------------------------------------------------------------------
 
 
+class IntRanges(collections.abc.Sequence):
+    """A sequence of non-negative ints held as ranges, in the given order: memory and time by the number of ranges,
+    not of ints (`--seeds=0-99999999` is one range). Indexing, slicing (step 1), iteration and `len` as a list."""
+
+    def __init__(self, ranges=()):
+        merged = []
+        for r in ranges:
+            if len(r) == 0:
+                continue
+            if r.step != 1:
+                raise ValueError('IntRanges holds ranges of step 1')
+            if merged and merged[-1].stop == r.start:
+                r = range(merged.pop().start, r.stop)
+            merged.append(r)
+        self.ranges = tuple(merged)
+        self._ends = list(itertools.accumulate(len(r) for r in self.ranges))
+
+    @classmethod
+    def of(cls, values):
+        """The ranges of an iterable of ints (or an IntRanges, returned as is)."""
+        if isinstance(values, IntRanges):
+            return values
+        return cls(range(int(v), int(v) + 1) for v in values)
+
+    def __len__(self):
+        return self._ends[-1] if self._ends else 0
+
+    def __iter__(self):
+        return itertools.chain.from_iterable(self.ranges)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError('IntRanges slices have step 1')
+            return self._slice(start, max(start, stop))
+        index = range(len(self))[index]  # negative indices; IndexError out of range
+        k = bisect.bisect_right(self._ends, index)
+        return self.ranges[k][index - (self._ends[k - 1] if k else 0)]
+
+    def _slice(self, start, stop):
+        k = bisect.bisect_right(self._ends, start)
+        pieces, offset = [], self._ends[k - 1] if k else 0
+        for r in self.ranges[k:]:
+            if offset >= stop:
+                break
+            pieces.append(r[max(start - offset, 0):stop - offset])
+            offset += len(r)
+        return IntRanges(pieces)
+
+    def __eq__(self, other):
+        return isinstance(other, IntRanges) and self.ranges == other.ranges
+
+    def __hash__(self):
+        return hash(self.ranges)
+
+    def __repr__(self):
+        return 'IntRanges(' + ','.join(f'{r.start}' if len(r) == 1 else f'{r.start}-{r.stop - 1}'
+                                       for r in self.ranges) + ')'
+
+    def max(self):
+        return max(r.stop - 1 for r in self.ranges)
+
+    def first_duplicate(self):
+        """The smallest value that occurs twice, or None (sorting the ranges, not the values)."""
+        ordered = sorted(self.ranges, key=lambda r: r.start)
+        reach = None
+        for r in ordered:
+            if reach is not None and r.start < reach:
+                return r.start
+            reach = r.stop if reach is None else max(reach, r.stop)
+        return None
+
+    def without(self, other):
+        """These values, in their order, minus those of `other` (an IntRanges)."""
+        holes = []
+        for h in sorted(other.ranges, key=lambda r: r.start):  # sorted and disjoint
+            if holes and h.start <= holes[-1].stop:
+                h = range(holes[-1].start, max(holes.pop().stop, h.stop))
+            holes.append(h)
+        starts = [h.start for h in holes]
+        pieces = []
+        for r in self.ranges:
+            lo = r.start
+            k = max(bisect.bisect_right(starts, lo) - 1, 0)
+            for h in holes[k:]:
+                if h.start >= r.stop:
+                    break
+                if h.stop <= lo:
+                    continue
+                if h.start > lo:
+                    pieces.append(range(lo, h.start))
+                lo = max(lo, h.stop)
+            if lo < r.stop:
+                pieces.append(range(lo, r.stop))
+        return IntRanges(pieces)
+
+
 def parse_int_list(s, max_value=None):
-    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10] (ranges inclusive); a list passes through unchanged.
-    With `max_value`, a larger number is an error (checked before a range is expanded)."""
-    if isinstance(s, list):
-        return s
+    """'1,2,5-10' -> IntRanges of [1, 2, 5, 6, 7, 8, 9, 10] (ranges inclusive, never expanded); a list or IntRanges
+    passes through as IntRanges. With `max_value`, a larger number is an error."""
+    if isinstance(s, (list, tuple, range, IntRanges)):
+        return IntRanges.of(s) if not isinstance(s, range) else IntRanges([s])
     if not isinstance(s, str) or s.strip() == '':
         raise ValueError(f'Expected a list of non-negative integers such as "0-63" or "1,2,5-10", got {s!r}')
-    values = []
+    ranges = []
     for part in s.split(','):
         part = part.strip()
         range_match = re.fullmatch(r'(\d+)-(\d+)', part)
@@ -167,15 +284,13 @@ def parse_int_list(s, max_value=None):
             lo, hi = int(range_match.group(1)), int(range_match.group(2))
             if hi < lo:
                 raise ValueError(f'Invalid range "{part}" in {s!r}: the end is smaller than the start')
-            if max_value is not None and hi > max_value:
-                raise ValueError(f'{hi} in {s!r} is too large (at most {max_value})')
-            values.extend(range(lo, hi + 1))
         elif re.fullmatch(r'\d+', part):
-            if max_value is not None and int(part) > max_value:
-                raise ValueError(f'{int(part)} in {s!r} is too large (at most {max_value})')
-            values.append(int(part))
+            lo = hi = int(part)
         else:
             raise ValueError(f'Invalid item "{part}" in {s!r}: expected a non-negative integer or a range "a-b"')
-    return values
+        if max_value is not None and hi > max_value:
+            raise ValueError(f'{hi} in {s!r} is too large (at most {max_value})')
+        ranges.append(range(lo, hi + 1))
+    return IntRanges(ranges)
 
 #----------------------------------------------------------------------------

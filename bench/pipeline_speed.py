@@ -1,0 +1,168 @@
+"""Speed of sample.py around the network: images per second with a denoiser that costs nothing, against the raw
+PNG-encoding rate of the same images on the same cores.
+
+For each size (32x32x3 and 256x256x3 by default) and process count (1 and 2), this
+
+1. runs sample.py's own command (`sample.main`, under torchrun for 2 processes) with the model replaced by a free
+   denoiser (D = x / (1 + sigma^2), the exact denoiser of unit-variance Gaussian data: no weights, no network time),
+   so that what is timed is everything sample.py does besides the network: seeds, per-seed noise, the solver's
+   arithmetic, pixel conversion, PNG encoding and the atomic writes;
+2. reads the PNGs it wrote (untimed) and writes the same images again with nothing but PIL's `save` into files of
+   the same layout, split over the same number of processes: the raw PNG rate;
+
+and prints both rates and their ratio (1.0: sample.py is as fast as writing the PNGs alone). Times are wall times
+of the whole call (process start and imports excluded, torchrun's rendezvous included). It also prints the CPU time
+(user + system, all threads, summed over the processes) per image of both, and their ratio: on a machine shared
+with other jobs, where the wall times carry the others' load, that is the figure to read.
+
+    python bench/pipeline_speed.py [--sizes 32,256] [--procs 1,2] [--num 32:8000,256:400] [--repeat 3]
+                                   [-- sample.py options]
+"""
+
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#----------------------------------------------------------------------------
+
+
+class FreeDenoiser(torch.nn.Module):
+    """D = x / (1 + sigma^2): the exact denoiser of N(0, I) data, with the attributes sample.py reads."""
+    label_dim = 0
+    sigma_min = 0.002
+    sigma_max = 80.0
+    bottleneck = ''
+
+    def __init__(self, channels, resolution):
+        super().__init__()
+        self.img_channels = channels
+        self.img_resolution = resolution
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def forward(self, x, sigma, **kwargs):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+        return x / (1 + sigma ** 2)
+
+
+def cpu_seconds(who=resource.RUSAGE_SELF):
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_sample(channels, resolution, args):
+    """sample.py's command with the free denoiser in place of the model; returns its wall and CPU time (seconds)."""
+    import sample
+    sample.load_net = lambda c, device: FreeDenoiser(channels, resolution).to(device)
+    start, cpu = time.perf_counter(), cpu_seconds()
+    sample.main.main(args, standalone_mode=False)
+    return time.perf_counter() - start, cpu_seconds() - cpu
+
+#----------------------------------------------------------------------------
+# The raw rate: the same images, written with PIL alone.
+
+
+def _write(job):
+    arrays, paths = job
+    for array, path in zip(arrays, paths):
+        PIL.Image.fromarray(array, 'RGB').save(path, format='PNG')
+
+
+def raw_rate(outdir, procs):
+    """Images per second and CPU seconds per image of PIL alone writing the PNGs under outdir, in `procs`
+    child processes."""
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(outdir) for name in names
+                   if name.endswith('.png'))
+    arrays = [np.asarray(PIL.Image.open(path)) for path in files]
+    target = tempfile.mkdtemp(dir=os.path.dirname(outdir), prefix='raw-')
+    paths = [os.path.join(target, os.path.relpath(path, outdir)) for path in files]
+    for folder in {os.path.dirname(p) for p in paths}:
+        os.makedirs(folder, exist_ok=True)
+    jobs = [(arrays[r::procs], paths[r::procs]) for r in range(procs)]
+    start, cpu = time.perf_counter(), cpu_seconds(resource.RUSAGE_CHILDREN)
+    workers = [multiprocessing.get_context('fork').Process(target=_write, args=(job,)) for job in jobs]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
+    shutil.rmtree(target)
+    return len(files) / elapsed, cpu / len(files)
+
+#----------------------------------------------------------------------------
+
+
+def sample_rate(resolution, procs, num, extra, workdir):
+    outdir = os.path.join(workdir, f'{resolution}-{procs}')
+    args = ['--dataset_name=digits', f'--seeds=0-{num - 1}', f'--outdir={outdir}', *extra]
+    worker = [os.path.abspath(__file__), '--worker', json.dumps([3, resolution, args])]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO, BENCH_TIMES=os.path.join(workdir, 'times'))
+    if procs == 1:
+        cmd = [sys.executable, *worker]
+    else:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={procs}', *worker]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise click.ClickException(f'sample.py failed: {proc.stderr.strip().splitlines()[-1:]}')
+    times = []
+    for r in range(procs):
+        with open(os.path.join(workdir, f'times.{r}')) as f:
+            times.append([float(v) for v in f.read().split()])
+    wall, cpu = max(t[0] for t in times), sum(t[1] for t in times)
+    return outdir, num / wall, cpu / num
+
+
+@click.command(context_settings=dict(ignore_unknown_options=True))
+@click.option('--sizes', help='Image sides (3 channels)', default='32,256', show_default=True)
+@click.option('--procs', help='Process counts', default='1,2', show_default=True)
+@click.option('--num', help='Images per size', default='32:8000,256:400', show_default=True)
+@click.option('--repeat', help='Runs of each, in turn (best taken)', type=click.IntRange(min=1), default=3,
+              show_default=True)
+@click.option('--worker', help='(internal) run sample.py in this process: JSON [channels, resolution, args]')
+@click.argument('extra', nargs=-1, type=click.UNPROCESSED)
+def main(sizes, procs, num, repeat, worker, extra):
+    if worker is not None:
+        channels, resolution, args = json.loads(worker)
+        wall, cpu = run_sample(channels, resolution, args)
+        with open(f'{os.environ["BENCH_TIMES"]}.{os.environ.get("RANK", "0")}', 'w') as f:
+            f.write(f'{wall:.6f} {cpu:.6f}\n')
+        return
+    counts = dict(item.split(':') for item in num.split(','))
+    print(f'{"size":>9s} {"procs":>5s} {"images":>6s} {"sample.py img/s":>15s} {"raw PNG img/s":>13s} {"ratio":>6s} '
+          f'{"sample.py CPU us/img":>20s} {"raw CPU us/img":>14s} {"CPU ratio":>9s}', flush=True)
+    for resolution in [int(s) for s in sizes.split(',')]:
+        for p in [int(s) for s in procs.split(',')]:
+            count = int(counts[str(resolution)])
+            rate = raw = 0
+            cpu = raw_cpu = float('inf')
+            for _ in range(repeat):  # in turn, so that both see the same machine; the best of each
+                workdir = tempfile.mkdtemp(prefix='pipeline-speed-')
+                try:
+                    outdir, rate_i, cpu_i = sample_rate(resolution, p, count, list(extra), workdir)
+                    raw_i, raw_cpu_i = raw_rate(outdir, p)
+                finally:
+                    shutil.rmtree(workdir)
+                rate, cpu, raw, raw_cpu = max(rate, rate_i), min(cpu, cpu_i), max(raw, raw_i), min(raw_cpu, raw_cpu_i)
+            print(f'{resolution:4d}x{resolution:<4d} {p:5d} {count:6d} {rate:15.0f} {raw:13.0f} {rate / raw:6.3f} '
+                  f'{cpu * 1e6:20.0f} {raw_cpu * 1e6:14.0f} {raw_cpu / cpu:9.3f}', flush=True)
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()
+
+#----------------------------------------------------------------------------
