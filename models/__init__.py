@@ -6,6 +6,7 @@ load_model(name_or_path) accepts
   - an EDM network pickle (.pkl path or URL, e.g. network-snapshot-*.pkl of EDM's train.py);
   - a directory with this project's model.json + model.safetensors (models/edm.py save_model);
   - a Stable Diffusion checkpoint or diffusers directory (models/sd.py);
+  - a diffusers directory of SD3 or FLUX (models/flow_pipes.py: rectified flow seen as this denoiser);
   - with kind='cm'|'adm'|'ldm', a checkpoint of a consistency-models, guided-diffusion or latent-diffusion
     model (models/adapters.py), its architecture given as arch={...} in the original code's names.
 
@@ -89,6 +90,28 @@ def _load_sd(path_or_id, **kwargs):
         raise ModelError(one_line(err)) from err
 
 
+def _load_flow_pipeline(path_or_id, family=None, **kwargs):
+    """SD3 or FLUX (models/flow_pipes.py), with the same one-line errors as Stable Diffusion."""
+    try:
+        from . import flow_pipes
+        return flow_pipes.load_flow_pipeline(path_or_id, family=family, **kwargs)
+    except ImportError as err:
+        raise ModelError(f'SD3 and FLUX need diffusers and transformers (pip install "adasde[sd]"): '
+                         f'{one_line(err)}') from err
+    except ValueError as err:
+        if isinstance(err, ModelError):
+            raise
+        raise ModelError(one_line(err)) from err
+
+
+def _flow_family(path):
+    try:
+        from .flow_pipes import pipeline_family
+    except ImportError:
+        return None
+    return pipeline_family(path)
+
+
 def _no_kwargs(what, kwargs):
     given = {k: v for k, v in kwargs.items() if v is not None}
     if given:
@@ -154,6 +177,15 @@ def _load_zoo(name, device, **kwargs):
             return _load_sd(local, device=device, **kwargs)
         from .sd import SD_DEFAULT
         return _load_sd(SD_DEFAULT, device=device, **kwargs)
+    if entry.kind in ('sd3', 'flux'):
+        local = zoo.local_path(entry)  # <src>/<name>/model_index.json
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        kwargs.setdefault('guidance_type', entry.guidance_type)
+        kwargs.setdefault('guidance_rate', entry.guidance_rate)
+        from . import flow_pipes
+        default = dict(sd3=flow_pipes.SD3_DEFAULT, flux=flow_pipes.FLUX_DEFAULT)[entry.kind]
+        return _load_flow_pipeline(os.path.dirname(local) if os.path.isfile(local) else default, family=entry.kind,
+                                   device=device, **kwargs)
     raise ModelError(f'zoo entry {name!r} is a data file, not a model (use models.zoo.fetch({name!r}))')
 
 #----------------------------------------------------------------------------
@@ -204,6 +236,8 @@ def load_model(name_or_path, device='cpu', **kwargs):
                              f'accepted: {ACCEPTED_FORMATS}')
         else:
             raise ModelError(f'{src}: not a model file of a format this project reads; accepted: {ACCEPTED_FORMATS}')
+    elif os.path.isdir(src) and _flow_family(src):
+        net = _load_flow_pipeline(src, device=device, **sd_kwargs)
     elif os.path.isdir(src) and _is_sd(src):
         net = _load_sd(src, device=device, **sd_kwargs)
     elif os.path.isdir(src):
