@@ -13,11 +13,12 @@ import torch
 pytest.importorskip('diffusers')
 pytest.importorskip('transformers')
 
+from test_sd import make_tokenizer, text_config  # noqa: E402
+
 import sample  # noqa: E402
 import solvers  # noqa: E402
 from models.flow_pipes import FluxDenoiser, SD3Denoiser, load_flow_pipeline, pipeline_family, time_shift  # noqa: E402
 from models.sd import cfg_nfe_factor  # noqa: E402
-from test_sd import make_tokenizer, text_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ['a photo of a cat', 'two dogs on a red sofa']
