@@ -184,8 +184,15 @@ def _load_zoo(name, device, **kwargs):
         kwargs.setdefault('guidance_rate', entry.guidance_rate)
         from . import flow_pipes
         default = dict(sd3=flow_pipes.SD3_DEFAULT, flux=flow_pipes.FLUX_DEFAULT)[entry.kind]
-        return _load_flow_pipeline(os.path.dirname(local) if os.path.isfile(local) else default, family=entry.kind,
-                                   device=device, **kwargs)
+        if os.path.isfile(local):
+            return _load_flow_pipeline(os.path.dirname(local), family=entry.kind, device=device, **kwargs)
+        try:
+            return _load_flow_pipeline(default, family=entry.kind, device=device, **kwargs)
+        except ModelError as err:
+            if not str(err).startswith('cannot load'):
+                raise
+            raise ModelError(f'{err} (without network: put its diffusers folder at {os.path.dirname(local)})') \
+                from err
     raise ModelError(f'zoo entry {name!r} is a data file, not a model (use models.zoo.fetch({name!r}))')
 
 #----------------------------------------------------------------------------

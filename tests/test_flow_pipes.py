@@ -395,3 +395,20 @@ def test_zoo_row(family, request, tmp_path, monkeypatch):
     assert type(models.load_model(path)) is type(net)
 
 #----------------------------------------------------------------------------
+# Reduced precision (bfloat16, the default on CUDA): every module cast, the flow mapping and D in x's dtype.
+
+
+def test_bfloat16(sd3, flux, sd3_dir, flux_dir):
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6)) * 3
+    sigma = torch.tensor([3.0, 0.4])
+    for net, path in ((sd3, sd3_dir), (flux, flux_dir)):
+        half = load_flow_pipeline(path, dtype='bfloat16')
+        assert half.dtype == torch.bfloat16 and half.text_encoder_2.dtype == torch.bfloat16
+        assert (half.sigma_min, half.sigma_max) == (net.sigma_min, net.sigma_max)
+        with torch.no_grad():
+            denoised = half(x, sigma, **half.prompt_args(PROMPTS))
+            reference = net(x, sigma, **net.prompt_args(PROMPTS))
+        assert denoised.dtype == torch.float32 and half.decode(x).dtype == torch.float32
+        assert 0 < float((denoised - reference).abs().max()) < 0.1 * float(reference.abs().max())
+
+#----------------------------------------------------------------------------
