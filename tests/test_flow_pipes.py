@@ -395,24 +395,25 @@ def test_zoo_row(family, request, tmp_path, monkeypatch):
     assert type(models.load_model(path)) is type(net)
 
 
-@pytest.mark.parametrize('family', ['sd3', 'flux'])
-def test_zoo_row_offline(family, tmp_path):
+def test_zoo_rows_offline(tmp_path):
     """Without the folder under src/ and without network, one line that says where the folder goes."""
-    script = f'''
+    script = '''
 from models import load_model, ModelError
-try:
-    load_model({family!r})
-except ModelError as err:
-    print('ERROR', err)
+for family in ('sd3', 'flux'):
+    try:
+        load_model(family)
+    except ModelError as err:
+        print('ERROR', err)
 '''
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'),
                ADASDE_SRC_DIR=str(tmp_path / 'src'), OMP_NUM_THREADS='1')
     result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    (line,) = [line for line in result.stdout.splitlines() if line.startswith('ERROR')]
-    name = dict(sd3='Stable Diffusion 3', flux='FLUX')[family]
-    assert line.startswith(f'ERROR cannot load {name} from ') and line.endswith(
-        f'(without network: put its diffusers folder at {tmp_path / "src" / family})'), line
+    lines = [line for line in result.stdout.splitlines() if line.startswith('ERROR')]
+    assert len(lines) == 2, result.stdout
+    for line, family, name in zip(lines, ('sd3', 'flux'), ('Stable Diffusion 3', 'FLUX')):
+        assert line.startswith(f'ERROR cannot load {name} from ') and line.endswith(
+            f'(without network: put its diffusers folder at {tmp_path / "src" / family})'), line
 
 #----------------------------------------------------------------------------
 # Reduced precision (bfloat16, the default on CUDA): every module cast, the flow mapping and D in x's dtype.
