@@ -69,7 +69,7 @@ class TokenGrid(torch.nn.Module):
 
 
 class FlowPipeDenoiser(FlowDenoiser):
-    bottleneck = 'bottleneck_map'  # the TokenGrid of the middle transformer block's image tokens
+    bottleneck = 'bottleneck_map'  # the TokenGrid of the image tokens of the middle block (of blocks())
 
     # The decoder and the captions of distillation are SD's (models/sd.py).
     decode = SDDenoiser.decode
@@ -130,10 +130,10 @@ class FlowPipeDenoiser(FlowDenoiser):
     def device(self):
         return next(self.transformer.parameters()).device
 
-    def _check(self, class_labels, condition):
+    def _check(self, class_labels, condition, pooled):
         if class_labels is not None:
             raise ValueError(f'{self.name} takes text conditioning (condition=...), not class_labels')
-        if condition is None:
+        if condition is None or pooled is None:
             raise ValueError(f'{self.name} needs the text conditioning of net.prompt_args(prompts)')
 
     # Text: each prompt is encoded on its own, so that a sample's conditioning does not depend on the batch around
@@ -206,7 +206,7 @@ class SD3Denoiser(FlowPipeDenoiser):
 
     def velocity(self, x_t, t, condition=None, pooled=None, unconditional_condition=None, unconditional_pooled=None,
                  class_labels=None):
-        self._check(class_labels, condition)
+        self._check(class_labels, condition, pooled)
         batch = x_t.shape[0]
         timestep = t.float() * 1000
         condition, pooled = self._batch(condition, batch), self._batch(pooled, batch)
@@ -238,7 +238,9 @@ class FluxDenoiser(FlowPipeDenoiser):
         super().__init__(transformer, vae, text_encoders, tokenizers, scheduler_config, 2, **kwargs)  # 2x2 patches
 
     def blocks(self):
-        return list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks)
+        # The double-stream blocks: they return (text, image) tokens in every diffusers version (the single-stream
+        # ones returned the joint sequence before 0.32).
+        return self.transformer.transformer_blocks
 
     def default_latent_resolution(self):
         """The FLUX pipeline's default image (1024 for FLUX.1: its VAE's sample_size), in latent pixels."""
@@ -252,7 +254,7 @@ class FluxDenoiser(FlowPipeDenoiser):
         return sequence, pooled.to(sequence.dtype)
 
     def velocity(self, x_t, t, condition=None, pooled=None, class_labels=None):
-        self._check(class_labels, condition)
+        self._check(class_labels, condition, pooled)
         b, c, h, w = x_t.shape
         packed = x_t.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
         img_ids = torch.zeros(h // 2, w // 2, 3, device=x_t.device)
