@@ -34,7 +34,8 @@ from torch_utils.misc import StackedRandomGenerator, atomic_write, parse_int_lis
 MAX_SEED = 2**32 - 1
 
 # Sampling settings a predictor fixes; giving a different value on the command line is an error.
-PREDICTOR_SETTINGS = ('num_steps', 'afs', 'schedule_type', 'schedule_rho', 'guidance_type', 'guidance_rate')
+PREDICTOR_SETTINGS = ('num_steps', 'afs', 'schedule_type', 'schedule_rho', 'guidance_type', 'guidance_rate',
+                      'resolution')
 
 #----------------------------------------------------------------------------
 # Batch-invariant network evaluation. On the CPU, matrix products and
@@ -295,7 +296,7 @@ def check_solver_runs(c, sigmas):
 
 
 def load_net(c, device):
-    kwargs = {k: c[k] for k in ('guidance_type', 'guidance_rate', 'classifier_path', 'classifier_arch')
+    kwargs = {k: c[k] for k in ('guidance_type', 'guidance_rate', 'classifier_path', 'classifier_arch', 'resolution')
               if c[k] is not None}
     kwargs.update({k: v for k, v in (('kind', c.model_kind), ('arch', c.model_arch)) if v is not None})
     try:
@@ -352,7 +353,8 @@ def folder_settings(c, shown, schedule_type, schedule_rho, dtype):
         model=model if model in models.ZOO or not os.path.exists(model) else os.path.abspath(model), solver=c.solver,
         options=dict(shown), num_steps=c.num_steps, afs=c.afs, schedule_type=schedule_type,
         schedule_rho=schedule_rho, class_idx=c.class_idx, guidance_type=c.guidance_type,
-        guidance_rate=c.guidance_rate, prompt=prompt, dtype=str(dtype).removeprefix('torch.'), subdirs=c.subdirs,
+        guidance_rate=c.guidance_rate, resolution=c.resolution, prompt=prompt,
+        dtype=str(dtype).removeprefix('torch.'), subdirs=c.subdirs,
         predictor=dict(file=os.path.abspath(c.predictor_file), sha256=_file_digest(c.predictor_file))
         if c.predictor_path else None)
 

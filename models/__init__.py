@@ -104,6 +104,9 @@ def _load_flow_pipeline(path_or_id, family=None, **kwargs):
         raise ModelError(one_line(err)) from err
 
 
+FLOW_KINDS = ('sd3', 'flux')  # zoo kinds of models/flow_pipes.py
+
+
 def _flow_family(path):
     try:
         from .flow_pipes import pipeline_family
@@ -177,7 +180,7 @@ def _load_zoo(name, device, **kwargs):
             return _load_sd(local, device=device, **kwargs)
         from .sd import SD_DEFAULT
         return _load_sd(SD_DEFAULT, device=device, **kwargs)
-    if entry.kind in ('sd3', 'flux'):
+    if entry.kind in FLOW_KINDS:
         local = zoo.local_path(entry)  # <src>/<name>/model_index.json
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kwargs.setdefault('guidance_type', entry.guidance_type)
@@ -210,6 +213,12 @@ def load_model(name_or_path, device='cpu', **kwargs):
     """
     import dnnlib
     src = os.fspath(name_or_path)
+    resolution = kwargs.pop('resolution', None)  # the image size of SD3 and FLUX (models/flow_pipes.py)
+    if resolution is not None and not (ZOO[src].kind in FLOW_KINDS if src in ZOO else
+                                       kwargs.get('kind') is None and os.path.isdir(src) and _flow_family(src)):
+        raise ModelError(f'resolution: only SD3 and FLUX pipelines take an image size, not {src}')
+    if resolution is not None:
+        kwargs['resolution'] = resolution
     sd_kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kind = kwargs.pop('kind', None)
     if kind is not None:

@@ -1,12 +1,14 @@
 """SD3 and FLUX (models/flow_pipes.py) on tiny random diffusers pipelines built offline: the text encoding, the time
 input and shift, agreement with the pipelines' own FlowMatchEuler loop, and sample.py / train.py end to end."""
 
+import io
 import math
 import os
 import string
 import subprocess
 import sys
 
+import PIL.Image
 import pytest
 import torch
 
@@ -330,6 +332,19 @@ def test_sample_py_one_and_two_processes(family, request, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert '2 process(es)' in proc.stdout and _pngs(tmp_path / 'two') == one
 
+def test_sample_py_resolution(flux_dir, tmp_path):
+    """--resolution sets the image size of SD3 and FLUX (and so FLUX's time shift); other models refuse it."""
+    from click.testing import CliRunner
+    result = _sample(f'--model_path={flux_dir}', '--resolution=32', '--prompt=a cat', '--solver=euler', '--num_steps=3',
+                     '--seeds=0', f'--outdir={tmp_path / "a"}')
+    shift = math.exp(0.5 + 0.65 * (64 - 256) / 3840)
+    assert f'(4x16x16, 0 classes, sigma {shift * 1e-3 / 0.999:g}-{shift * 999:g})' in result.output
+    with PIL.Image.open(tmp_path / 'a' / '000000' / '000000.png') as image:
+        assert image.size == (32, 32)
+    result = CliRunner().invoke(sample.main, ['--dataset_name=digits', '--resolution=32', f'--outdir={tmp_path / "b"}'])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        'Error: resolution: only SD3 and FLUX pipelines take an image size, not digits']
+
 #----------------------------------------------------------------------------
 # train.py: AdaSDE, EPD and AMED distilled on each pipeline (captions drawn per trajectory), then sampled.
 
@@ -351,7 +366,8 @@ def test_train_py_then_sample(family, request, tmp_path, monkeypatch):
     path = request.getfixturevalue(f'{family}_dir')
     captions = tmp_path / 'captions.csv'
     captions.write_text('text\na photo of a cat\ntwo dogs on a red sofa\na bowl of fruit\na red car\n')
-    runs = dict(adasde=['--gamma=0.001', '--lr=0.01', '--M=1'], epd=['--num_points=2', '--M=1'],
+    # AdaSDE at 32x32 images (16x16 latents): the predictor records the size and sample.py takes it from there.
+    runs = dict(adasde=['--gamma=0.001', '--lr=0.01', '--M=1', '--resolution=32'], epd=['--num_points=2', '--M=1'],
                 amed=['--M=1', '--schedule_type=polynomial', '--schedule_rho=7'])
     for student, flags in runs.items():
         result = CliRunner().invoke(train.main, [
@@ -363,9 +379,14 @@ def test_train_py_then_sample(family, request, tmp_path, monkeypatch):
         snapshot, = run_dir.glob('network-snapshot-*.safetensors')
         predictor = load_predictor(snapshot)
         assert predictor.kind == student and predictor.settings['dataset_name'] == family
+        size = 32 if student == 'adasde' else 16
+        assert predictor.settings['resolution'] == (32 if student == 'adasde' else None)
         _sample(f'--predictor_path={snapshot}', f'--model_path={path}', '--prompt=a cat', '--seeds=0-1',
                 '--device=cpu', f'--outdir={tmp_path}/samples-{student}')
-        assert len(_pngs(tmp_path / f'samples-{student}')) == 2
+        pngs = _pngs(tmp_path / f'samples-{student}')
+        assert len(pngs) == 2
+        with PIL.Image.open(io.BytesIO(next(iter(pngs.values())))) as image:
+            assert image.size == (size, size)
 
 #----------------------------------------------------------------------------
 # The zoo rows are what loads (the tiny folders standing in for the hub's).

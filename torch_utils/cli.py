@@ -213,6 +213,8 @@ def model_options(dataset_default=None):
         click.option('--guidance_type', help='Guidance: cg (classifier), cfg (classifier-free), uncond, distilled '
                      '(FLUX\'s embedded scale)  [default: the model\'s]', type=click.Choice(GUIDANCE_TYPES)),
         click.option('--guidance_rate', help='Guidance strength  [default: the model\'s]', metavar='FLOAT', type=float),
+        click.option('--resolution', help='Image side in pixels of SD3 and FLUX (FLUX\'s time shift follows it)  '
+                     '[default: the model\'s, 1024]', metavar='INT', type=click.IntRange(min=1)),
     ]
 
     def decorator(fn):
