@@ -276,12 +276,16 @@ def sniff_model_file(path):
     'sd-safetensors' / 'predictor' / 'safetensors' (a valid safetensors header: Stable Diffusion weights, an
     learned-solver predictor (AdaSDE, AMED, EPD), anything else), or None."""
     import json
+
+    from torch_utils.misc import starts_a_pickle
     with open(path, 'rb') as f:
-        head = f.read(8)
+        head = f.read(9)
         if head[:4] == b'PK\x03\x04':
             return 'zip'
-        if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        if starts_a_pickle(head, os.path.getsize(path)):
             return 'pickle'
+        f.seek(8)
+        head = head[:8]
         if len(head) < 8:
             return None
         header_len = int.from_bytes(head, 'little')
