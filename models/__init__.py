@@ -205,10 +205,9 @@ def load_model(name_or_path, device='cpu', **kwargs):
     """A Denoiser (docs/design.md) in eval mode with requires_grad False, from a zoo name, a network pickle (path or
     URL), a model directory (model.json), a Stable Diffusion checkpoint or an SD3 / FLUX folder. kwargs go to guided
     adapters (guidance_type, guidance_rate, ...); resolution (image pixels) only to SD3 and FLUX. With
-    kind='cm'|'adm'|'ldm', name_or_path is a checkpoint of that family
-    (.pt, .ckpt or .zip) and arch (a dict or JSON string), classifier_path and classifier_arch describe it (keys of
-    the original code; omitted keys take the published model's values). Raises ModelError (a ValueError) with a
-    one-line message.
+    kind='cm'|'adm'|'ldm', name_or_path is a checkpoint of that family (.pt, .ckpt or .zip) and arch (a dict or JSON
+    string), classifier_path and classifier_arch describe it (keys of the original code; omitted keys take the
+    published model's values). Raises ModelError (a ValueError) with a one-line message.
 
     Loading a .pkl executes the Python code stored in it: only load pickles you trust.
     """
