@@ -5,7 +5,7 @@
 #   bash launch.sh digits-nfe5     # retrain one shipped digits predictor in its exp/ folder (also digits-nfe3/7/9,
 #                                  #   and the paper's form: digits-paper-nfe3/5)
 #   bash launch.sh cifar10         # the paper's recipes: train, sample 50k, FID (GPUs; also ffhq, imagenet64,
-#                                  #   lsun_bedroom, imagenet256, lsun_bedroom_ldm, ms_coco, sdxl)
+#                                  #   lsun_bedroom, imagenet256, lsun_bedroom_ldm, ms_coco, sdxl, sd3, flux)
 #   bash launch.sh --help          # the presets this checkout can run
 #
 # GPUS=<n> sets the processes per run (torchrun); default 1.
@@ -18,7 +18,7 @@ run() { if [ "$GPUS" -gt 1 ]; then torchrun --standalone --nproc_per_node="$GPUS
 # The presets, in --help order. A preset named after a zoo model whose adapter is not built yet (models/zoo.py,
 # `missing`) is not offered, and appears by itself once it is: add a preset here and as a case below.
 PRESETS="demo digits-nfe3 digits-nfe5 digits-nfe7 digits-nfe9 digits-paper-nfe3 digits-paper-nfe5 digits-peers cifar10 ffhq imagenet64 lsun_bedroom imagenet256
-    lsun_bedroom_ldm ms_coco sdxl"
+    lsun_bedroom_ldm ms_coco sdxl sd3 flux"
 declare -A ABOUT=([demo]="(default) digits model, 5 NFE: distill AdaSDE, sample 10k with it, its best learned peer and 7 baselines, FID + RMSE table"
     [digits-nfe3]="retrain the shipped digits predictor at 3 NFE in its exp/ folder (also digits-nfe5|7|9)"
     [digits-peers]="retrain the shipped learned peers on digits in their exp/ folders: AMED, its plug-ins, EPD, EPD-Plugin, AdaSDE without gamma"
@@ -28,7 +28,9 @@ declare -A ABOUT=([demo]="(default) digits model, 5 NFE: distill AdaSDE, sample 
     [imagenet256]="guided diffusion 256 with classifier guidance, lsun_bedroom's recipe (GPUs)"
     [lsun_bedroom_ldm]="latent diffusion LSUN Bedroom, lsun_bedroom's recipe (GPUs)"
     [ms_coco]="Stable Diffusion v1.5, CFG 7.5, FID-30k on the MS-COCO captions (GPUs)"
-    [sdxl]="SDXL base 1.0 at 1024 px, CFG 5, the ms_coco recipe adapted, FID-30k on the MS-COCO captions (GPUs)")
+    [sdxl]="SDXL base 1.0 at 1024 px, CFG 5, the ms_coco recipe adapted, FID-30k on the MS-COCO captions (GPUs)"
+    [sd3]="Stable Diffusion 3 Medium (rectified flow), CFG 7, ms_coco's recipe at 1024x1024 (GPUs)"
+    [flux]="FLUX.1-dev (rectified flow), distilled guidance 3.5, ms_coco's recipe at 1024x1024 (GPUs)")
 # "<preset>: <why not>" for each preset that cannot run here.
 not_built=$(python -c 'import sys; from models.zoo import ZOO
 for p in sys.argv[1:]:
@@ -274,6 +276,26 @@ sdxl)
         --prompt=src/prompts/MS-COCO_val2014_30k_captions.csv --outdir="samples/$(basename "$exp")"
     header "3/3 fid.py: FID-30k against src/sdxl/fid-ref.npz (lower is better)"
     step "fid.py (step 3/3)" run fid.py calc --images="samples/$(basename "$exp")" --ref=src/sdxl/fid-ref.npz ;;
+sd3 | flux)
+    # The ms_coco recipe (AdaSDE's SD v1.5 settings) on a rectified-flow transformer (docs/flow-pipelines.md): 4 time
+    # points with AFS (5 network calls), the discrete schedule at rho 1, which on these models is uniform in their
+    # unshifted flow time, i.e. the pipelines' own shifted schedule (as uniform-in-DDPM-index is SD's), gamma 0.001,
+    # lr 0.01, 5 kimg. Guidance: each model's own default (SD3: CFG 7.0, 10 model evaluations; FLUX.1-dev: the
+    # distilled scale 3.5, one evaluation per call). 1024x1024 images: --batch-gpu=2 bounds the memory of the
+    # backpropagation through the transformer and the VAE decoder (not measured here: no GPU).
+    guidance="--guidance_type=cfg --guidance_rate=7.0"
+    [ "$PRESET" = flux ] && guidance="--guidance_type=distilled --guidance_rate=3.5"
+    header "1/4 train.py: distill an AdaSDE predictor for $PRESET"
+    step "train.py (step 1/3)" run train.py --dataset_name="$PRESET" --sampler_stu=adasde --sampler_tea=dpm --num_steps=4 \
+        --M=3 --afs=True --scale_dir=0.05 --scale_time=0.2 --gamma=0.001 --seed=0 --lr=0.01 --schedule_type=discrete \
+        --schedule_rho=1 $guidance --batch=32 --batch-gpu=2 --total_kimg=5 --resume
+    exp=$(ls -d exps/*-"$PRESET"-* | sort | tail -n 1)
+    header "2/3 sample.py: 30k images, one per MS-COCO caption"
+    step "sample.py (step 2/3)" run sample.py --predictor_path="$exp" --batch=8 --seeds=0-29999 \
+        --prompt=src/prompts/MS-COCO_val2014_30k_captions.csv --outdir="samples/$(basename "$exp")"
+    header "3/3 fid.py: FID-30k against src/ms_coco/coco-val2014-1024.npz (lower is better)"
+    step "fid.py (step 3/3)" run fid.py calc --images="samples/$(basename "$exp")" \
+        --ref=src/ms_coco/coco-val2014-1024.npz ;;
 *)
     echo "launch.sh: unknown preset '$PRESET'; bash launch.sh --help lists the presets" >&2
     exit 2 ;;

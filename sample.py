@@ -42,7 +42,8 @@ from torch_utils.misc import IntRanges, StackedRandomGenerator, atomic_write_byt
 MAX_SEED = 2**32 - 1
 
 # Sampling settings a predictor fixes; giving a different value on the command line is an error.
-PREDICTOR_SETTINGS = ('num_steps', 'afs', 'schedule_type', 'schedule_rho', 'guidance_type', 'guidance_rate')
+PREDICTOR_SETTINGS = ('num_steps', 'afs', 'schedule_type', 'schedule_rho', 'guidance_type', 'guidance_rate',
+                      'resolution')
 
 #----------------------------------------------------------------------------
 # Batch-invariant network evaluation. On the CPU, matrix products and
@@ -439,7 +440,7 @@ def check_solver_runs(c, sigmas):
 
 
 def load_net(c, device):
-    kwargs = {k: c[k] for k in ('guidance_type', 'guidance_rate', 'classifier_path', 'classifier_arch')
+    kwargs = {k: c[k] for k in ('guidance_type', 'guidance_rate', 'classifier_path', 'classifier_arch', 'resolution')
               if c[k] is not None}
     kwargs.update({k: v for k, v in (('kind', c.model_kind), ('arch', c.model_arch)) if v is not None})
     try:
@@ -500,6 +501,7 @@ def folder_settings(c, shown, schedule_type, schedule_rho, dtype):
         schedule_rho=schedule_rho, class_idx=c.class_idx, guidance_type=c.guidance_type,
         guidance_rate=c.guidance_rate, prompt=prompt, dtype=str(dtype).removeprefix('torch.'), subdirs=c.subdirs,
         predictor=dict(kind=c.solver, content_sha256=c.options['predictor'].digest()) if c.predictor_path else None,
+        **({} if c.resolution is None else dict(resolution=c.resolution)),  # SD3/FLUX only: older folders resume
         **speed_settings(c.net_dtype, c.channels_last, c.compile))
 
 

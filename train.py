@@ -288,8 +288,8 @@ def main(**kwargs):
             prompts = fetch('prompts')
         except ValueError as e:
             raise click.ClickException(f'{e} (or give --prompts)') from None
-    model_kwargs = {k: opts[k] for k in ('guidance_type', 'guidance_rate', 'classifier_path', 'classifier_arch')
-                    if opts[k] is not None}
+    model_kwargs = {k: opts[k] for k in ('guidance_type', 'guidance_rate', 'classifier_path', 'classifier_arch',
+                                         'resolution') if opts[k] is not None}
     model_kwargs.update({k: v for k, v in (('kind', opts.model_kind), ('arch', opts.model_arch)) if v is not None})
     for name in ('model_arch', 'classifier_arch'):
         if opts[name] is not None:

@@ -6,6 +6,7 @@ load_model(name_or_path) accepts
   - an EDM network pickle (.pkl path or URL, e.g. network-snapshot-*.pkl of EDM's train.py);
   - a directory with this project's model.json + model.safetensors (models/edm.py save_model);
   - a Stable Diffusion (1.x/2.x or XL) checkpoint or diffusers directory (models/sd.py);
+  - a diffusers directory of SD3 or FLUX (models/flow_pipes.py: rectified flow seen as this denoiser);
   - with kind='cm'|'adm'|'ldm', a checkpoint of a consistency-models, guided-diffusion or latent-diffusion
     model (models/adapters.py), its architecture given as arch={...} in the original code's names.
 
@@ -92,6 +93,31 @@ def _load_sd(path_or_id, family=None, **kwargs):
         raise ModelError(one_line(err)) from err
 
 
+def _load_flow_pipeline(path_or_id, family=None, **kwargs):
+    """SD3 or FLUX (models/flow_pipes.py), with the same one-line errors as Stable Diffusion."""
+    try:
+        from . import flow_pipes
+        return flow_pipes.load_flow_pipeline(path_or_id, family=family, **kwargs)
+    except ImportError as err:
+        raise ModelError(f'SD3 and FLUX need diffusers and transformers (pip install "adasde[sd]"): '
+                         f'{one_line(err)}') from err
+    except ValueError as err:
+        if isinstance(err, ModelError):
+            raise
+        raise ModelError(one_line(err)) from err
+
+
+FLOW_KINDS = ('sd3', 'flux')  # zoo kinds of models/flow_pipes.py
+
+
+def _flow_family(path):
+    try:
+        from .flow_pipes import pipeline_family
+    except ImportError:
+        return None
+    return pipeline_family(path)
+
+
 def _no_kwargs(what, kwargs):
     given = {k: v for k, v in kwargs.items() if v is not None}
     if given:
@@ -159,6 +185,22 @@ def _load_zoo(name, device, **kwargs):
         from . import sd
         return _load_sd(sd.SDXL_DEFAULT if entry.kind == 'sdxl' else sd.SD_DEFAULT, family=entry.kind, device=device,
                         **kwargs)
+    if entry.kind in FLOW_KINDS:
+        local = zoo.local_path(entry)  # <src>/<name>/model_index.json
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        kwargs.setdefault('guidance_type', entry.guidance_type)
+        kwargs.setdefault('guidance_rate', entry.guidance_rate)
+        from . import flow_pipes
+        default = dict(sd3=flow_pipes.SD3_DEFAULT, flux=flow_pipes.FLUX_DEFAULT)[entry.kind]
+        if os.path.isfile(local):
+            return _load_flow_pipeline(os.path.dirname(local), family=entry.kind, device=device, **kwargs)
+        try:
+            return _load_flow_pipeline(default, family=entry.kind, device=device, **kwargs)
+        except ModelError as err:
+            if not str(err).startswith('cannot load'):
+                raise
+            raise ModelError(f'{err} (without network: put its diffusers folder at {os.path.dirname(local)})') \
+                from err
     raise ModelError(f'zoo entry {name!r} is a data file, not a model (use models.zoo.fetch({name!r}))')
 
 #----------------------------------------------------------------------------
@@ -166,16 +208,22 @@ def _load_zoo(name, device, **kwargs):
 
 def load_model(name_or_path, device='cpu', **kwargs):
     """A Denoiser (docs/design.md) in eval mode with requires_grad False, from a zoo name, a network pickle (path or
-    URL), a model directory (model.json) or a Stable Diffusion checkpoint. kwargs go to guided adapters
-    (guidance_type, guidance_rate, ...). With kind='cm'|'adm'|'ldm', name_or_path is a checkpoint of that family
-    (.pt, .ckpt or .zip) and arch (a dict or JSON string), classifier_path and classifier_arch describe it (keys of
-    the original code; omitted keys take the published model's values). Raises ModelError (a ValueError) with a
-    one-line message.
+    URL), a model directory (model.json), a Stable Diffusion checkpoint or an SD3 / FLUX folder. kwargs go to guided
+    adapters (guidance_type, guidance_rate, ...); resolution (image pixels) only to SD3 and FLUX. With
+    kind='cm'|'adm'|'ldm', name_or_path is a checkpoint of that family (.pt, .ckpt or .zip) and arch (a dict or JSON
+    string), classifier_path and classifier_arch describe it (keys of the original code; omitted keys take the
+    published model's values). Raises ModelError (a ValueError) with a one-line message.
 
     Loading a .pkl executes the Python code stored in it: only load pickles you trust.
     """
     import dnnlib
     src = os.fspath(name_or_path)
+    resolution = kwargs.pop('resolution', None)  # the image size of SD3 and FLUX (models/flow_pipes.py)
+    if resolution is not None and not (ZOO[src].kind in FLOW_KINDS if src in ZOO else
+                                       kwargs.get('kind') is None and os.path.isdir(src) and _flow_family(src)):
+        raise ModelError(f'resolution: only SD3 and FLUX pipelines take an image size, not {src}')
+    if resolution is not None:
+        kwargs['resolution'] = resolution
     sd_kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kind = kwargs.pop('kind', None)
     if kind is not None:
@@ -209,6 +257,8 @@ def load_model(name_or_path, device='cpu', **kwargs):
                              f'accepted: {ACCEPTED_FORMATS}')
         else:
             raise ModelError(f'{src}: not a model file of a format this project reads; accepted: {ACCEPTED_FORMATS}')
+    elif os.path.isdir(src) and _flow_family(src):
+        net = _load_flow_pipeline(src, device=device, **sd_kwargs)
     elif os.path.isdir(src) and _is_sd(src):
         net = _load_sd(src, device=device, **sd_kwargs)
     elif os.path.isdir(src):
@@ -232,12 +282,16 @@ def sniff_model_file(path):
     (a second text encoder, conditioner.embedders.1.*), Stable Diffusion 1.x/2.x weights, a learned-solver
     predictor (AdaSDE, AMED, EPD), anything else), or None."""
     import json
+
+    from torch_utils.misc import starts_a_pickle
     with open(path, 'rb') as f:
-        head = f.read(8)
+        head = f.read(9)
         if head[:4] == b'PK\x03\x04':
             return 'zip'
-        if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        if starts_a_pickle(head, os.path.getsize(path)):
             return 'pickle'
+        f.seek(8)
+        head = head[:8]
         if len(head) < 8:
             return None
         header_len = int.from_bytes(head, 'little')

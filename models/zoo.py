@@ -33,7 +33,8 @@ class ModelError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ZooEntry:
     name: str
-    kind: str                       # adapter: 'embedded', 'edm', 'cm', 'adm', 'ldm', 'sd', 'sdxl', 'file'
+    kind: str                       # adapter: 'embedded', 'edm', 'cm', 'adm', 'ldm', 'sd', 'sdxl', 'sd3', 'flux',
+                                    #   'file'
     url: str = None                 # source of the file (None: shipped with the repository)
     file: str = None                # name of the stored file in <src>/<name>/
     storage: str = 'src'            # 'src': <src>/<name>/; 'repo': the repository's src/<name>/; 'hub': diffusers
@@ -43,7 +44,7 @@ class ZooEntry:
     label_dim: int = 0
     sigma_min: float = None         # the sampling range: given to EDM pickles (which carry 0 and inf), computed
     sigma_max: float = None         # by the other adapters from their schedules (tests check they agree)
-    guidance_type: str = None       # guidance of the adapter ('cg', 'cfg', 'uncond'): the one spelling of all code
+    guidance_type: str = None       # guidance of the adapter ('cg', 'cfg', 'uncond', 'distilled'): the one spelling
     guidance_rate: float = None
     detector: str = DEFAULT_DETECTOR  # FID feature network (models.detectors), chosen through detector_for
     feature_net: str = 'inception'  # loss network of the distillation's feature loss (the official code's
@@ -120,6 +121,17 @@ ZOO = {e.name: e for e in [
              'sd_xl_base_1.0.safetensors', 'sd_xl_base_1.0.safetensors', storage='hub', resolution=128, channels=4,
              label_kind='text', sigma_min=0.0291675, sigma_max=14.6146, guidance_type='cfg', guidance_rate=5.0,
              description='Stable Diffusion XL base 1.0, text-to-image 1024 px (CFG 5), MS-COCO prompts'),
+    # Rectified-flow transformers (models/flow_pipes.py): a diffusers folder at <src>/<name>/ (model_index.json),
+    # else the hub id. The range is the scheduler's time shift s times the unshifted sigma(1e-3), sigma(1 - 1e-3);
+    # FLUX's s is that of its default 1024x1024 images (4096 tokens: exp(1.15)).
+    ZooEntry('sd3', 'sd3', 'https://huggingface.co/stabilityai/stable-diffusion-3-medium-diffusers', 'model_index.json',
+             storage='hub', resolution=128, channels=16, label_kind='text', sigma_min=0.003003003, sigma_max=2997.0,
+             guidance_type='cfg', guidance_rate=7.0,
+             description='Stable Diffusion 3 Medium, rectified flow (shift 3), CFG 7, MS-COCO prompts'),
+    ZooEntry('flux', 'flux', 'https://huggingface.co/black-forest-labs/FLUX.1-dev', 'model_index.json', storage='hub',
+             resolution=128, channels=16, label_kind='text', sigma_min=0.00316135, sigma_max=3155.035,
+             guidance_type='distilled', guidance_rate=3.5,
+             description='FLUX.1-dev, rectified flow (1024px shift), distilled guidance 3.5, MS-COCO prompts'),
     ZooEntry('prompts', 'file', 'https://github.com/boomb0om/text2image-benchmark/releases/download/v0.0.1/'
              'MS-COCO_val2014_30k_captions.csv', 'MS-COCO_val2014_30k_captions.csv',
              description='the 30k MS-COCO val2014 captions (column "text"; caption index = seed)'),

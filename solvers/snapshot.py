@@ -12,6 +12,7 @@ and replaces any other class or function the pickle names by an inert placeholde
 
 import io
 import json
+import os
 import pickle
 import struct
 
@@ -20,7 +21,7 @@ import safetensors.torch
 import torch
 
 from torch_utils.cli import one_line
-from torch_utils.misc import atomic_write
+from torch_utils.misc import atomic_write, starts_a_pickle
 
 #----------------------------------------------------------------------------
 # What the unpickler builds.
@@ -107,7 +108,7 @@ SNAPSHOT_ERRORS = (OSError, pickle.UnpicklingError, EOFError, KeyError, Attribut
 #----------------------------------------------------------------------------
 # The learned solvers' own files: one .safetensors of tensors plus JSON
 # metadata. A predictor path may also name an official snapshot: the two are
-# told apart by content (a pickle starts with its protocol byte 0x80).
+# told apart by content (torch_utils.misc.starts_a_pickle).
 
 
 def predictor_file_bytes(file_format, version, hyperparams, settings, tensors):
@@ -150,7 +151,7 @@ def read_predictor_file(path, what):
     `what` names the predictor in the one-line ValueError of an unreadable file."""
     try:
         with open(path, 'rb') as f:
-            if f.read(1) == b'\x80':
+            if starts_a_pickle(f.read(9), os.path.getsize(path)):
                 return None
     except OSError as e:
         raise ValueError(f'cannot read {what} predictor {path}: {e.strerror or e}') from None

@@ -450,3 +450,27 @@ def test_bench_scripts_import_the_project_without_a_path_hack():
     for script in glob.glob(os.path.join(root, 'bench', '*.py')):
         assert os.path.splitext(os.path.basename(script))[0] not in project, script
         assert 'sys.path.insert' not in open(script).read(), script
+
+
+def test_pickle_or_safetensors_by_first_bytes(tmp_path):
+    """A safetensors header of 640 bytes begins 0x80 0x02, the opening of a protocol-2 pickle: the JSON that follows
+    tells them apart (a predictor with such a header was once taken for an official snapshot)."""
+    import safetensors.torch
+
+    from models import sniff_model_file
+    from solvers.snapshot import read_predictor_file
+    from torch_utils.misc import starts_a_pickle
+    path = tmp_path / 'p.safetensors'
+    for n in range(1000):
+        safetensors.torch.save_file({'w': torch.zeros(2)}, path, metadata=dict(format='adasde-predictor', pad='x' * n))
+        if path.read_bytes()[:2] == b'\x80\x02':
+            break
+    head = path.read_bytes()[:9]
+    assert head[:2] == b'\x80\x02' and not starts_a_pickle(head, path.stat().st_size)
+    assert read_predictor_file(path, 'AdaSDE')[0]['format'] == 'adasde-predictor'
+    assert sniff_model_file(path) == 'predictor'
+    for protocol in (2, 4, 5):
+        data = pickle.dumps({'ema': list(range(100))}, protocol=protocol)
+        assert starts_a_pickle(data[:9], len(data))
+    (tmp_path / 'net.pkl').write_bytes(pickle.dumps({'ema': 1}, protocol=2))
+    assert sniff_model_file(tmp_path / 'net.pkl') == 'pickle' and read_predictor_file(tmp_path / 'net.pkl', 'x') is None

@@ -64,7 +64,7 @@ def test_help_lists_the_presets_that_can_run(checkout):
     assert proc.returncode == 0 and not steps, proc.stderr
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith('  ')]
     assert listed == ['demo', 'digits-nfe3', 'digits-paper-nfe3', 'digits-peers', 'cifar10', 'ffhq', 'imagenet64',
-                      'lsun_bedroom', 'imagenet256', 'lsun_bedroom_ldm', 'ms_coco', 'sdxl']
+                      'lsun_bedroom', 'imagenet256', 'lsun_bedroom_ldm', 'ms_coco', 'sdxl', 'sd3', 'flux']
     assert 'digits-nfe5|7|9' in proc.stdout
 
 
@@ -85,6 +85,22 @@ def test_a_preset_that_cannot_run_is_refused_before_any_step(checkout):
     assert proc.returncode == 2 and not steps
     assert _launch_lines(proc.stderr) == ["launch.sh: unknown preset 'nonsense'; bash launch.sh --help lists the "
                                           'presets']
+
+
+@pytest.mark.parametrize('preset', ['sd3', 'flux'])
+def test_flow_presets(checkout, preset):
+    """SD3 and FLUX: ms_coco's recipe with each model's own guidance, on the 1024x1024 reference statistics."""
+    run = f'exps/00000-{preset}-4-5-adasde-dpm-3-discrete-afs'
+    os.makedirs(checkout[0] / run)
+    proc, steps = _launch(checkout, preset)
+    assert proc.returncode == 0 and steps == ['train.py', 'sample.py', 'fid.py'], proc.stderr
+    train, sample, fid = [line for line in (checkout[0].parent / 'calls.txt').read_text().splitlines()
+                          if line.split()[0].endswith('.py')]
+    guidance = '--guidance_type=cfg --guidance_rate=7.0' if preset == 'sd3' else \
+        '--guidance_type=distilled --guidance_rate=3.5'
+    assert f'--dataset_name={preset} ' in train and guidance in train and '--schedule_type=discrete' in train
+    assert f'--predictor_path={run} ' in sample and '--prompt=src/prompts/MS-COCO_val2014_30k_captions.csv' in sample
+    assert '--ref=src/ms_coco/coco-val2014-1024.npz' in fid
 
 
 @pytest.mark.parametrize('code', [130, 143])

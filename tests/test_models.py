@@ -246,7 +246,7 @@ class _FakeResponse(io.BytesIO):
 
 def test_zoo_table():
     assert set(zoo.ZOO) == {'digits', 'cifar10', 'ffhq', 'afhqv2', 'imagenet64', 'lsun_bedroom', 'imagenet256',
-                            'lsun_bedroom_ldm', 'ms_coco', 'sdxl', 'prompts'}
+                            'lsun_bedroom_ldm', 'ms_coco', 'sdxl', 'sd3', 'flux', 'prompts'}
     md5 = lambda url: hashlib.md5(url.encode()).hexdigest()  # noqa: E731
     # URLs checked against the md5 table of the official AdaSDE download list (docs/references.md).
     assert md5(zoo.ZOO['cifar10'].url) == 'c320a0e2338e26e7ce763402b5b56d98'
@@ -322,9 +322,10 @@ def test_zoo_rows_are_what_their_loaders_produce(offline, edm_pickle, monkeypatc
     """A row states what runs: the embedded model as loaded, and the sigma range the loader gives EDM pickles (the
     openai-UNet rows are checked in tests/test_backends.py, ms_coco in tests/test_sd.py)."""
     tmp_path, calls = offline
+    from torch_utils.cli import GUIDANCE_TYPES
     for name, e in zoo.ZOO.items():
         assert e.detector in detectors.DETECTORS and e.feature_net in detectors.FEATURE_NETS, name
-        assert e.guidance_type in (None, 'cfg', 'cg', 'uncond') and zoo.detector_for(name) == e.detector, name
+        assert e.guidance_type in (None, *GUIDANCE_TYPES) and zoo.detector_for(name) == e.detector, name
         if e.fid_ref is not None:  # images shaped like a row's reference statistics are judged by its detector
             assert zoo.detector_for(image_shape=e.ref_image_shape) == e.detector, name
     assert zoo.detector_for('my-model') == zoo.detector_for(image_shape=(3, 8, 8)) == zoo.DEFAULT_DETECTOR

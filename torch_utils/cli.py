@@ -250,7 +250,9 @@ def mismatch_message(folder, old, new):
 # Options that train.py and sample.py share: one declaration, one meaning. Only the default of --dataset_name
 # differs (train.py: digits; sample.py: none, since a predictor may name the model).
 
-GUIDANCE_TYPES = ('cg', 'cfg', 'uncond')  # classifier guidance, classifier-free guidance, none (the zoo's names)
+# Classifier guidance, classifier-free guidance, none, a guidance scale embedded in a distilled model (FLUX): the
+# zoo's names.
+GUIDANCE_TYPES = ('cg', 'cfg', 'uncond', 'distilled')
 
 
 def model_options(dataset_default=None):
@@ -270,9 +272,11 @@ def model_options(dataset_default=None):
                      type=str),
         click.option('--classifier_arch', help='Its architecture as JSON (create_classifier flags)', metavar='JSON',
                      type=str),
-        click.option('--guidance_type', help='Guidance: cg (classifier), cfg (classifier-free), uncond  [default: the '
-                     'model\'s]', type=click.Choice(GUIDANCE_TYPES)),
+        click.option('--guidance_type', help='Guidance: cg (classifier), cfg (classifier-free), uncond, distilled '
+                     '(FLUX\'s embedded scale)  [default: the model\'s]', type=click.Choice(GUIDANCE_TYPES)),
         click.option('--guidance_rate', help='Guidance strength  [default: the model\'s]', metavar='FLOAT', type=float),
+        click.option('--resolution', help='Image side in pixels of SD3 and FLUX (FLUX\'s time shift follows it)  '
+                     '[default: the model\'s, 1024]', metavar='INT', type=click.IntRange(min=1)),
     ]
 
     def decorator(fn):

@@ -46,6 +46,17 @@ def atomic_write_bytes(path, data):
     with _temporary_beside(path) as tmp:
         with open(tmp, 'wb') as f:
             f.write(data)
+#----------------------------------------------------------------------------
+# Pickles (official snapshots, EDM networks) and safetensors files are told apart by their first bytes.
+
+
+def starts_a_pickle(head, size):
+    """Whether `head`, the first 9 bytes of a file of `size` bytes, starts a pickle (protocol 2-5). A safetensors file
+    begins with its header length (8 bytes, little-endian), whose first byte may be 0x80 too; its header is a JSON
+    object ('{' at byte 8) that fits in the file, which a pickle's bytes never make."""
+    if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+        return False
+    return not (len(head) >= 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') <= size - 8)
 
 #----------------------------------------------------------------------------
 # EDM's map from model images in [-1, 1] to pixel values: x * 127.5 + 128,

@@ -246,6 +246,7 @@ def training_loop(
     predictor.settings = dict(
         dataset_name=dataset_name or name, model=name, schedule_type=schedule_type, schedule_rho=schedule_rho,
         afs=afs, guidance_type=model_kwargs.get('guidance_type'), guidance_rate=model_kwargs.get('guidance_rate'),
+        resolution=model_kwargs.get('resolution'),
         M=M, sampler_tea=sampler_tea, nfe=solvers.nfe(sampler_stu, num_steps, afs=afs, predictor=predictor))
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
     total_iters = total_iterations(total_kimg, batch)
