@@ -11,6 +11,7 @@ a Gaussian mixture, whose velocity is known in closed form (FlowGaussianMixture)
 """
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -270,5 +271,53 @@ def test_singlestep_orders_on_the_flow(name, options, order):
 def test_multistep_orders_on_the_flow(name, options, order):
     slope = measured_order(name, options, wrap=flow_of)
     assert abs(slope - order) < 0.3, slope
+
+#----------------------------------------------------------------------------
+# 6. The embedded flow model end to end: sample.py on flow sigmas, and train.py distilling AdaSDE (both forms),
+# EPD and AMED on it (tiny runs), each predictor then sampled through sample.py.
+
+
+def run_cli(command, args):
+    from click.testing import CliRunner
+    result = CliRunner().invoke(command, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def pngs(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files
+                  if f.endswith('.png'))
+
+
+def test_digits_flow_samples_with_flow_sigmas(tmp_path):
+    import sample
+    from models import load_model
+    net = load_model('digits_flow')
+    assert net.sigma_min == pytest.approx(1e-3 / (1 - 1e-3)) and net.sigma_max == pytest.approx(999)
+    output = run_cli(sample.main, ['--dataset_name=digits_flow', '--solver=euler', '--schedule_type=flow',
+                                   '--num_steps=4', '--seeds=0-2', f'--outdir={tmp_path}/s'])
+    assert 'flow' in output
+    assert pngs(tmp_path / 's') == [os.path.join('000000', f'{s:06d}.png') for s in range(3)]
+
+
+@pytest.mark.parametrize('args', [
+    ['--sampler_stu=adasde', '--num_steps=3', '--M=1', '--gamma=0.02'],                       # the paper's form
+    ['--sampler_stu=adasde', '--base=deis', '--num_steps=4', '--M=1', '--gamma=0.02'],        # the plug-in form
+    ['--sampler_stu=epd', '--num_steps=3', '--M=1'],
+    ['--sampler_stu=amed', '--num_steps=3', '--M=1'],
+], ids=['adasde', 'adasde-deis', 'epd', 'amed'])
+def test_train_py_distils_on_the_flow_model(tmp_path, args):
+    import sample
+    import train
+    from solvers.learned import load_predictor
+    run_cli(train.main, ['--dataset_name=digits_flow', '--schedule_type=flow', *args, '--batch=4',
+                         '--total_kimg=0.008', '--lr=0.05', f'--outdir={tmp_path}/exps', '--device=cpu'])
+    run_dir, = (tmp_path / 'exps').iterdir()
+    snapshot, = run_dir.glob('network-snapshot-*.safetensors')
+    predictor = load_predictor(snapshot)
+    assert predictor.settings['schedule_type'] == 'flow' and predictor.settings['model'] == 'digits_flow'
+    run_cli(sample.main, [f'--predictor_path={snapshot}', '--dataset_name=digits_flow', '--seeds=0-1',
+                          f'--outdir={tmp_path}/s'])
+    assert len(pngs(tmp_path / 's')) == 2
 
 #----------------------------------------------------------------------------
