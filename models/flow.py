@@ -126,3 +126,24 @@ class DigitsFlow(FlowDenoiser):
         return self.model(x_t.to(torch.float32), t * self.time_scale, class_labels=class_labels).to(x_t.dtype)
 
 #----------------------------------------------------------------------------
+# The same flow in its own state, sigma := t and x := x_t, as EPD++'s backend and ComfyUI (before its PR #8744) run
+# samplers on flow models. Its ODE dx_t/dt = v = (x_t - D) / t has EDM's form, so every ODE solver is right on it,
+# but a solver's noise (written for x = x_0 + sigma n) then grows the noise without shrinking the signal. Kept for
+# the counter-test (tests/test_flow.py) and the churn measurement (bench/flow_churn.py); samplers use FlowDenoiser.
+
+
+class FlowStateView(torch.nn.Module):
+    """D(x_t; t) = x_t - t v(x_t, t) of a FlowDenoiser, with the flow time t passed as the noise level."""
+
+    def __init__(self, flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x_t, t, class_labels=None, **cond):
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(x_t.shape[0])
+        t_net = t.to(torch.float32 if x_t.dtype != torch.float64 else x_t.dtype)
+        if class_labels is not None:
+            cond['class_labels'] = class_labels
+        return x_t - t.reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype) * self.flow.velocity(x_t, t_net, **cond)
+
+#----------------------------------------------------------------------------

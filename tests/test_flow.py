@@ -21,7 +21,7 @@ from test_singlestep import CONVERGENCE, convergence_slope
 
 import solvers
 from models.analytic import GaussianMixture
-from models.flow import FlowGaussianMixture, sigma_to_t, t_to_sigma
+from models.flow import FlowGaussianMixture, FlowStateView, sigma_to_t, t_to_sigma
 from solvers.adasde import AdaSDEPredictor
 from solvers.schedules import flow_sigmas, flow_time_shift
 
@@ -219,20 +219,10 @@ def test_sde_solvers_keep_the_marginals(name, num_steps, options):
     assert err_mean < 4 and err_var < 4, (err_mean, err_var)
 
 #----------------------------------------------------------------------------
-# 4. The counter-test. FlowState is the same flow run in its own state: x_t at "sigma" t, D = x_t - t v. The
+# 4. The counter-test. FlowStateView is the same flow run in its own state: x_t at "sigma" t, D = x_t - t v. The
 # probability-flow ODE there is dx_t/dt = v = (x_t - D) / t, EDM's form with sigma := t, so every ODE solver stays
 # right; but the solvers' noise, sqrt(sigma_next^2 - ...) n, then grows the noise without shrinking the signal
 # (x_t = (1 - t) x_0 + t n, not x_0 + sigma n): the churn in the flow state instead of the EDM state.
-
-
-class FlowState(torch.nn.Module):
-    def __init__(self, flow):
-        super().__init__()
-        self.flow = flow
-
-    def forward(self, x_t, t, class_labels=None, **kwargs):
-        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(x_t.shape[0])
-        return x_t - t.reshape(-1, 1, 1, 1) * self.flow.velocity(x_t, t)
 
 
 def flow_state_grid(num_steps):
@@ -241,7 +231,7 @@ def flow_state_grid(num_steps):
 
 
 def test_flow_state_without_noise_is_right():
-    out = sample(FlowState(flow_of(mixture())), 'heun', flow_state_grid(41))
+    out = sample(FlowStateView(flow_of(mixture())), 'heun', flow_state_grid(41))
     err_mean, err_var = marginal_errors(out / (1 - sigma_to_t(0.002)))  # x_t at t_min back to the EDM state
     assert err_mean < 4 and err_var < 4, (err_mean, err_var)
 
@@ -251,7 +241,7 @@ def test_flow_state_without_noise_is_right():
 def test_churn_in_the_flow_state_changes_the_marginals(name, num_steps, options):
     if name == 'edm':
         options = dict(options, S_max=0.6)  # t_hat = (1 + gamma) t must stay below 1
-    net = FlowState(flow_of(mixture()))
+    net = FlowStateView(flow_of(mixture()))
     out = run_sde(net, name, num_steps, options, sigmas=flow_state_grid(num_steps)) / (1 - sigma_to_t(0.002))
     err_mean, err_var = marginal_errors(out)
     assert max(err_mean, err_var) > 8, (err_mean, err_var)
