@@ -20,7 +20,7 @@ echo "$*" >> "$CALLS"
 case "$1" in
 train.py)
     case "$*" in
-    *digits_flow*) mkdir -p exps/00001-digits_flow-4-5-adasde-dpm-3-flow-afs-flow ;;
+    *digits_flow*) mkdir -p exps/00001-digits_flow-7-5-adasde_deis-dpm-1-flow-afs-flow ;;
     *) mkdir -p exps/00000-digits-7-5-adasde_deis-dpm-1-uni2.0-afs-demo ;;
     esac
     exit "${TRAIN_RC:-0}" ;;
@@ -126,10 +126,10 @@ def test_the_digits_flow_preset(checkout):
              if line.split() and line.split()[0].endswith('.py')]
     assert all('--dataset_name=digits_flow' in line for line in calls[:6])
     assert all('--schedule_type=flow' in line for line in calls[:1] + calls[2:6])  # the baselines and the training
-    assert '--predictor_path=exps/00001-digits_flow-4-5-adasde-dpm-3-flow-afs-flow' in calls[1]
+    assert '--predictor_path=exps/00001-digits_flow-7-5-adasde_deis-dpm-1-flow-afs-flow' in calls[1]
     assert all('--ref=digits_flow' in line for line in calls[6:])
-    assert ('| adasde | learned, N=4, AFS, exps/00001-digits_flow-4-5-adasde-dpm-3-flow-afs-flow | 1.234 |'
-            in proc.stdout)
+    assert ('| adasde | learned, deis base, N=7, AFS, exps/00001-digits_flow-7-5-adasde_deis-dpm-1-flow-afs-flow '
+            '| 1.234 |' in proc.stdout)
     assert '| euler | --solver=euler --num_steps=6 | 1.234 |' in proc.stdout
     # Each baseline makes 5 network calls, as its row says.
     import solvers
