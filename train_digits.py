@@ -3,7 +3,7 @@
 classifiers whose features are the digits FID detector and the distillation's loss network.
 
     python train_digits.py denoiser --outdir=src/digits     # ~40 min on 2 CPU cores
-    python train_digits.py flow --outdir=src/digits         # the rectified-flow model (digits_flow), ~6 min
+    python train_digits.py flow --outdir=src/digits         # the rectified-flow model (digits_flow), ~9 min
     python train_digits.py detector --outdir=src/digits     # ~1 min
     python train_digits.py feature_net --outdir=src/digits  # ~1 min (the distillation's loss network)
 
