@@ -4,6 +4,7 @@
 #   bash launch.sh                 # the demo: digits model, 5 NFE, AdaSDE vs its best learned peer and 7 baselines, ~9 min on 2 CPU cores
 #   bash launch.sh digits-nfe5     # retrain one shipped digits predictor in its exp/ folder (also digits-nfe3/7/9,
 #                                  #   and the paper's form: digits-paper-nfe3/5)
+#   bash launch.sh digits-flow     # the digits rectified-flow model: distill AdaSDE, sample, FID vs flow baselines
 #   bash launch.sh cifar10         # the paper's recipes: train, sample 50k, FID (GPUs; also ffhq, imagenet64,
 #                                  #   lsun_bedroom, imagenet256, lsun_bedroom_ldm, ms_coco, sdxl, sd3, flux)
 #   bash launch.sh --help          # the presets this checkout can run
@@ -17,12 +18,13 @@ run() { if [ "$GPUS" -gt 1 ]; then torchrun --standalone --nproc_per_node="$GPUS
 
 # The presets, in --help order. A preset named after a zoo model whose adapter is not built yet (models/zoo.py,
 # `missing`) is not offered, and appears by itself once it is: add a preset here and as a case below.
-PRESETS="demo digits-nfe3 digits-nfe5 digits-nfe7 digits-nfe9 digits-paper-nfe3 digits-paper-nfe5 digits-peers cifar10 ffhq imagenet64 lsun_bedroom imagenet256
+PRESETS="demo digits-nfe3 digits-nfe5 digits-nfe7 digits-nfe9 digits-paper-nfe3 digits-paper-nfe5 digits-peers digits-flow cifar10 ffhq imagenet64 lsun_bedroom imagenet256
     lsun_bedroom_ldm ms_coco sdxl sd3 flux"
 declare -A ABOUT=([demo]="(default) digits model, 5 NFE: distill AdaSDE, sample 10k with it, its best learned peer and 7 baselines, FID + RMSE table"
     [digits-nfe3]="retrain the shipped digits predictor at 3 NFE in its exp/ folder (also digits-nfe5|7|9)"
     [digits-peers]="retrain the shipped learned peers on digits in their exp/ folders: AMED, its plug-ins, EPD, EPD-Plugin, AdaSDE without gamma"
     [digits-paper-nfe3]="retrain the shipped paper-form digits predictor at 3 NFE in its exp/ folder (also digits-paper-nfe5)"
+    [digits-flow]="rectified-flow digits model, 5 NFE on flow sigmas: distill AdaSDE, sample 2k with it and 4 flow baselines, FID"
     [cifar10]="the paper's recipe: train, sample 50k, FID (GPUs)" [ffhq]="the paper's recipe (GPUs)"
     [imagenet64]="the paper's recipe (GPUs)" [lsun_bedroom]="the paper's recipe (GPUs)"
     [imagenet256]="guided diffusion 256 with classifier guidance, lsun_bedroom's recipe (GPUs)"
@@ -222,6 +224,35 @@ digits-peers)
         header "train.py ($i/$total): --num_steps=$n --afs=$afs $flags"
         step "train.py ($i/$total)" python train.py $PEER_TRAIN --num_steps="$n" --afs="$afs" $flags
     done < <(peer_runs) ;;
+digits-flow)
+    # The embedded rectified-flow model (docs/flow.md), offline in minutes: AdaSDE on the DEIS base (N=7, AFS: 5 NFE;
+    # it starts at its base solver, so a short run is usable, docs/flow.md) distilled on flow sigmas (diffusers'
+    # FlowMatchEuler grid), then 2k samples with it and with the flow
+    # baselines users know at 5 NFE on the same grid and seeds, and the FID of each (digits detector, the same
+    # reference statistics as the digits model). 1 kimg of training: a demonstration, not the shipped predictor.
+    start=$SECONDS
+    header "1/3 train.py: distill a 5-NFE AdaSDE predictor for digits_flow on flow sigmas (1 kimg)"
+    step "train.py (step 1/3)" python train.py --dataset_name=digits_flow --outdir=exps --schedule_type=flow \
+        --base=deis --num_steps=7 --M=1 --gamma=0.02 --lr=0.2 --batch=32 --total_kimg=1 $ADASDE --desc=-flow --resume
+    exp=$(ls -d exps/*-digits_flow-7-5-*-flow | sort | tail -n 1)
+    out=samples/digits-flow
+    common="--dataset_name=digits_flow --seeds=0-1999 --batch=1000 --net_batch=1000"
+    header "2/3 sample.py: 2k images per solver at 5 NFE, flow sigmas, same seeds"
+    step "sample.py adasde (step 2/3)" python sample.py $common --predictor_path="$exp" --outdir=$out/adasde
+    declare -A flow_solver=([euler]="--solver=euler --num_steps=6" [heun]="--solver=heun --num_steps=4 --afs=True"
+        [dpmpp]="--solver=dpmpp --max_order=2 --num_steps=6" [unipc]="--solver=unipc --num_steps=6")
+    for s in euler heun dpmpp unipc; do
+        step "sample.py $s (step 2/3)" python sample.py $common ${flow_solver[$s]} --schedule_type=flow --outdir=$out/$s
+    done
+    header "3/3 fid.py: FID of each solver's 2k images (digits detector; lower is better)"
+    printf '\n| solver (5 NFE, flow sigmas) | setting | FID (2k) |\n|---|---|---|\n'
+    for s in adasde euler heun dpmpp unipc; do
+        rc=0
+        value=$(python fid.py calc --images=$out/$s --ref=digits_flow 2>/dev/null | tail -n 1) || rc=$?
+        [ "$rc" -eq 0 ] || step_failed "fid.py $s (step 3/3)" "$rc"
+        printf '| %s | %s | %s |\n' "$s" "${flow_solver[$s]:-learned, deis base, N=7, AFS, $exp}" "$value"
+    done
+    printf '\nEuler on flow sigmas is diffusers FlowMatchEuler (docs/flow.md). Done in %d s.\n' $((SECONDS - start)) ;;
 digits-nfe3) digits_predictor 5 2 ;;
 digits-nfe5) digits_predictor 7 1 ;;
 # At 7 and 9 NFE without churn: even its floor (gamma_min) adds more noise than the solver's error (docs/quality.md);

@@ -27,7 +27,7 @@ from torch_utils import distributed as dist
 
 def schedule_tag(schedule_type, schedule_rho):
     return dict(polynomial=f'poly{float(schedule_rho)}', logsnr='logsnr', time_uniform=f'uni{float(schedule_rho)}',
-                discrete='discrete')[schedule_type]
+                discrete='discrete', flow='flow')[schedule_type]
 
 
 def next_run_dir(outdir, desc):

@@ -1,11 +1,13 @@
-"""Train the embedded default model of the project on the 8x8 digits: the EDM-preconditioned denoiser
-(EDM loss, Karras et al. 2022) and the small CNN classifier whose features are the digits FID detector.
+"""Train the embedded default models of the project on the 8x8 digits: the EDM-preconditioned denoiser
+(EDM loss, Karras et al. 2022), the rectified-flow model `digits_flow` (docs/flow.md), and the small CNN
+classifiers whose features are the digits FID detector and the distillation's loss network.
 
     python train_digits.py denoiser --outdir=src/digits     # ~40 min on 2 CPU cores
+    python train_digits.py flow --outdir=src/digits         # the rectified-flow model (digits_flow), ~9 min
     python train_digits.py detector --outdir=src/digits     # ~1 min
     python train_digits.py feature_net --outdir=src/digits  # ~1 min (the distillation's loss network)
 
-Both read the shipped dataset src/digits/digits-8x8.zip (written by dataset_tool.py) and write atomically.
+All read the shipped dataset src/digits/digits-8x8.zip (written by dataset_tool.py) and write atomically.
 """
 
 import copy
@@ -20,7 +22,8 @@ import tqdm
 
 import dataset_tool
 from models import detectors
-from models.edm import EDMPrecond, count_params, save_model
+from models.edm import MODEL_NAME, EDMPrecond, count_params, save_model
+from models.flow import FLOW_NAME, DigitsFlow
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'src', 'digits', 'digits-8x8.zip')
 
@@ -42,7 +45,7 @@ def load_data(path):
 
 @click.group()
 def main():
-    """Train the embedded digits denoiser and the digits FID detector."""
+    """Train the embedded digits denoiser, the digits flow model and the digits FID detector."""
 
 #----------------------------------------------------------------------------
 # EDM training loss: sigma ~ exp(N(P_mean, P_std^2)), weight
@@ -58,36 +61,46 @@ def edm_loss(net, images, labels, generator, P_mean=-1.2, P_std=1.2):
     return weight * (D_yn - images) ** 2
 
 
-@main.command()
-@click.option('--data', help='Dataset zip or folder', metavar='PATH', default=DEFAULT_DATA, show_default=True)
-@click.option('--outdir', help='Where to write model.safetensors + model.json', metavar='DIR', required=True)
-@click.option('--seed', help='Random seed', type=int, default=0, show_default=True)
-@click.option('--kimg', help='Training duration in thousands of images', type=click.FloatRange(min=0, min_open=True),
-              default=400, show_default=True)
-@click.option('--batch', help='Batch size', type=click.IntRange(min=1), default=128, show_default=True)
-@click.option('--lr', help='Adam learning rate', type=click.FloatRange(min=0, min_open=True), default=2e-3,
-              show_default=True)
-@click.option('--lr_rampup_kimg', help='Linear learning-rate warm-up', type=click.FloatRange(min=0), default=20,
-              show_default=True)
-@click.option('--lr_decay_frac', help='Final fraction of training with linear decay to 0',
-              type=click.FloatRange(min=0, max=1), default=0.3, show_default=True)
-@click.option('--ema_halflife_kimg', help='EMA half-life', type=click.FloatRange(min=0), default=20, show_default=True)
-@click.option('--ema_rampup', help='EMA ramp-up ratio', type=click.FloatRange(min=0), default=0.1, show_default=True)
-@click.option('--channels', help='U-Net base channels', type=click.IntRange(min=8), default=32, show_default=True)
-@click.option('--channel_mult', help='Channel multipliers per resolution', default='1,2,2', show_default=True)
-@click.option('--num_blocks', help='Residual blocks per resolution', type=click.IntRange(min=1), default=1,
-              show_default=True)
-@click.option('--attn', help='Resolutions with self-attention', default='4', show_default=True)
-@click.option('--dropout', help='Dropout probability', type=click.FloatRange(min=0, max=1), default=0.0,
-              show_default=True)
-@click.option('--cond', help='Train class-conditional', is_flag=True)
-@click.option('--threads', help='torch CPU threads (1 is fastest on a shared machine)', type=click.IntRange(min=1),
-              default=1, show_default=True)
-@click.option('--snap_kimg', help='Save the EMA network every this many kimg', type=click.FloatRange(min=0),
-              default=50, show_default=True)
-def denoiser(**opts):
-    """Train the EDM-preconditioned digits denoiser."""
-    opts = dict(opts)
+def network_options(fn):
+    """The options of the two generative digits models (the EDM denoiser and the flow model): data, schedule of
+    the training, network."""
+    options = [
+        click.option('--data', help='Dataset zip or folder', metavar='PATH', default=DEFAULT_DATA, show_default=True),
+        click.option('--outdir', help='Where to write the model (.safetensors + .json)', metavar='DIR', required=True),
+        click.option('--seed', help='Random seed', type=int, default=0, show_default=True),
+        click.option('--batch', help='Batch size', type=click.IntRange(min=1), default=128, show_default=True),
+        click.option('--lr', help='Adam learning rate', type=click.FloatRange(min=0, min_open=True), default=2e-3,
+                     show_default=True),
+        click.option('--lr_rampup_kimg', help='Linear learning-rate warm-up', type=click.FloatRange(min=0),
+                     default=20, show_default=True),
+        click.option('--lr_decay_frac', help='Final fraction of training with linear decay to 0',
+                     type=click.FloatRange(min=0, max=1), default=0.3, show_default=True),
+        click.option('--ema_halflife_kimg', help='EMA half-life', type=click.FloatRange(min=0), default=20,
+                     show_default=True),
+        click.option('--ema_rampup', help='EMA ramp-up ratio', type=click.FloatRange(min=0), default=0.1,
+                     show_default=True),
+        click.option('--channels', help='U-Net base channels', type=click.IntRange(min=8), default=32,
+                     show_default=True),
+        click.option('--channel_mult', help='Channel multipliers per resolution', default='1,2,2', show_default=True),
+        click.option('--num_blocks', help='Residual blocks per resolution', type=click.IntRange(min=1), default=1,
+                     show_default=True),
+        click.option('--attn', help='Resolutions with self-attention', default='4', show_default=True),
+        click.option('--dropout', help='Dropout probability', type=click.FloatRange(min=0, max=1), default=0.0,
+                     show_default=True),
+        click.option('--cond', help='Train class-conditional', is_flag=True),
+        click.option('--threads', help='torch CPU threads (1 is fastest on a shared machine)',
+                     type=click.IntRange(min=1), default=1, show_default=True),
+        click.option('--snap_kimg', help='Save the EMA network every this many kimg', type=click.FloatRange(min=0),
+                     default=50, show_default=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def train_generative(opts, make_net, loss_fn, command, loss_name, name):
+    """Train `make_net(images, label_dim)` with `loss_fn(net, images, onehot, generator)` (per-element losses) and
+    write the EMA network as <outdir>/<name>.{safetensors,json} (snapshots every snap_kimg, then the final one)."""
     torch.set_num_threads(opts['threads'])
     torch.manual_seed(opts['seed'])
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -95,10 +108,7 @@ def denoiser(**opts):
     images = (images.to(device, torch.float32) / 127.5 - 1)
     onehot = torch.nn.functional.one_hot(labels, 10).to(device, torch.float32) if opts['cond'] else None
 
-    net = EDMPrecond(img_resolution=images.shape[-1], img_channels=images.shape[1],
-                     label_dim=10 if opts['cond'] else 0, model_channels=opts['channels'],
-                     channel_mult=parse_int_list(opts['channel_mult']), num_blocks=opts['num_blocks'],
-                     attn_resolutions=parse_int_list(opts['attn']), dropout=opts['dropout']).to(device).train()
+    net = make_net(images, 10 if opts['cond'] else 0).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=opts['lr'], betas=(0.9, 0.999), eps=1e-8)
     generator = torch.Generator(device).manual_seed(opts['seed'])
@@ -107,10 +117,10 @@ def denoiser(**opts):
           f'{opts["batch"]} ({opts["kimg"]:g} kimg) on {device}')
 
     def save(cur_nimg, wall, loss_curve):
-        training_options = dict(opts, command='python train_digits.py denoiser', device=str(device), cur_kimg=cur_nimg
-                                / 1000, wall_time_s=round(wall, 1), final_loss=loss_curve[-1][1] if loss_curve
-                                else None, loss_curve=loss_curve, loss='EDM (P_mean -1.2, P_std 1.2, sigma_data 0.5)')
-        save_model(ema, opts['outdir'], training_options=training_options)
+        training_options = dict(opts, command=command, device=str(device), cur_kimg=cur_nimg / 1000,
+                                wall_time_s=round(wall, 1), final_loss=loss_curve[-1][1] if loss_curve else None,
+                                loss_curve=loss_curve, loss=loss_name)
+        save_model(ema, opts['outdir'], name=name, training_options=training_options)
 
     start = time.time()
     order = torch.empty(0, dtype=torch.int64)
@@ -135,7 +145,7 @@ def denoiser(**opts):
         for g in optimizer.param_groups:
             g['lr'] = lr
 
-        loss = edm_loss(net, images[idx], onehot[idx] if onehot is not None else None, generator).mean()
+        loss = loss_fn(net, images[idx], onehot[idx] if onehot is not None else None, generator).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for p in net.parameters():
@@ -162,6 +172,54 @@ def denoiser(**opts):
             save(cur_nimg, time.time() - start, loss_curve)
     save(total_steps * opts['batch'], time.time() - start, loss_curve)
     print(f'Saved {opts["outdir"]} after {time.time() - start:.0f} s, final loss {loss_curve[-1][1]:.5f}')
+
+
+def unet_kwargs(opts):
+    return dict(model_channels=opts['channels'], channel_mult=parse_int_list(opts['channel_mult']),
+                num_blocks=opts['num_blocks'], attn_resolutions=parse_int_list(opts['attn']), dropout=opts['dropout'])
+
+
+@main.command()
+@network_options
+@click.option('--kimg', help='Training duration in thousands of images', type=click.FloatRange(min=0, min_open=True),
+              default=400, show_default=True)
+def denoiser(**opts):
+    """Train the EDM-preconditioned digits denoiser (model.safetensors + model.json)."""
+    opts = dict(opts)
+    train_generative(opts, lambda images, label_dim: EDMPrecond(
+        img_resolution=images.shape[-1], img_channels=images.shape[1], label_dim=label_dim, **unet_kwargs(opts)),
+        edm_loss, 'python train_digits.py denoiser', 'EDM (P_mean -1.2, P_std 1.2, sigma_data 0.5)', MODEL_NAME)
+
+#----------------------------------------------------------------------------
+# Rectified flow (flow matching): x_t = (1 - t) x_0 + t n with t ~ logit-normal(m, s) (SD3's sampling of t), the
+# network predicts the velocity v = n - x_0, plain MSE (docs/flow.md).
+
+
+def flow_loss(net, images, labels, generator, logit_mean=0.0, logit_std=1.0):
+    u = torch.randn([images.shape[0]], generator=generator, device=images.device) * logit_std + logit_mean
+    t = torch.sigmoid(u).clamp(net.t_min, net.t_max)
+    n = torch.randn(images.shape, generator=generator, device=images.device)
+    tb = t.reshape(-1, 1, 1, 1)
+    v = net.velocity((1 - tb) * images + tb * n, t, class_labels=labels)
+    return (v - (n - images)) ** 2
+
+
+@main.command()
+@network_options
+@click.option('--kimg', help='Training duration in thousands of images', type=click.FloatRange(min=0, min_open=True),
+              default=200, show_default=True)
+@click.option('--logit_mean', help='Mean of logit(t) (SD3: 0)', type=float, default=0.0, show_default=True)
+@click.option('--logit_std', help='Std of logit(t) (SD3: 1)', type=click.FloatRange(min=0), default=1.0,
+              show_default=True)
+def flow(**opts):
+    """Train the digits rectified-flow model (velocity prediction; flow.safetensors + flow.json)."""
+    opts = dict(opts)
+    train_generative(opts, lambda images, label_dim: DigitsFlow(
+        img_resolution=images.shape[-1], img_channels=images.shape[1], label_dim=label_dim, **unet_kwargs(opts)),
+        lambda net, images, labels, generator: flow_loss(net, images, labels, generator, opts['logit_mean'],
+                                                         opts['logit_std']),
+        'python train_digits.py flow', f'rectified flow, velocity MSE (logit(t) ~ N({opts["logit_mean"]:g}, '
+        f'{opts["logit_std"]:g}^2))', FLOW_NAME)
 
 #----------------------------------------------------------------------------
 # Digits classifier for the FID detector: train on a held-out split to report

@@ -18,6 +18,11 @@ number of network calls (EPD's own "parallel NFE" is printed beside it).
     python bench/quality.py [--num 10000] [--out docs/quality-bench]   # writes docs/quality-bench.json, .md, .png
     python bench/quality.py --out docs/quality-bench --replot          # redraw .md and .png from the .json
     python bench/quality.py --first_seed 100000 --num 2000 --nfe 5 --solvers deis --predictor mine=exps/00003-...
+    python bench/quality.py --model digits_flow --num 2000 --out docs/quality-bench-flow   # the flow model
+
+--model digits_flow benches the rectified-flow model (docs/flow.md) with the flow baselines users know, all on flow
+sigmas (schedule 'flow', diffusers' FlowMatchEuler grid): euler (= FlowMatchEuler), heun, dpmpp (DPM-Solver++ 2M)
+and unipc, and the digits_flow predictors shipped in exp/.
 """
 
 import glob
@@ -48,6 +53,7 @@ BASELINES = [
     ('euler', {}), ('heun', {}), ('dpm', {}), ('dpmpp', dict(max_order=2)), ('dpmpp', dict(max_order=3)),
     ('unipc', {}), ('ipndm', {}), ('ipndm_v', {}), ('deis', {}), ('edm', {}), ('er_sde', {}),
 ]
+FLOW_BASELINES = [('euler', {}), ('heun', {}), ('dpmpp', dict(max_order=2)), ('unipc', {})]  # on flow sigmas
 CONVERGED = ('heun', 51)  # 100 NFE
 METRICS = {'fid': 'FID (digits detector)', 'kid': 'KID (digits detector)',
            'rmse': 'RMSE to converged (pixels in [0, 1])'}
@@ -67,14 +73,15 @@ def images_of(net, seeds, solver, options, num_steps, afs, schedule=None, batch=
 class Judges:
     """FID, KID and RMSE-to-converged of sample sets drawn from a fixed list of seeds."""
 
-    def __init__(self, net, seeds, cache=CACHE):
+    def __init__(self, net, seeds, cache=CACHE, model='digits'):
         self.detector = get_detector(detector_for('digits'))
         ref = load_stats(REF)
         self.mu, self.sigma = ref['mu'], ref['sigma']
         real = ImageFolder(DATA)
         self.real_features = self.features(torch.from_numpy(np.stack([real[i] for i in range(len(real))])))
         os.makedirs(cache, exist_ok=True)
-        path = os.path.join(cache, f'{CONVERGED[0]}{CONVERGED[1]}-{seeds[0]}-{len(seeds)}.pt')
+        prefix = '' if model == 'digits' else f'{model}-'
+        path = os.path.join(cache, f'{prefix}{CONVERGED[0]}{CONVERGED[1]}-{seeds[0]}-{len(seeds)}.pt')
         if os.path.isfile(path):
             self.converged = torch.load(path, weights_only=True)
         else:
@@ -99,13 +106,13 @@ def predictor_label(p):
     return p.kind if base in (None, p.kind) else f'{p.kind} ({base})'
 
 
-def shipped_predictors():
-    """{label: [paths]} of the digits predictors under exp/ (the newest snapshot of each run), by predictor_label;
-    the gamma = 0 ablation runs (<run>-nogamma) get ', gamma=0' in their label."""
+def shipped_predictors(model='digits'):
+    """{label: [paths]} of the predictors of `model` under exp/ (the newest snapshot of each run), by
+    predictor_label; the gamma = 0 ablation runs (<run>-nogamma) get ', gamma=0' in their label."""
     found = {}
-    for run in sorted(glob.glob(os.path.join(ROOT, 'exp', '*-digits-*'))):
+    for run in sorted(glob.glob(os.path.join(ROOT, 'exp', f'*-{model}-*'))):
         snapshots = sorted(glob.glob(os.path.join(run, 'network-snapshot-*.safetensors')))
-        if snapshots and re.match(r'\d+-digits-', os.path.basename(run)):
+        if snapshots and re.match(rf'\d+-{re.escape(model)}-', os.path.basename(run)):
             label = predictor_label(load_predictor(snapshots[-1]))
             if run.endswith('-nogamma'):  # the ablation runs of launch.sh digits-peers
                 label = label[:-1] + ', gamma=0)'
@@ -120,11 +127,12 @@ def is_learned(label):
     return label.split(' ')[0] in LEARNED_LABELS
 
 
-def measure(seeds, nfes, only, predictors, cache=CACHE):
+def measure(seeds, nfes, only, predictors, cache=CACHE, model='digits'):
     """{label: {nfe: {metric: (value, setting)}}}: per judge, the best setting of each solver at each NFE."""
-    net = load_model('digits')
+    net = load_model(model)
     start = time.time()
-    judges = Judges(net, seeds, cache)
+    judges = Judges(net, seeds, cache, model)
+    baselines, schedule = (FLOW_BASELINES, ('flow', 1)) if model == 'digits_flow' else (BASELINES, None)
     print(f'converged reference ({CONVERGED[0]}, N={CONVERGED[1]}) ready after {time.time() - start:.0f} s',
           flush=True)
     rows = {}
@@ -139,14 +147,14 @@ def measure(seeds, nfes, only, predictors, cache=CACHE):
 
     report('converged', solvers.nfe(CONVERGED[0], CONVERGED[1]), judges(judges.converged), f'N={CONVERGED[1]}')
     for nfe in nfes:
-        for name, options in BASELINES:
+        for name, options in baselines:
             label = name + ''.join(f' {k}={v}' for k, v in options.items())
             if only and label not in only and name not in only:
                 continue
             for afs in (False, True):
                 for num_steps in range(2, 40):
                     if solvers.nfe(name, num_steps, afs=afs, **options) == nfe:
-                        scores = judges(images_of(net, seeds, name, options, num_steps, afs))
+                        scores = judges(images_of(net, seeds, name, options, num_steps, afs, schedule))
                         report(label, nfe, scores, f'N={num_steps}{", afs" if afs else ""}')
     for label, paths in predictors.items():
         for path in paths:
@@ -165,8 +173,8 @@ def measure(seeds, nfes, only, predictors, cache=CACHE):
     return rows
 
 
-def markdown(rows, num, first_seed, nfes):
-    lines = [f'Quality of {num} digits samples per cell (seeds {first_seed}-{first_seed + num - 1}, which training '
+def markdown(rows, num, first_seed, nfes, model='digits'):
+    lines = [f'Quality of {num} `{model}` samples per cell (seeds {first_seed}-{first_seed + num - 1}, which training '
              'never draws), from `python bench/quality.py`. Each baseline in its best setting for that judge (AFS '
              'on or off; the setting follows each value), each learned solver with its predictor named. Lower is '
              'better; bold: best at that NFE. No predictor here was trained against the digits detector.', '']
@@ -232,7 +240,7 @@ def summary(rows, nfes):
     return lines
 
 
-def plot(rows, path, nfes):
+def plot(rows, path, nfes, model='digits'):
     try:
         import matplotlib
     except ImportError:
@@ -266,7 +274,7 @@ def plot(rows, path, nfes):
         ax.set_title(title, fontsize=10)
         ax.set_xticks(nfes)
     axes[0].legend(fontsize=6, ncol=2)
-    fig.suptitle('Embedded digits model: quality vs NFE, three judges (lower is better)')
+    fig.suptitle(f'Embedded {model} model: quality vs NFE, three judges (lower is better)')
     fig.tight_layout()
     fig.savefig(path)
 
@@ -276,7 +284,7 @@ def load_rows(path):
         saved = json.load(f)
     rows = {label: {int(n): {m: tuple(v) for m, v in cell.items()} for n, cell in cells.items()}
             for label, cells in saved['rows'].items()}
-    return saved['num'], saved['first_seed'], tuple(saved['nfes']), rows
+    return saved['num'], saved['first_seed'], tuple(saved['nfes']), rows, saved.get('model', 'digits')
 
 
 @click.command()
@@ -289,22 +297,24 @@ def load_rows(path):
 @click.option('--predictor', 'predictors', help='Extra predictor (any learned solver) as LABEL=PATH (repeatable)',
               multiple=True)
 @click.option('--no_shipped', help='Leave out the predictors shipped in exp/', is_flag=True)
+@click.option('--model', help='The embedded model to bench', type=click.Choice(['digits', 'digits_flow']),
+              default='digits', show_default=True)
 @click.option('--out', help='Write <out>.json (the measurements), <out>.md and <out>.png', type=str, default=None)
 @click.option('--replot', help='Only redraw <out>.md and <out>.png from <out>.json', is_flag=True)
 @click.option('--merge', help='Start from the rows of earlier .json files (same seeds; repeatable, e.g. one per '
               'NFE run in parallel), replacing those measured again', multiple=True)
 @click.option('--cache', help='Folder of the converged images, kept for the next run on the same seeds', type=str,
               default=CACHE, show_default=True)
-def main(num, first_seed, nfes, only, predictors, no_shipped, out, replot, merge, cache):
+def main(num, first_seed, nfes, only, predictors, no_shipped, model, out, replot, merge, cache):
     """Quality vs NFE of every solver on the digits model, by FID, KID and RMSE to the converged sampler."""
     nfes = tuple(int(n) for n in nfes.split(','))
     if replot:
         if out is None:
             raise click.UsageError('--replot needs --out')
-        num, first_seed, nfes, rows = load_rows(out + '.json')
+        num, first_seed, nfes, rows, model = load_rows(out + '.json')
     else:
         torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', os.cpu_count() or 1)))
-        extra = {} if no_shipped else shipped_predictors()
+        extra = {} if no_shipped else shipped_predictors(model)
         for item in predictors:
             label, sep, path = item.partition('=')
             if not sep:
@@ -313,26 +323,26 @@ def main(num, first_seed, nfes, only, predictors, no_shipped, out, replot, merge
         only = None if only is None else set(only.split(','))
         merged, nfes_all = {}, set(nfes)
         for path in merge:  # checked before any measurement
-            old_num, old_first, old_nfes, old_rows = load_rows(path)
-            if (old_num, old_first) != (num, first_seed):
-                raise click.UsageError(f'{path} was measured on other seeds')
+            old_num, old_first, old_nfes, old_rows, old_model = load_rows(path)
+            if (old_num, old_first, old_model) != (num, first_seed, model):
+                raise click.UsageError(f'{path} was measured on other seeds or another model')
             for label, cells in old_rows.items():
                 merged.setdefault(label, {}).update(cells)
             nfes_all |= set(old_nfes)
-        rows = measure(list(range(first_seed, first_seed + num)), nfes, only, extra, cache)
+        rows = measure(list(range(first_seed, first_seed + num)), nfes, only, extra, cache, model)
         for label, cells in rows.items():
             merged.setdefault(label, {}).update(cells)
         rows = merged
         nfes = tuple(sorted(nfes_all))
-    text = markdown(rows, num, first_seed, nfes)
+    text = markdown(rows, num, first_seed, nfes, model)
     print(text)
     if out:
         if not replot:
             with open(out + '.json', 'w') as f:
-                json.dump(dict(num=num, first_seed=first_seed, nfes=nfes, rows=rows), f, indent=1)
+                json.dump(dict(num=num, first_seed=first_seed, nfes=nfes, rows=rows, model=model), f, indent=1)
         with open(out + '.md', 'w') as f:
             f.write(text)
-        plot(rows, out + '.png', nfes)
+        plot(rows, out + '.png', nfes, model)
 
 #----------------------------------------------------------------------------
 

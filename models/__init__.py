@@ -170,7 +170,8 @@ def _load_zoo(name, device, **kwargs):
         return _load_openai(entry.kind, zoo.fetch(name), entry=entry, **kwargs)
     if entry.kind == 'embedded':
         _no_kwargs(f'model {name!r}', kwargs)
-        return edm.load_local(os.path.dirname(zoo.local_path(entry)), device=device)
+        path = zoo.local_path(entry)
+        return edm.load_local(os.path.dirname(path), device=device, name=os.path.splitext(os.path.basename(path))[0])
     if entry.kind == 'edm':
         _no_kwargs(f'model {name!r}', kwargs)
         return load_edm_pickle(zoo.fetch(name), entry=entry)

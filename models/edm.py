@@ -18,8 +18,9 @@ from torch_utils.misc import atomic_write
 
 from .zoo import ModelError
 
-MODEL_JSON = 'model.json'
-MODEL_WEIGHTS = 'model.safetensors'
+MODEL_NAME = 'model'  # <dir>/model.json + <dir>/model.safetensors (the digits flow model: flow.json, ...)
+MODEL_JSON = MODEL_NAME + '.json'
+MODEL_WEIGHTS = MODEL_NAME + '.safetensors'
 FORMAT_VERSION = 1
 
 #----------------------------------------------------------------------------
@@ -240,26 +241,34 @@ def save_weights_and_config(dirname, weights_name, state, json_name, config):
     atomic_write(os.path.join(dirname, json_name), write_json)
 
 
-def save_model(net, dirname, **extra):
-    """Write an EDMPrecond as model.safetensors + model.json into `dirname` (atomically, file by file)."""
-    config = dict(format=FORMAT_VERSION, kind='edm', **{'class': type(net).__name__},
-                  init_kwargs=net.init_kwargs, **extra)
-    save_weights_and_config(dirname, MODEL_WEIGHTS, net.state_dict(), MODEL_JSON, config)
+def model_classes():
+    """The classes save_model writes and load_local builds: {class name: (class, kind)}."""
+    from .flow import DigitsFlow
+    return dict(EDMPrecond=(EDMPrecond, 'edm'), DigitsFlow=(DigitsFlow, 'flow'))
 
 
-def load_local(dirname, device='cpu'):
-    """Build the network described by <dirname>/model.json and load its weights. Returns it in eval mode."""
-    json_path = os.path.join(dirname, MODEL_JSON)
-    weights_path = os.path.join(dirname, MODEL_WEIGHTS)
+def save_model(net, dirname, name=MODEL_NAME, **extra):
+    """Write an EDMPrecond (or a models.flow.DigitsFlow) as <name>.safetensors + <name>.json into `dirname`
+    (atomically, file by file)."""
+    config = dict(format=FORMAT_VERSION, kind=model_classes()[type(net).__name__][1],
+                  **{'class': type(net).__name__}, init_kwargs=net.init_kwargs, **extra)
+    save_weights_and_config(dirname, f'{name}.safetensors', net.state_dict(), f'{name}.json', config)
+
+
+def load_local(dirname, device='cpu', name=MODEL_NAME):
+    """Build the network described by <dirname>/<name>.json and load its weights. Returns it in eval mode."""
+    json_path = os.path.join(dirname, f'{name}.json')
+    weights_path = os.path.join(dirname, f'{name}.safetensors')
     for path in (json_path, weights_path):
         if not os.path.isfile(path):
             raise ModelError(f'{dirname}: no {os.path.basename(path)} (not a model saved by models.edm.save_model)')
     with open(json_path) as f:
         config = json.load(f)
-    if config.get('class') != 'EDMPrecond' or config.get('format') != FORMAT_VERSION:
+    classes = model_classes()
+    if config.get('class') not in classes or config.get('format') != FORMAT_VERSION:
         raise ModelError(f'{json_path}: unsupported model class {config.get("class")!r} '
                          f'or format {config.get("format")!r}')
-    net = EDMPrecond(**config['init_kwargs'])
+    net = classes[config['class']][0](**config['init_kwargs'])
     try:
         net.load_state_dict(load_file(weights_path, device='cpu'))
     except (RuntimeError, OSError) as err:

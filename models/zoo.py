@@ -38,6 +38,7 @@ class ZooEntry:
     url: str = None                 # source of the file (None: shipped with the repository)
     file: str = None                # name of the stored file in <src>/<name>/
     storage: str = 'src'            # 'src': <src>/<name>/; 'repo': the repository's src/<name>/; 'hub': diffusers
+    folder: str = None              # the folder under <src> or src/ when not <name> (digits_flow lives in digits/)
     resolution: int = None          # sampling space (latent resolution for latent models); with fid_ref, the
     channels: int = None            # images of those statistics are channels x resolution x resolution
     label_kind: str = 'none'        # 'none', 'onehot' (float [B, label_dim]), 'index' (int64 [B]), 'text'
@@ -67,6 +68,11 @@ ZOO = {e.name: e for e in [
              sigma_min=0.002, sigma_max=80.0, detector='digits', feature_net='digits_loss',
              fid_ref=os.path.join(REPO_SRC, 'digits', 'fid-ref.npz'),
              description='EDM-preconditioned U-Net on the 8x8 scikit-learn digits (embedded, train_digits.py)'),
+    ZooEntry('digits_flow', 'embedded', file='flow.json', storage='repo', folder='digits', resolution=8, channels=1,
+             sigma_min=1e-3 / (1 - 1e-3), sigma_max=(1 - 1e-3) / 1e-3, detector='digits', feature_net='digits_loss',
+             fid_ref=os.path.join(REPO_SRC, 'digits', 'fid-ref.npz'),
+             description='rectified-flow (velocity) U-Net on the 8x8 digits, t in [0.001, 0.999] (embedded, '
+                         'train_digits.py flow; docs/flow.md)'),
     ZooEntry('cifar10', 'edm', _EDM + 'pretrained/edm-cifar10-32x32-uncond-vp.pkl', 'edm-cifar10-32x32-uncond-vp.pkl',
              resolution=32, channels=3, sigma_min=0.002, sigma_max=80.0, fid_ref=_EDM + 'fid-refs/cifar10-32x32.npz',
              description='EDM CIFAR-10 32x32 unconditional (VP, DDPM++)'),
@@ -154,7 +160,7 @@ def get_entry(name):
 
 
 def local_path(entry, file=None):
-    folder = os.path.join(REPO_SRC if entry.storage == 'repo' else src_dir(), entry.name)
+    folder = os.path.join(REPO_SRC if entry.storage == 'repo' else src_dir(), entry.folder or entry.name)
     return os.path.join(folder, file or entry.file)
 
 

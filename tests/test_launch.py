@@ -18,7 +18,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_PYTHON = '''#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
 case "$1" in
-train.py) mkdir -p exps/00000-digits-7-5-adasde_deis-dpm-1-uni2.0-afs-demo; exit "${TRAIN_RC:-0}" ;;
+train.py)
+    case "$*" in
+    *digits_flow*) mkdir -p exps/00001-digits_flow-7-5-adasde_deis-dpm-1-flow-afs-flow ;;
+    *) mkdir -p exps/00000-digits-7-5-adasde_deis-dpm-1-uni2.0-afs-demo ;;
+    esac
+    exit "${TRAIN_RC:-0}" ;;
 sample.py) exit "${SAMPLE_RC:-0}" ;;
 fid.py)
     if [ -n "${FID_ERROR:-}" ]; then
@@ -63,8 +68,8 @@ def test_help_lists_the_presets_that_can_run(checkout):
     proc, steps = _launch(checkout, '--help')
     assert proc.returncode == 0 and not steps, proc.stderr
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith('  ')]
-    assert listed == ['demo', 'digits-nfe3', 'digits-paper-nfe3', 'digits-peers', 'cifar10', 'ffhq', 'imagenet64',
-                      'lsun_bedroom', 'imagenet256', 'lsun_bedroom_ldm', 'ms_coco', 'sdxl', 'sd3', 'flux']
+    assert listed == ['demo', 'digits-nfe3', 'digits-paper-nfe3', 'digits-peers', 'digits-flow', 'cifar10', 'ffhq',
+                      'imagenet64', 'lsun_bedroom', 'imagenet256', 'lsun_bedroom_ldm', 'ms_coco', 'sdxl', 'sd3', 'flux']
     assert 'digits-nfe5|7|9' in proc.stdout
 
 
@@ -127,6 +132,25 @@ def test_a_failing_fid_step_shows_its_error(checkout):
     assert _launch_lines(proc.stderr) == ['launch.sh: fid.py adasde (step 4/4) failed (exit code 1; its error is '
                                           'above). After fixing it: bash launch.sh demo']
     assert 'Demo done' not in proc.stdout
+
+
+def test_the_digits_flow_preset(checkout):
+    proc, steps = _launch(checkout, 'digits-flow')
+    assert proc.returncode == 0, proc.stderr
+    assert steps == ['train.py'] + ['sample.py'] * 5 + ['fid.py'] * 5
+    calls = [line for line in (checkout[0].parent / 'calls.txt').read_text().splitlines()
+             if line.split() and line.split()[0].endswith('.py')]
+    assert all('--dataset_name=digits_flow' in line for line in calls[:6])
+    assert all('--schedule_type=flow' in line for line in calls[:1] + calls[2:6])  # the baselines and the training
+    assert '--predictor_path=exps/00001-digits_flow-7-5-adasde_deis-dpm-1-flow-afs-flow' in calls[1]
+    assert all('--ref=digits_flow' in line for line in calls[6:])
+    assert ('| adasde | learned, deis base, N=7, AFS, exps/00001-digits_flow-7-5-adasde_deis-dpm-1-flow-afs-flow '
+            '| 1.234 |' in proc.stdout)
+    assert '| euler | --solver=euler --num_steps=6 | 1.234 |' in proc.stdout
+    # Each baseline makes 5 network calls, as its row says.
+    import solvers
+    assert [solvers.nfe(n, k, afs=a) for n, k, a in [('euler', 6, False), ('heun', 4, True), ('dpmpp', 6, False),
+                                                      ('unipc', 6, False)]] == [5] * 4
 
 
 def test_the_demo_explains_its_table(checkout):

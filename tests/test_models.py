@@ -245,8 +245,8 @@ class _FakeResponse(io.BytesIO):
 
 
 def test_zoo_table():
-    assert set(zoo.ZOO) == {'digits', 'cifar10', 'ffhq', 'afhqv2', 'imagenet64', 'lsun_bedroom', 'imagenet256',
-                            'lsun_bedroom_ldm', 'ms_coco', 'sdxl', 'sd3', 'flux', 'prompts'}
+    assert set(zoo.ZOO) == {'digits', 'digits_flow', 'cifar10', 'ffhq', 'afhqv2', 'imagenet64', 'lsun_bedroom',
+                            'imagenet256', 'lsun_bedroom_ldm', 'ms_coco', 'sdxl', 'sd3', 'flux', 'prompts'}
     md5 = lambda url: hashlib.md5(url.encode()).hexdigest()  # noqa: E731
     # URLs checked against the md5 table of the official AdaSDE download list (docs/references.md).
     assert md5(zoo.ZOO['cifar10'].url) == 'c320a0e2338e26e7ce763402b5b56d98'

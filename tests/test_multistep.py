@@ -309,14 +309,16 @@ ORDER_CASES = [
 ]
 
 
-def measured_order(name, options, steps=(80, 160, 320)):
+def measured_order(name, options, steps=(80, 160, 320), wrap=None):
+    """The slope; `wrap(net)` is the model the solver runs on (tests/test_flow.py: the same Gaussian as a flow)."""
     net = gaussian_net()
     x_start = torch.tensor([[[[1.0, -0.7]]], [[[0.4, 1.3]]]], dtype=torch.float64) * 80
     exact = net.ode_solution(x_start, 80.0, 0.002)
+    model = wrap(net) if wrap else net
     log_n, log_e = [], []
     for n in steps:
         sigmas = solvers.get_schedule(n + 1, 0.002, 80.0, 'polynomial', 7)
-        out = solvers.get_solver(name)(net, x_start, sigmas, **options)
+        out = solvers.get_solver(name)(model, x_start, sigmas, **options)
         log_n.append(math.log(n))
         log_e.append(math.log(float((out - exact).abs().max())))
     mean_n, mean_e = sum(log_n) / len(log_n), sum(log_e) / len(log_e)

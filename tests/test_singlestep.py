@@ -224,15 +224,17 @@ CONVERGENCE = [
 ]
 
 
-def convergence_slope(name, options, steps):
+def convergence_slope(name, options, steps, wrap=None):
+    """The slope; `wrap(net)` is the model the solver runs on (tests/test_flow.py: the same Gaussians as a flow)."""
     net = gaussian_net(means=(0.3, -0.2), stds=(0.5, 0.8))
     x = 80 * torch.randn(4, 1, 1, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = net.ode_solution(x, 80.0, 0.002)
     if name in ('edm', 'er_sde'):
         exact = net(exact, torch.tensor(0.002, dtype=torch.float64))
+    model = wrap(net) if wrap else net
     errors = []
     for num_steps in steps:
-        out = solvers.get_solver(name)(net, x, solvers.get_schedule(num_steps, 0.002, 80.0), **options)
+        out = solvers.get_solver(name)(model, x, solvers.get_schedule(num_steps, 0.002, 80.0), **options)
         errors.append(float((out - exact).abs().max()))
     return -np.polyfit(np.log(np.array(steps) - 1.0), np.log(errors), 1)[0]
 
