@@ -68,9 +68,8 @@ class SDDenoiser(DiscreteVPSchedule, torch.nn.Module):
             raise ValueError('Stable Diffusion needs condition=encode_prompts(prompts)')
         batch = x.shape[0]
         sigma = _float(sigma).to(x.device).reshape(-1).expand(batch)
-        c_in = (1 / torch.sqrt(1 + sigma.double() ** 2)).to(x.dtype).reshape(-1, 1, 1, 1)
         c_noise = self.M * self.sigma_inv(sigma.double()) - 1  # continuous DDPM index in [0, M - 1]
-        x_vp = x * c_in
+        x_vp = x * input_scale(sigma, x)
         condition = self._batch(condition, batch)
         if self.guidance_rate != 1:
             if unconditional_condition is None:
@@ -80,10 +79,7 @@ class SDDenoiser(DiscreteVPSchedule, torch.nn.Module):
             out = out_u + self.guidance_rate * (out_c - out_u)
         else:
             out = self._unet(x_vp, c_noise, condition).to(x.dtype)
-        sigma = sigma.to(x.dtype).reshape(-1, 1, 1, 1)
-        # v-prediction: v = alpha (eps - sigma x0) with alpha = c_in, hence eps = alpha (v + sigma x_vp).
-        eps = c_in * (out + sigma * x_vp) if self.prediction_type == 'v_prediction' else out
-        return x - sigma * eps
+        return denoised_from_output(x, sigma, out, self.prediction_type)
 
     def _unet(self, x_vp, t, context):
         return self.unet(x_vp.to(self.dtype), t.float(), encoder_hidden_states=context.to(self.dtype),
@@ -138,6 +134,28 @@ class SDDenoiser(DiscreteVPSchedule, torch.nn.Module):
         if getattr(self.vae.config, 'shift_factor', None) is not None:
             z = z + self.vae.config.shift_factor
         return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+
+#----------------------------------------------------------------------------
+# The two scalings of one call, shared with the diffusers scheduler (integrations/): the UNet sees
+# x_vp = c_in x with c_in = 1 / sqrt(1 + sigma^2) = alpha, and its output (eps or v) at x_vp gives D = x - sigma eps.
+
+
+def input_scale(sigma, x):
+    """c_in = 1 / sqrt(1 + sigma^2) per row of x, [B, 1, 1, 1] in x's dtype (computed in float64)."""
+    sigma = _float(sigma).to(x.device).reshape(-1)
+    return (1 / torch.sqrt(1 + sigma.double() ** 2)).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def denoised_from_output(x, sigma, out, prediction_type='epsilon'):
+    """D(x; sigma) from the UNet's output `out` at x_vp = c_in x (classifier-free guidance already applied).
+    v-prediction: v = alpha (eps - sigma x0) with alpha = c_in, hence eps = alpha (v + sigma x_vp)."""
+    if prediction_type not in ('epsilon', 'v_prediction'):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    out = out.to(x.dtype)
+    if prediction_type == 'v_prediction':
+        c_in = input_scale(sigma, x)
+        out = c_in * (out + _float(sigma).to(x.device, x.dtype).reshape(c_in.shape) * (x * c_in))
+    return x - _float(sigma).to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1))) * out
 
 #----------------------------------------------------------------------------
 # NFE honesty. A solver's NFE counts network calls; with guidance each call
@@ -225,6 +243,7 @@ def prompts_for_seeds(prompts, seeds):
         raise ValueError(f'seed {bad[0]} has no prompt: {len(prompts)} prompts cover seeds 0-{len(prompts) - 1}')
     return [prompts[s] for s in seeds]
 
-__all__ = ['SDDenoiser', 'load_sd', 'is_sd_path', 'cfg_nfe_factor', 'load_prompts', 'prompts_for_seeds', 'SD_DEFAULT']
+__all__ = ['SDDenoiser', 'load_sd', 'input_scale', 'denoised_from_output', 'is_sd_path', 'cfg_nfe_factor',
+           'load_prompts', 'prompts_for_seeds', 'SD_DEFAULT']
 
 #----------------------------------------------------------------------------

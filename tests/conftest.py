@@ -57,3 +57,12 @@ def reference_package(tmp_path, monkeypatch):
     for name, module in saved.items():
         if module is not None:
             sys.modules[name] = module
+
+
+@pytest.fixture(scope='session')
+def sd_dir(tmp_path_factory):
+    """A tiny random Stable Diffusion pipeline folder (tests/tiny_sd.py), built once per session; needs diffusers."""
+    pytest.importorskip('diffusers')
+    pytest.importorskip('transformers')
+    from tiny_sd import build_tiny_sd
+    return build_tiny_sd(str(tmp_path_factory.mktemp('sd')))
