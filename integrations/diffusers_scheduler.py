@@ -246,6 +246,9 @@ class SolverScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError('give num_inference_steps, sigmas or timesteps')
             points = solvers.get_schedule(num_steps, self.schedule.sigma_min, self.schedule.sigma_max,
                                           c.schedule_type, c.schedule_rho, net=self.schedule)
+        if self.config.solver == 'amed' and not self._unet_hooks:
+            raise ValueError('the AMED solver reads the UNet\'s bottleneck and gives each image its own midpoint '
+                             'time: attach the UNet (from_predictor(..., unet=pipe.unet) or scheduler.attach(unet))')
         calls = self._dry_run(points)
         self.solver_sigmas = points
         self.num_inference_steps = len(points) - 1
@@ -362,9 +365,9 @@ def project_loop(pipe, prompt, seeds, guidance_scale=7.5, num_inference_steps=No
     prompts = [prompt] * len(seeds) if isinstance(prompt, str) else list(prompt)
     if len(prompts) != len(seeds):
         raise ValueError(f'{len(prompts)} prompts for {len(seeds)} seeds')
-    net = SDDenoiser(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler.schedule.log_alpha_array.mul(
-        2).exp(), guidance_rate=guidance_scale, epsilon_t=scheduler.config.epsilon_t,
-        prediction_type=scheduler.config.prediction_type)
+    net = SDDenoiser(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, alphas_cumprod_for(scheduler.config),
+                     guidance_rate=guidance_scale, epsilon_t=scheduler.config.epsilon_t,
+                     prediction_type=scheduler.config.prediction_type)
     return sample.sample_batch(net, seeds, scheduler.config.solver, scheduler.solver_sigmas, scheduler.options,
                                afs=scheduler.config.afs, extra_args=net.prompt_args(prompts), dtype=dtype,
                                device=net.device)
