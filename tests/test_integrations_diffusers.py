@@ -4,7 +4,6 @@ for AdaSDE, EPD and AMED predictors trained by train.py on that pipeline, real U
 per-image determinism, diffusers' own schedulers of the same math as a cross-check, the config contract and the
 one-line refusals."""
 
-import glob
 import os
 
 import pytest
@@ -217,39 +216,12 @@ def test_cross_check_with_diffusers(pipe, theirs, ours, options, vp):
     assert close_per_image(x_ours, x_theirs)
 
 #----------------------------------------------------------------------------
-# Learned solvers: AdaSDE, EPD (K = 2) and AMED predictors trained by train.py on the tiny pipeline (tiny
-# settings: 4 trajectories, plain L2), then run by the stock pipeline through from_predictor.
+# Learned solvers: AdaSDE, EPD (K = 2) and AMED predictors trained by train.py on the tiny pipeline (the
+# sd_predictors fixture of conftest.py), run by the stock pipeline through from_predictor.
 
-TRAIN = {
-    'adasde': ['--sampler_stu=adasde', '--M=1', '--gamma=0.02'],
-    'epd': ['--sampler_stu=epd', '--sampler_tea=heun', '--M=1', '--num_points=2', '--scale_time=0.05'],
-    'amed': ['--sampler_stu=amed', '--sampler_tea=heun', '--M=1', '--scale_time=0.2', '--afs=False'],
-}
-
-
-@pytest.fixture(scope='module')
-def runs(sd_dir, tmp_path_factory):
-    from click.testing import CliRunner
-
-    import train
-    root = tmp_path_factory.mktemp('runs')
-    captions = root / 'captions.csv'
-    captions.write_text('text\n' + '\n'.join(PROMPTS) + '\n')
-    found = {}
-    for kind, args in TRAIN.items():
-        result = CliRunner().invoke(train.main, [
-            '--dataset_name=ms_coco', f'--model_path={sd_dir}', f'--prompts={captions}', f'--outdir={root}/{kind}',
-            '--num_steps=3', '--schedule_type=discrete', '--schedule_rho=1', '--guidance_type=cfg',
-            f'--guidance_rate={GUIDANCE}', '--feature_net=none', '--lr=0.01', '--batch=2', '--total_kimg=0.004',
-            '--device=cpu', *args])
-        assert result.exit_code == 0, result.output + repr(result.exception)
-        found[kind], = glob.glob(os.path.join(root, kind, '*'))
-    return found
-
-
-@pytest.mark.parametrize('kind', list(TRAIN))
-def test_learned_scheduler_equals_sample_py(pipe, net, runs, kind, sd_dir):
-    scheduler = SolverScheduler.from_predictor(runs[kind], pipe.original_config, unet=pipe.unet, model=sd_dir,
+@pytest.mark.parametrize('kind', ['adasde', 'epd', 'amed'])
+def test_learned_scheduler_equals_sample_py(pipe, net, sd_predictors, kind, sd_dir):
+    scheduler = SolverScheduler.from_predictor(sd_predictors[kind], pipe.original_config, unet=pipe.unet, model=sd_dir,
                                                guidance_scale=GUIDANCE)
     try:
         p = scheduler.predictor
@@ -275,23 +247,23 @@ def test_learned_scheduler_equals_sample_py(pipe, net, runs, kind, sd_dir):
         scheduler.detach()
 
 
-def test_learned_refusals(pipe, runs, sd_dir, tmp_path):
+def test_learned_refusals(pipe, sd_predictors, sd_dir, tmp_path):
     config = pipe.original_config
-    scheduler = SolverScheduler.from_predictor(runs['adasde'], config)
+    scheduler = SolverScheduler.from_predictor(sd_predictors['adasde'], config)
     with pytest.raises(ValueError, match='trained for 3 time points: run the pipeline with num_inference_steps=2'):
         scheduler.set_timesteps(4)
     with pytest.raises(ValueError, match='custom sigmas or timesteps are refused'):
         scheduler.set_timesteps(sigmas=[14.0, 1.0, 0.1])
     with pytest.raises(ValueError, match='trained for guidance_rate=7.5, not 3.0'):
-        SolverScheduler.from_predictor(runs['adasde'], config, guidance_scale=3.0)
+        SolverScheduler.from_predictor(sd_predictors['adasde'], config, guidance_scale=3.0)
     with pytest.raises(ValueError, match="trained for model '.*tiny-sd', not 'other/model'"):
-        SolverScheduler.from_predictor(runs['adasde'], config, model='other/model')
+        SolverScheduler.from_predictor(sd_predictors['adasde'], config, model='other/model')
     with pytest.raises(ValueError, match="trained for model 'digits', not for a diffusers pipeline"):
         SolverScheduler.from_predictor(os.path.join(os.path.dirname(sample.__file__), 'exp',
                                                     '00000-digits-3-3-adasde-dpm-3-uni1.0-afs'), config)
     with pytest.raises(ValueError, match='no such file'):
         SolverScheduler.from_predictor(str(tmp_path / 'missing'), config)
-    amed = SolverScheduler.from_predictor(runs['amed'], config)  # no unet: AMED cannot see its bottleneck
+    amed = SolverScheduler.from_predictor(sd_predictors['amed'], config)  # no unet: AMED cannot see its bottleneck
     with pytest.raises(ValueError, match='AMED.*attach'):
         run_pipeline(pipe, amed, [0], PROMPTS[:1], num_inference_steps=2)
     from diffusers import PNDMScheduler
