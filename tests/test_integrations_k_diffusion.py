@@ -6,7 +6,7 @@ The comparison. k-diffusion's `external.DiscreteEpsDDPMDenoiser` (what A1111 and
 D = x - sigma eps(x / sqrt(1 + sigma^2), t(sigma)) like models/sd.py, but maps sigma to the UNet's time t by
 interpolating log sigma linearly between the table's integer indices, while this project uses DPM-Solver's
 continuous time (log alpha linear in t, models/discrete.py). The two maps agree at the table's own noise levels (t an
-integer) and differ in between (by up to ~0.3 index steps), where multi-call solvers evaluate. So:
+integer) and differ in between (by up to 0.086 index steps on SD's table), where multi-call solvers evaluate. So:
 (1) on the table's own levels, with solvers that evaluate only at the time points, the unmodified k-diffusion
     wrapper gives sample.py's latents;
 (2) for every solver and predictor, the same wrapper with only its sigma_to_t replaced by the project's map
