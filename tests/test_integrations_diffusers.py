@@ -270,3 +270,19 @@ def test_learned_refusals(pipe, sd_predictors, sd_dir, tmp_path):
     pipe.scheduler = PNDMScheduler.from_config(config)
     with pytest.raises(ValueError, match='project_loop runs the solver of a SolverScheduler'):
         project_loop(pipe, 'a cat', [0])
+
+
+def test_abandoned_run_is_unwound(pipe):
+    """A run left half-way (the pipeline interrupted) ends its worker thread at the next set_timesteps; an error
+    inside the solver reaches step's caller."""
+    scheduler = SolverScheduler.from_config(pipe.original_config, solver='heun')
+    scheduler.set_timesteps(3)
+    x = torch.randn([2, 4, 8, 8], generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    x = scheduler.step(torch.zeros_like(x), scheduler.timesteps[0], x).prev_sample
+    thread = scheduler._thread._thread
+    assert thread.is_alive() and scheduler.step_index == 1
+    scheduler.set_timesteps(3)
+    thread.join(timeout=10)
+    assert not thread.is_alive() and scheduler.step_index is None
+    with pytest.raises(ValueError, match='model_output has 1 rows for a batch of 2'):
+        scheduler.step(torch.zeros([1, 4, 8, 8]), scheduler.timesteps[0], x)
