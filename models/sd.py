@@ -75,9 +75,8 @@ class SDDenoiser(DiscreteVPSchedule, torch.nn.Module):
         batch = x.shape[0]
         cond = self._conditioning(conditioning, batch)
         sigma = _float(sigma).to(x.device).reshape(-1).expand(batch)
-        c_in = (1 / torch.sqrt(1 + sigma.double() ** 2)).to(x.dtype).reshape(-1, 1, 1, 1)
         c_noise = self.M * self.sigma_inv(sigma.double()) - 1  # continuous DDPM index in [0, M - 1]
-        x_vp = x * c_in
+        x_vp = x * input_scale(sigma, x)
         if self.guidance_rate != 1:
             both = {k: torch.cat([cond[f'unconditional_{k}'], cond[k]]) for k in self.text_keys}
             both.update({k: torch.cat([cond[k], cond[k]]) for k in self.shared_keys})
@@ -85,10 +84,7 @@ class SDDenoiser(DiscreteVPSchedule, torch.nn.Module):
             out = out_u + self.guidance_rate * (out_c - out_u)
         else:
             out = self._unet(x_vp, c_noise, **{k: cond[k] for k in self.text_keys + self.shared_keys}).to(x.dtype)
-        sigma = sigma.to(x.dtype).reshape(-1, 1, 1, 1)
-        # v-prediction: v = alpha (eps - sigma x0) with alpha = c_in, hence eps = alpha (v + sigma x_vp).
-        eps = c_in * (out + sigma * x_vp) if self.prediction_type == 'v_prediction' else out
-        return x - sigma * eps
+        return denoised_from_output(x, sigma, out, self.prediction_type)
 
     def _conditioning(self, given, batch):
         """The conditioning of one call, each tensor with `batch` rows: the given extra_args, checked, completed by
@@ -183,6 +179,28 @@ class SDDenoiser(DiscreteVPSchedule, torch.nn.Module):
         if getattr(self.vae.config, 'shift_factor', None) is not None:
             z = z + self.vae.config.shift_factor
         return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+
+#----------------------------------------------------------------------------
+# The two scalings of one call, shared with the diffusers scheduler (integrations/): the UNet sees
+# x_vp = c_in x with c_in = 1 / sqrt(1 + sigma^2) = alpha, and its output (eps or v) at x_vp gives D = x - sigma eps.
+
+
+def input_scale(sigma, x):
+    """c_in = 1 / sqrt(1 + sigma^2) per row of x, [B, 1, 1, 1] in x's dtype (computed in float64)."""
+    sigma = _float(sigma).to(x.device).reshape(-1)
+    return (1 / torch.sqrt(1 + sigma.double() ** 2)).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def denoised_from_output(x, sigma, out, prediction_type='epsilon'):
+    """D(x; sigma) from the UNet's output `out` at x_vp = c_in x (classifier-free guidance already applied).
+    v-prediction: v = alpha (eps - sigma x0) with alpha = c_in, hence eps = alpha (v + sigma x_vp)."""
+    if prediction_type not in ('epsilon', 'v_prediction'):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    out = out.to(x.dtype)
+    if prediction_type == 'v_prediction':
+        c_in = input_scale(sigma, x)
+        out = c_in * (out + _float(sigma).to(x.device, x.dtype).reshape(c_in.shape) * (x * c_in))
+    return x - _float(sigma).to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1))) * out
 
 #----------------------------------------------------------------------------
 # SDXL: two text encoders (CLIP ViT-L, then OpenCLIP ViT-bigG with projection).
@@ -398,6 +416,6 @@ def prompts_for_seeds(prompts, seeds):
     return [prompts[s] for s in seeds]
 
 __all__ = ['SDDenoiser', 'SDXLDenoiser', 'load_sd', 'load_sdxl', 'pipeline_family', 'is_sd_path', 'cfg_nfe_factor',
-           'load_prompts', 'prompts_for_seeds', 'SD_DEFAULT', 'SDXL_DEFAULT']
+           'input_scale', 'denoised_from_output', 'load_prompts', 'prompts_for_seeds', 'SD_DEFAULT', 'SDXL_DEFAULT']
 
 #----------------------------------------------------------------------------
