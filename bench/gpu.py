@@ -61,8 +61,8 @@ class SDUNetDenoiser(torch.nn.Module):
     def decoded_resolution(self):
         return self.img_resolution
 
-    def decode(self, x):  # no VAE: the first three latent channels stand for the image
-        return x[:, :3]
+    def decode(self, latents):  # no VAE: the first three latent channels stand for the image
+        return latents[:, :3]
 
     def forward(self, x, sigma, **kwargs):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])

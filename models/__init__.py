@@ -73,38 +73,35 @@ def edm_bottleneck(net):
 # Adapters per zoo kind.
 
 
-def _load_sd(path_or_id, family=None, **kwargs):
-    """Stable Diffusion 1.x/2.x or XL (`family` 'sd' or 'sdxl'; default: what models.sd.pipeline_family finds at
-    a local path, else 'sd')."""
+def _through_diffusers(what, load):
+    """load(), a diffusers-based loader, with its failures as one-line ModelErrors."""
     try:
-        from . import sd
+        return load()
     except ImportError as err:
-        raise ModelError(f'Stable Diffusion needs diffusers and transformers (pip install "adasde[sd]"): '
-                         f'{one_line(err)}') from err
-    family = family or sd.pipeline_family(path_or_id) or 'sd'
-    try:
-        return (sd.load_sdxl if family == 'sdxl' else sd.load_sd)(path_or_id, **kwargs)
-    except ImportError as err:
-        raise ModelError(f'Stable Diffusion needs diffusers and transformers (pip install "adasde[sd]"): '
+        raise ModelError(f'{what} needs diffusers and transformers (pip install "adasde[sd]"): '
                          f'{one_line(err)}') from err
     except ValueError as err:
         if isinstance(err, ModelError):
             raise
         raise ModelError(one_line(err)) from err
+
+
+def _load_sd(path_or_id, family=None, **kwargs):
+    """Stable Diffusion 1.x/2.x or XL (`family` 'sd' or 'sdxl'; default: what models.sd.pipeline_family finds at
+    a local path, else 'sd')."""
+    def load():
+        from . import sd
+        chosen = family or sd.pipeline_family(path_or_id) or 'sd'
+        return (sd.load_sdxl if chosen == 'sdxl' else sd.load_sd)(path_or_id, **kwargs)
+    return _through_diffusers('Stable Diffusion', load)
 
 
 def _load_flow_pipeline(path_or_id, family=None, **kwargs):
     """SD3 or FLUX (models/flow_pipes.py), with the same one-line errors as Stable Diffusion."""
-    try:
+    def load():
         from . import flow_pipes
         return flow_pipes.load_flow_pipeline(path_or_id, family=family, **kwargs)
-    except ImportError as err:
-        raise ModelError(f'SD3 and FLUX need diffusers and transformers (pip install "adasde[sd]"): '
-                         f'{one_line(err)}') from err
-    except ValueError as err:
-        if isinstance(err, ModelError):
-            raise
-        raise ModelError(one_line(err)) from err
+    return _through_diffusers('SD3 / FLUX', load)
 
 
 FLOW_KINDS = ('sd3', 'flux')  # zoo kinds of models/flow_pipes.py
