@@ -197,8 +197,8 @@ def pixel_difference(net, batch, solver, nfe, device, net_dtype):
 @click.option('--channels_last', is_flag=True)
 @click.option('--compile', is_flag=True)
 @click.option('--diff', is_flag=True, help='Instead: pixel difference of --net_dtype against float32 per network')
+@torch.no_grad()  # not torch.set_grad_enabled(False): the tests call main in-process
 def main(device, tiny, nets, solver_names, nfe, batches, net_dtype, channels_last, compile, diff):
-    torch.set_grad_enabled(False)
     device = torch.device(device)
     options = dict(net_dtype=net_dtype, channels_last=channels_last, compile=compile)
     args = [f'--net_dtype={net_dtype}'] + ['--channels_last'] * channels_last + ['--compile'] * compile

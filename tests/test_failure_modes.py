@@ -429,7 +429,7 @@ def test_demo_load_benchmark_starts(tmp_path):
     code, out, err = _script(os.path.join('bench', 'demo_load.py'), '--command=bash launch.sh --help',
                              f'--logs={tmp_path}')
     assert code == 0, out + err
-    assert out.count('    Presets:') == 2 and 'Demo wall time: idle ' in out and 'issue 14 asks for at most 2x' in out
+    assert out.count('FLUX.1-dev') == 2 and 'Demo wall time: idle ' in out and 'issue 14 asks for at most 2x' in out
     assert sorted(os.listdir(tmp_path)) == ['demo-load-busy.log', 'demo-load-idle.log']
 
 

@@ -197,7 +197,8 @@ def test_ref_shorthand_uses_dnnlib_cache(tmp_path, monkeypatch):
 def test_ref_names_resolve_through_the_zoo(tmp_path):
     from models.zoo import ZOO
     listed = {name: e for name, e in ZOO.items() if e.fid_ref is not None}
-    assert fid.REF_NAMES == list(listed) and set(listed) == {'digits', 'cifar10', 'ffhq', 'afhqv2', 'imagenet64'}
+    assert fid.REF_NAMES == list(listed) and set(listed) == {'digits', 'digits_flow', 'cifar10', 'ffhq', 'afhqv2',
+                                                                'imagenet64'}
     for name, e in listed.items():
         assert fid.ref_location(name) == e.fid_ref
         assert fid.published_image_shape(e.fid_ref) == e.ref_image_shape == (e.channels, e.resolution, e.resolution)
@@ -207,7 +208,7 @@ def test_ref_names_resolve_through_the_zoo(tmp_path):
     assert digits['detector'] == 'digits' and digits['image_shape'] == (1, 8, 8)
     with pytest.raises(fid.FIDInputError, match="zoo model 'ms_coco' has no FID statistics; listed: digits, "):
         fid.load_stats('ms_coco')
-    assert 'digits|cifar10|ffhq|afhqv2|imagenet64' in _runner().invoke(fid.main, ['calc', '--help']).output
+    assert 'digits|digits_flow|cifar10|ffhq|afhqv2|imagenet64' in _runner().invoke(fid.main, ['calc', '--help']).output
 
 
 def test_default_detector():
