@@ -233,7 +233,11 @@ def test_learned_scheduler_equals_sample_py(pipe, net, sd_predictors, kind, sd_d
         nfe = solvers.nfe(kind, p.num_steps, afs=afs, predictor=p)
         assert calls == scheduler.real_calls == nfe + int(afs)
         expected = reference(net, scheduler, seeds, prompts)
-        assert (latents - expected).abs().max().item() <= TOL
+        # EPD: the stock pipeline runs its K points as K calls on 3 rows, sample.py as one call on 3K rows; with
+        # more than one thread the CPU kernels differ with the batch size (6.6e-5 on latents up to 32 measured with
+        # 2 threads, 0 with 1), so EPD is compared as test_per_image_determinism compares batch sizes.
+        assert (close_per_image(latents, expected) if kind == 'epd'
+                else (latents - expected).abs().max().item() <= TOL)
         # Per-image determinism: the last image alone.
         alone, _ = run_pipeline(pipe, scheduler, seeds[2:], prompts[2:], num_inference_steps=p.num_steps - 1)
         assert close_per_image(latents[2:], alone)
