@@ -24,7 +24,6 @@ data term (1 - t_max) x0 dropped, as every EDM-style sampler drops it. A pipelin
 the same times gives the same states (tests/test_flow_pipes.py).
 """
 
-import json
 import math
 import os
 
@@ -33,7 +32,7 @@ import torch
 from torch_utils.cli import one_line
 
 from .flow import FlowDenoiser, sigma_to_t, t_to_sigma
-from .sd import SDDenoiser
+from .sd import SDDenoiser, pipeline_class
 
 SD3_DEFAULT = 'stabilityai/stable-diffusion-3-medium-diffusers'
 FLUX_DEFAULT = 'black-forest-labs/FLUX.1-dev'
@@ -277,14 +276,7 @@ class FluxDenoiser(FlowPipeDenoiser):
 
 def pipeline_family(path):
     """'sd3' or 'flux' for a local diffusers folder of a StableDiffusion3Pipeline or FluxPipeline, else None."""
-    index = os.path.join(os.fspath(path), 'model_index.json')
-    if not os.path.isfile(index):
-        return None
-    try:
-        with open(index, encoding='utf-8') as f:
-            return FAMILIES.get(json.load(f).get('_class_name'))
-    except (OSError, ValueError, AttributeError):
-        return None
+    return FAMILIES.get(pipeline_class(path))
 
 
 # family: (pipeline class, denoiser, defaults: guidance type, guidance rate, T5 length).

@@ -362,20 +362,28 @@ def load_sdxl(path_or_id=SDXL_DEFAULT, device='cpu', guidance_rate=5.0, dtype=No
                         prompts=prompts)
 
 
+def pipeline_class(folder):
+    """The `_class_name` of a local diffusers folder's model_index.json (e.g. 'StableDiffusionXLPipeline'), or None
+    if there is none or it cannot be read."""
+    import json
+    index = os.path.join(os.fspath(folder), 'model_index.json')
+    if not os.path.isfile(index):
+        return None
+    try:
+        with open(index, encoding='utf-8') as f:
+            return str(json.load(f).get('_class_name', ''))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def pipeline_family(path):
     """'sdxl' or 'sd' for a local diffusers folder (by model_index.json's `_class_name`: StableDiffusionXL* is
     SDXL) or a single checkpoint file (SDXL by its second text encoder's keys, safetensors only; a .ckpt is
     taken as SD 1.x/2.x); None if the path holds neither."""
-    import json
     path = os.fspath(path)
     if os.path.isdir(path):
-        index = os.path.join(path, 'model_index.json')
-        if not (os.path.isfile(index) and os.path.isdir(os.path.join(path, 'unet'))):
-            return None
-        try:
-            with open(index, encoding='utf-8') as f:
-                name = str(json.load(f).get('_class_name', ''))
-        except (OSError, ValueError, AttributeError):
+        name = pipeline_class(path) if os.path.isdir(os.path.join(path, 'unet')) else None
+        if name is None:
             return None
         return 'sdxl' if name.startswith('StableDiffusionXL') else 'sd'
     if not (os.path.isfile(path) and path.endswith(SINGLE_FILE_SUFFIXES)):

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip('diffusers')
 pytest.importorskip('transformers')
 
-from test_sd import make_tokenizer, text_config  # noqa: E402
+from tiny_sd import make_tokenizer, text_config  # noqa: E402
 
 import sample  # noqa: E402
 import solvers  # noqa: E402

@@ -15,7 +15,8 @@ import torch
 pytest.importorskip('diffusers')
 pytest.importorskip('transformers')
 
-from test_sd import PROMPTS, make_tokenizer, text_config  # noqa: E402 (the tiny byte-level CLIP tokenizer)
+from test_sd import PROMPTS  # noqa: E402
+from tiny_sd import make_tokenizer, text_config  # noqa: E402 (the tiny byte-level CLIP tokenizer)
 
 import solvers  # noqa: E402
 from models.sd import SDXLDenoiser, cfg_nfe_factor, load_sdxl, pipeline_family  # noqa: E402
