@@ -9,6 +9,7 @@ Also a library: frechet_distance(), FeatureStats, compute_image_stats(), load_st
 from torch_utils import cli
 
 cli.apply_thread_policy()
+cli.apply_memory_policy()
 
 import functools
 import os

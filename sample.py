@@ -10,12 +10,14 @@ the number of processes, or where an interrupted run was resumed.
 from torch_utils import cli
 
 cli.apply_thread_policy()
+cli.apply_memory_policy()
 
 import bisect
 import collections
 import collections.abc
 import concurrent.futures
 import errno
+import functools
 import glob
 import hashlib
 import io
@@ -167,19 +169,26 @@ def to_uint8(images):
     return to_pixels(images).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_image(array, path):
-    """Write one HWC uint8 image as PNG ('L' for 1 channel, 'RGB' for 3): encoded in memory, then written to a
-    temporary file and renamed."""
+def encode_png(array):
+    """One HWC uint8 image as PNG bytes ('L' for 1 channel, 'RGB' for 3), encoded in memory."""
     image = PIL.Image.fromarray(array[:, :, 0], 'L') if array.shape[2] == 1 else PIL.Image.fromarray(array, 'RGB')
     buffer = io.BytesIO()
     image.save(buffer, format='PNG')
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_image(array, path):
+    """Write one HWC uint8 image as PNG: encoded in memory, then written to a temporary file and renamed."""
+    atomic_write_bytes(path, encode_png(array))
 
 
 class ImageWriter:
     """A bounded pool of threads that encode and write the PNGs of a batch while the next batch is generated (PNG
-    encoding and file writes release the GIL). At most `pending` batches wait; the first error of a write is raised
-    in the caller, at its next submit or at the end of the `with` block. `written` counts the images on disk."""
+    encoding and file writes release the GIL). The threads encode at the same time but make their files one at a
+    time: files made at once in one folder contend for the folder's lock, which costs CPU time on the file systems
+    where making a file is slow (docs/bench-speed.md). At most `pending` batches wait; the first error of a write is
+    raised in the caller, at its next submit or at the end of the `with` block. `written` counts the images on
+    disk."""
 
     def __init__(self, threads=2, pending=None):
         self.pool = concurrent.futures.ThreadPoolExecutor(max(int(threads), 1), thread_name_prefix='png-writer')
@@ -190,8 +199,9 @@ class ImageWriter:
 
     def _save(self, arrays, paths):
         for array, path in zip(arrays, paths):
-            save_image(array, path)
+            data = encode_png(array)
             with self._lock:
+                atomic_write_bytes(path, data)
                 self.written += 1
 
     def submit(self, arrays, paths):
@@ -235,22 +245,24 @@ def save_grid(paths, grid_path, min_tile=64, background=128):
     save_image(grid, grid_path)
 
 #----------------------------------------------------------------------------
-# Work split of EDM generate.py: num_batches = ceil(n / (batch * world)) * world
-# near-equal batches, rank r takes every world-th one starting at r.
+# Work split: EDM generate.py's batches, num_batches = ceil(n / (batch * world)) * world near-equal pieces of the
+# seeds, but each rank takes a contiguous run of them (EDM: every world-th), so that the ranks write into different
+# folders at any one time (docs/deviations.md). Images depend on their seeds only, never on the split.
 
 
 class RankBatches(collections.abc.Sequence):
-    """The batches of one rank, computed on demand: item i is batch r + i * world_size of the split (an IntRanges
-    of seeds). The first n % num_batches batches hold one seed more, as torch.tensor_split makes them."""
+    """The batches of one rank, computed on demand: item i is batch rank * len + i of the split (an IntRanges of
+    seeds), len = num_batches / world_size. The first n % num_batches batches hold one seed more, as
+    torch.tensor_split makes them."""
 
     def __init__(self, seeds, num_batches, rank, world_size):
         self.seeds, self.num_batches, self.rank, self.world_size = seeds, num_batches, rank, world_size
 
     def __len__(self):
-        return len(range(self.rank, self.num_batches, self.world_size))
+        return self.num_batches // self.world_size
 
     def __getitem__(self, i):
-        j = range(self.rank, self.num_batches, self.world_size)[i]
+        j = range(self.rank * len(self), (self.rank + 1) * len(self))[i]
         size, extra = divmod(len(self.seeds), self.num_batches)
         start = j * size + min(j, extra)
         return self.seeds[start:start + size + (j < extra)]
@@ -269,18 +281,28 @@ def split_seeds(seeds, max_batch_size, world_size=1):
 # generator, so a sample depends on its seed only.
 
 
-def sample_batch(net, seeds, solver, sigmas, options=None, *, afs=False, class_idx=None, extra_args=None,
-                 dtype=torch.float32, device=None):
-    """Run `solver` from the latents of `seeds` down the schedule `sigmas`; returns the final state [B, C, R, R]."""
+def draw_inputs(net, seeds, class_idx=None, device=None):
+    """The draws that start a batch, from each seed's own generator: (rnd, latents, class labels or None). `rnd`
+    then draws the solver's noise, so a sample depends on its seed only."""
     device = torch.device('cpu') if device is None else torch.device(device)
     rnd = StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
-    extra_args = dict(extra_args or {})
+    labels = None
     if net.label_dim:
         labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[len(seeds)], device=device)]
         if class_idx is not None:
             labels = torch.zeros_like(labels)
             labels[:, class_idx] = 1
+    return rnd, latents, labels
+
+
+def sample_batch(net, seeds, solver, sigmas, options=None, *, afs=False, class_idx=None, extra_args=None,
+                 dtype=torch.float32, device=None, inputs=None):
+    """Run `solver` from the latents of `seeds` down the schedule `sigmas`; returns the final state [B, C, R, R].
+    `inputs`: draw_inputs(net, seeds, class_idx, device), when drawn ahead."""
+    rnd, latents, labels = inputs or draw_inputs(net, seeds, class_idx, device)
+    extra_args = dict(extra_args or {})
+    if labels is not None:
         extra_args['class_labels'] = labels
     x = latents.to(dtype) * float(sigmas[0])
     return solvers.get_solver(solver)(net, x, sigmas, extra_args=extra_args, randn_like=rnd.randn_like, afs=afs,
@@ -304,17 +326,24 @@ def generate_images(net, seeds, solver='dpmpp', options=None, *, num_steps=6, af
 def generate_batches(net, batches, solver, options, sigmas, *, afs=False, net_batch=64, class_idx=None,
                      condition_fn=None, dtype=torch.float32, device=None, **speed):
     """Yield (batch_seeds, images) for each non-empty batch of seeds in `batches`, down the schedule `sigmas`.
-    `speed`: net_dtype, channels_last, compile (NetCall)."""
+    `speed`: net_dtype, channels_last, compile (NetCall). The per-seed draws of the next batch (a generator per seed,
+    the latents, the labels) are made in a helper thread while the current batch is solved."""
     evaluator = FixedBatchDenoiser(NetCall(net, **speed) if speed_settings(**speed) else net, net_batch)
-    for batch_seeds in batches:
-        if not batch_seeds:
-            continue
-        batch_seeds = list(batch_seeds)
-        extra_args = condition_fn(batch_seeds) if condition_fn is not None else None
-        x = sample_batch(evaluator, batch_seeds, solver, sigmas, options, afs=afs, class_idx=class_idx,
-                         extra_args=extra_args, dtype=dtype, device=device)
-        yield batch_seeds, (call_in_chunks(net.decode, DECODER_CHUNK, x.shape[0], latents=x)
-                            if hasattr(net, 'decode') else x)
+    batches = (list(b) for b in batches if b)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='seed-draws') as ahead:
+        draw = functools.partial(draw_inputs, net, class_idx=class_idx, device=device)
+        batch_seeds = next(batches, None)
+        inputs = ahead.submit(draw, batch_seeds) if batch_seeds is not None else None
+        while batch_seeds is not None:
+            next_seeds = next(batches, None)
+            next_inputs = ahead.submit(draw, next_seeds) if next_seeds is not None else None
+            extra_args = condition_fn(batch_seeds) if condition_fn is not None else None
+            x = sample_batch(evaluator, batch_seeds, solver, sigmas, options, afs=afs, extra_args=extra_args,
+                             dtype=dtype, device=device, inputs=inputs.result())
+            yield batch_seeds, (call_in_chunks(net.decode, DECODER_CHUNK, x.shape[0], latents=x)
+                                if hasattr(net, 'decode') else x)
+            batch_seeds, inputs = next_seeds, next_inputs
+
 
 #----------------------------------------------------------------------------
 # Predictors: a file, a folder of snapshots, or an experiment number looked up
@@ -726,7 +755,8 @@ def _dataset_label(c):
 @click.option('--resume/--no-resume', help='Skip seeds whose PNG exists (in a folder made with the same settings)',
               default=True, show_default=True)
 @click.option('--overwrite', help='Replace the images of a folder made with other settings', is_flag=True)
-@click.option('--writers', help='Threads per process that encode and write PNGs while the next batch is made',
+@click.option('--writers', help='Threads per process that encode PNGs (and make their files, one at a time) while '
+              'the next batch is made',
               metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str)
 @click.option('--dtype', help='Solver state  [default: float64 on cpu, float32 on cuda]',

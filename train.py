@@ -4,6 +4,7 @@
 from torch_utils import cli
 
 cli.apply_thread_policy()
+cli.apply_memory_policy()
 
 import glob
 import json

@@ -15,7 +15,7 @@ of the whole call (process start and imports excluded, torchrun's rendezvous inc
 (user + system, all threads, summed over the processes) per image of both, and their ratio: on a machine shared
 with other jobs, where the wall times carry the others' load, that is the figure to read.
 
-    python bench/pipeline_speed.py [--sizes 32,256] [--procs 1,2] [--num 32:8000,256:400] [--repeat 3]
+    python bench/pipeline_speed.py [--sizes 32,256] [--procs 1,2] [--num 32:8000,256:400] [--repeat 3] [--dir D]
                                    [-- sample.py options]
 """
 
@@ -82,17 +82,20 @@ def _write(job):
         PIL.Image.fromarray(array, 'RGB').save(path, format='PNG')
 
 
-def raw_rate(outdir, procs):
-    """Images per second and CPU seconds per image of PIL alone writing the PNGs under outdir, in `procs`
-    child processes."""
-    files = sorted(os.path.join(root, name) for root, _, names in os.walk(outdir) for name in names
-                   if name.endswith('.png'))
-    arrays = [np.asarray(PIL.Image.open(path)) for path in files]
+def raw_rate(outdir, procs, batch):
+    """Images per second and CPU seconds per image of PIL alone writing the PNGs under outdir again, into a sibling
+    folder of the same layout, in `procs` child processes that each write the files sample.py's rank wrote (the
+    same split of the seeds)."""
+    import sample
+    num = sum(name.endswith('.png') for _, _, names in os.walk(outdir) for name in names)
     target = tempfile.mkdtemp(dir=os.path.dirname(outdir), prefix='raw-')
-    paths = [os.path.join(target, os.path.relpath(path, outdir)) for path in files]
-    for folder in {os.path.dirname(p) for p in paths}:
+    jobs = []
+    for rank_batches in sample.split_seeds(range(num), batch, procs):
+        seeds = [seed for seeds in rank_batches for seed in seeds]
+        arrays = [np.asarray(PIL.Image.open(sample.image_path(outdir, seed))) for seed in seeds]
+        jobs.append((arrays, [sample.image_path(target, seed) for seed in seeds]))
+    for folder in {os.path.dirname(p) for _, paths in jobs for p in paths}:
         os.makedirs(folder, exist_ok=True)
-    jobs = [(arrays[r::procs], paths[r::procs]) for r in range(procs)]
     start, cpu = time.perf_counter(), cpu_seconds(resource.RUSAGE_CHILDREN)
     workers = [multiprocessing.get_context('fork').Process(target=_write, args=(job,)) for job in jobs]
     for worker in workers:
@@ -100,8 +103,7 @@ def raw_rate(outdir, procs):
     for worker in workers:
         worker.join()
     elapsed, cpu = time.perf_counter() - start, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
-    shutil.rmtree(target)
-    return len(files) / elapsed, cpu / len(files)
+    return num / elapsed, cpu / num
 
 #----------------------------------------------------------------------------
 
@@ -132,9 +134,11 @@ def sample_rate(resolution, procs, num, extra, workdir):
 @click.option('--num', help='Images per size', default='32:8000,256:400', show_default=True)
 @click.option('--repeat', help='Runs of each, in turn (best taken)', type=click.IntRange(min=1), default=3,
               show_default=True)
+@click.option('--dir', 'parent', help='Where to write (a temporary folder in it, removed at the end)  [default: the '
+              "system's temporary folder]", type=click.Path(file_okay=False))
 @click.option('--worker', help='(internal) run sample.py in this process: JSON [channels, resolution, args]')
 @click.argument('extra', nargs=-1, type=click.UNPROCESSED)
-def main(sizes, procs, num, repeat, worker, extra):
+def main(sizes, procs, num, repeat, parent, worker, extra):
     if worker is not None:
         channels, resolution, args = json.loads(worker)
         wall, cpu = run_sample(channels, resolution, args)
@@ -142,23 +146,29 @@ def main(sizes, procs, num, repeat, worker, extra):
             f.write(f'{wall:.6f} {cpu:.6f}\n')
         return
     counts = dict(item.split(':') for item in num.split(','))
+    batch = next((int(a.split('=', 1)[1]) for a in extra if a.startswith('--batch=')), 64)
     print(f'{"size":>9s} {"procs":>5s} {"images":>6s} {"sample.py img/s":>15s} {"raw PNG img/s":>13s} {"ratio":>6s} '
           f'{"sample.py CPU us/img":>20s} {"raw CPU us/img":>14s} {"CPU ratio":>9s}', flush=True)
-    for resolution in [int(s) for s in sizes.split(',')]:
-        for p in [int(s) for s in procs.split(',')]:
-            count = int(counts[str(resolution)])
-            rate = raw = 0
-            cpu = raw_cpu = float('inf')
-            for _ in range(repeat):  # in turn, so that both see the same machine; the best of each
-                workdir = tempfile.mkdtemp(prefix='pipeline-speed-')
-                try:
+    # Nothing is deleted until the end: on some file systems, making files is slower for a while after many were
+    # deleted, which would bias whichever side runs next.
+    top = tempfile.mkdtemp(prefix='pipeline-speed-', dir=parent)
+    try:
+        for resolution in [int(s) for s in sizes.split(',')]:
+            for p in [int(s) for s in procs.split(',')]:
+                count = int(counts[str(resolution)])
+                rate = raw = 0
+                cpu = raw_cpu = float('inf')
+                for i in range(repeat):  # in turn, so that both see the same machine; the best of each
+                    workdir = os.path.join(top, f'{resolution}-{p}-{i}')
+                    os.makedirs(workdir)
                     outdir, rate_i, cpu_i = sample_rate(resolution, p, count, list(extra), workdir)
-                    raw_i, raw_cpu_i = raw_rate(outdir, p)
-                finally:
-                    shutil.rmtree(workdir)
-                rate, cpu, raw, raw_cpu = max(rate, rate_i), min(cpu, cpu_i), max(raw, raw_i), min(raw_cpu, raw_cpu_i)
-            print(f'{resolution:4d}x{resolution:<4d} {p:5d} {count:6d} {rate:15.0f} {raw:13.0f} {rate / raw:6.3f} '
-                  f'{cpu * 1e6:20.0f} {raw_cpu * 1e6:14.0f} {raw_cpu / cpu:9.3f}', flush=True)
+                    raw_i, raw_cpu_i = raw_rate(outdir, p, batch)
+                    rate, cpu = max(rate, rate_i), min(cpu, cpu_i)
+                    raw, raw_cpu = max(raw, raw_i), min(raw_cpu, raw_cpu_i)
+                print(f'{resolution:4d}x{resolution:<4d} {p:5d} {count:6d} {rate:15.0f} {raw:13.0f} {rate / raw:6.3f} '
+                      f'{cpu * 1e6:20.0f} {raw_cpu * 1e6:14.0f} {raw_cpu / cpu:9.3f}', flush=True)
+    finally:
+        shutil.rmtree(top)
 
 #----------------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 import errno
 import hashlib
+import io
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -77,22 +79,29 @@ def _lists(batches):
     return [list(b) for b in batches]
 
 
-def test_split_seeds_matches_edm():
+def test_split_seeds_edm_batches_contiguous_per_rank():
     batches = sample.split_seeds(list(range(50000)), 64)[0]
     sizes = [len(b) for b in batches]
     assert len(batches) == 782 and sizes.count(64) == 734 and sizes.count(63) == 48
     assert sum(_lists(batches), []) == list(range(50000))
-    # EDM's split: torch.tensor_split of the seed tensor into num_batches pieces, rank r takes every world-th.
+    # EDM's batches (torch.tensor_split of the seeds into num_batches pieces), each rank a contiguous run of them.
     for n, batch, world in [(50000, 64, 1), (10, 4, 2), (1001, 7, 3), (5, 64, 4)]:
         pieces = [t.tolist() for t in torch.arange(n).tensor_split(((n - 1) // (batch * world) + 1) * world)]
+        per = len(pieces) // world
         assert [_lists(b) for b in sample.split_seeds(list(range(n)), batch, world)] == \
-            [pieces[r::world] for r in range(world)]
+            [pieces[r * per:(r + 1) * per] for r in range(world)]
     per_rank = sample.split_seeds(list(range(10)), 4, world_size=2)
-    assert [_lists(b) for b in per_rank] == [[[0, 1, 2], [6, 7]], [[3, 4, 5], [8, 9]]]
+    assert [_lists(b) for b in per_rank] == [[[0, 1, 2], [3, 4, 5]], [[6, 7], [8, 9]]]
+    assert [_lists(b) for b in sample.split_seeds(list(range(5)), 64, world_size=4)] == [[[0, 1]], [[2]], [[3]], [[4]]]
     assert [_lists(b) for b in sample.split_seeds([], 4, world_size=2)] == [[], []]
+    # 50k seeds on 8 ranks in batches of 64: every rank writes into its own 1000-seed folders, but for the one it
+    # shares with its neighbour.
+    folders = [{s // 1000 for b in r for s in b} for r in sample.split_seeds(range(50000), 64, world_size=8)]
+    assert all(len(a & b) <= 1 for i, a in enumerate(folders) for b in folders[i + 1:])
     # A hundred million seeds: split on demand, as ranges.
     huge = sample.split_seeds(sample.parse_int_list('0-99999999'), 64, world_size=2)
     assert len(huge[1]) == 781250 and list(huge[1][-1]) == list(range(99999936, 100000000))
+    assert list(huge[0][-1]) == list(range(49999936, 50000000)) and list(huge[1][0]) == list(range(50000000, 50000064))
 
 
 def test_image_conversion_and_paths():
@@ -166,17 +175,17 @@ def test_interrupted_run_resumes_to_the_same_bytes(model_dir, tmp_path, monkeypa
     # Kill the run after 6 images, in its second batch.
     class Killed(Exception):
         pass
-    save_image, saved, lock = sample.save_image, [], threading.Lock()
+    write, saved, lock = sample.atomic_write_bytes, [], threading.Lock()
 
-    def save_then_die(array, path):
-        with lock:  # the writer threads save concurrently
+    def write_then_die(path, data):
+        with lock:  # the writer threads write one at a time already; the lock keeps the test independent of it
             if len(saved) == 6:
                 raise Killed
-            save_image(array, path)
+            write(path, data)
             saved.append(path)
-    monkeypatch.setattr(sample, 'save_image', save_then_die)
+    monkeypatch.setattr(sample, 'atomic_write_bytes', write_then_die)
     assert isinstance(_run(*common, '--outdir', tmp_path / 'cut').exception, Killed)
-    monkeypatch.setattr(sample, 'save_image', save_image)
+    monkeypatch.setattr(sample, 'atomic_write_bytes', write)
     assert len(_pngs(tmp_path / 'cut')) == 6
 
     # Also lose two images of the first batch. The same command finishes the job without touching the rest.
@@ -445,3 +454,71 @@ def test_speed_options(tmp_path, monkeypatch):
     net = models.load_model('digits')
     sample.NetCall(net, net_dtype='bfloat16')
     assert net.use_fp16 and net.amp_dtype == torch.bfloat16
+
+
+def test_writer_encodes_together_and_makes_files_one_at_a_time(tmp_path, monkeypatch):
+    # Files made at once in one folder contend for its lock; the writer threads encode concurrently but write one
+    # file at a time. Both are observed with slowed-down stand-ins.
+    state = dict(encoding=0, writing=0, max_encoding=0, max_writing=0)
+    lock = threading.Lock()
+    encode, write = sample.encode_png, sample.atomic_write_bytes
+
+    def track(key, fn, *args):
+        with lock:
+            state[key] += 1
+            state['max_' + key] = max(state['max_' + key], state[key])
+        try:
+            threading.Event().wait(0.02)
+            return fn(*args)
+        finally:
+            with lock:
+                state[key] -= 1
+    monkeypatch.setattr(sample, 'encode_png', lambda array: track('encoding', encode, array))
+    monkeypatch.setattr(sample, 'atomic_write_bytes', lambda path, data: track('writing', write, path, data))
+    arrays = np.zeros([8, 4, 4, 3], np.uint8) + np.arange(8, dtype=np.uint8)[:, None, None, None]
+    with sample.ImageWriter(threads=4) as writer:
+        for half in (arrays[:4], arrays[4:]):
+            writer.submit(half[:2], [str(tmp_path / f'{int(a[0, 0, 0])}.png') for a in half[:2]])
+            writer.submit(half[2:], [str(tmp_path / f'{int(a[0, 0, 0])}.png') for a in half[2:]])
+    assert writer.written == 8 and state['max_writing'] == 1 and state['max_encoding'] >= 2
+    assert [np.asarray(PIL.Image.open(tmp_path / f'{i}.png'))[0, 0, 0] for i in range(8)] == list(range(8))
+
+
+def test_next_batch_is_drawn_ahead_in_a_helper_thread(monkeypatch):
+    net = models.load_model('digits')
+    seeds = list(range(7))
+    sigmas = solvers.get_schedule(4, net.sigma_min, net.sigma_max, 'polynomial', 7)
+    threads, draw = [], sample.draw_inputs
+
+    def recorded(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return draw(*args, **kwargs)
+    monkeypatch.setattr(sample, 'draw_inputs', recorded)
+    batches = [[0, 1, 2], [], [3, 4, 5], [6]]
+    got = list(sample.generate_batches(net, batches, 'er_sde', None, sigmas, dtype=torch.float64))
+    assert [b for b, _ in got] == [[0, 1, 2], [3, 4, 5], [6]] and len(threads) == 3
+    assert all(name.startswith('seed-draws') for name in threads)
+    # The same numbers as drawing in the caller's thread: the latents, then every step's noise, per seed (the network
+    # in chunks of 64 rows, as generate_batches calls it).
+    monkeypatch.setattr(sample, 'draw_inputs', draw)
+    alone = sample.sample_batch(sample.FixedBatchDenoiser(net, 64), seeds, 'er_sde', sigmas, dtype=torch.float64)
+    assert torch.equal(torch.cat([x for _, x in got]), alone)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get('CXX', 'g++')) is None,
+                    reason='torch.compile on the CPU needs a C++ compiler')
+def test_compile_end_to_end(tmp_path):
+    # The network compiled with torch.compile (inductor, about a minute on 2 cores) gives the images of the
+    # network as loaded; the folder records the option.
+    torch._dynamo.reset()
+    common = ['--dataset_name=digits', '--seeds=0-3', '--solver=euler', '--num_steps=3']
+    result = _ok(*common, '--compile', '--outdir', tmp_path / 'compiled')
+    assert 'compile=True' in result.output
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] >= 1  # dynamo did compile the network
+    assert sample.cli.read_settings(str(tmp_path / 'compiled' / sample.SETTINGS_FILE))['compile'] is True
+    _ok(*common, '--outdir', tmp_path / 'eager')
+    compiled, eager = _pngs(tmp_path / 'compiled'), _pngs(tmp_path / 'eager')
+    assert compiled.keys() == eager.keys() and len(compiled) == 4
+    for name in compiled:
+        a, b = (np.asarray(PIL.Image.open(io.BytesIO(files[name]))).astype(int) for files in (compiled, eager))
+        assert np.abs(a - b).max() <= 1  # fused kernels may round differently; on this machine they were equal

@@ -1,5 +1,6 @@
-"""What train.py, sample.py and fid.py check before any work, and how they end: the thread policy, the device,
-the output folder, the settings a run folder records, and one line (from rank 0 only) for every bad input.
+"""What train.py, sample.py and fid.py check before any work, and how they end: the thread and memory policies,
+the device, the output folder, the settings a run folder records, and one line (from rank 0 only) for every bad
+input.
 
 Import this module before torch: the thread policy only works when it is in the environment before OpenMP loads.
 Nothing here imports torch at module level.
@@ -41,6 +42,33 @@ def apply_thread_policy(environ=None):
     environ.setdefault('MKL_NUM_THREADS', threads)
     environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     return threads
+
+#----------------------------------------------------------------------------
+# Memory policy. glibc's malloc returns a freed block of more than 128 KiB to the kernel (it serves such blocks with
+# mmap, and trims the heap above 128 KiB free; its dynamic threshold still maps a block of the size it has just
+# freed), so every temporary tensor of a solver step (1.5 MiB for a batch of 64 float64 images of 3x32x32) comes
+# back from the kernel as fresh pages, each a page fault. On the 2-core development machine that was 5,700 faults
+# per batch and 72% of the solver's CPU time (dpmpp, 5 NFE: 218 us per image, 62 of them user time; 52 us with the
+# policy below, which changes no result). So blocks up to 32 MiB (glibc's largest threshold) come from the heap, and
+# up to 64 MiB of free memory at its top stay in the process. Blocks above 32 MiB are still mapped fresh each time.
+# MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set in the environment win; other C libraries are left alone.
+
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 64 << 20
+
+
+def apply_memory_policy(environ=None):
+    """Keep freed blocks of up to 32 MiB in the process (glibc's mallopt); returns whether the policy was set."""
+    environ = os.environ if environ is None else environ
+    if not sys.platform.startswith('linux') or {'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_'} & set(environ):
+        return False
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 #----------------------------------------------------------------------------
 # One line per error. The scripts raise click exceptions; run() shows them on rank 0 only (under torchrun every

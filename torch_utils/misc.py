@@ -17,17 +17,22 @@ import torch
 # folder, then renamed over the target (atomic on POSIX and Windows).
 
 
+def _temporary_name(path):
+    """A temporary path in the folder of `path`, unique per process and thread, so no other writer uses it; one
+    left by a killed run is overwritten."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f'.tmp_{name}.{os.getpid()}.{threading.get_ident()}')
+
+
 @contextlib.contextmanager
 def _temporary_beside(path):
-    """A temporary path in the folder of `path` (made if missing), moved onto `path` (mode 0644) when the body ends
-    without an error, removed when it fails. The name is unique per process and thread, so no other writer uses it;
-    one left by a killed run is overwritten."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.tmp_{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}')
+    """A temporary path in the folder of `path` (made if missing), moved onto `path` when the body ends without an
+    error, removed when it fails. The file keeps the mode it was made with (0666 less the umask for a plain open),
+    as a plain write of `path` would give it."""
+    tmp = _temporary_name(path)
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -36,16 +41,37 @@ def _temporary_beside(path):
 
 
 def atomic_write(path, write_fn):
-    """Call write_fn(tmp_path) on a temporary file beside `path`, then move it onto `path` (mode 0644)."""
+    """Call write_fn(tmp_path) on a temporary file beside `path`, then move it onto `path`."""
     with _temporary_beside(path) as tmp:
         write_fn(tmp)
 
 
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_CLOEXEC', 0) | getattr(os, 'O_BINARY', 0)
+
+
 def atomic_write_bytes(path, data):
-    """Write `data` to `path` as atomic_write does, with one open of the temporary file."""
-    with _temporary_beside(path) as tmp:
-        with open(tmp, 'wb') as f:
-            f.write(data)
+    """Write `data` to `path` as atomic_write does, in as few system calls as a plain write plus the rename (the
+    folder is made only when the first open finds it missing): sample.py writes one small PNG per seed this way,
+    where every call on the file system counts."""
+    tmp = _temporary_name(path)
+    try:
+        fd = os.open(tmp, _WRITE_FLAGS, 0o666)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        fd = os.open(tmp, _WRITE_FLAGS, 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
 #----------------------------------------------------------------------------
 # Pickles (official snapshots, EDM networks) and safetensors files are told apart by their first bytes.
 
@@ -169,8 +195,13 @@ class StackedRandomGenerator:
         self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
 
     def randn(self, size, **kwargs):
+        """Row i from generator i, drawn straight into its row of the result (the same numbers as a stack of
+        per-generator draws, without the copy)."""
         assert size[0] == len(self.generators)
-        return torch.stack([torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
+        out = torch.empty(size, **kwargs)
+        for row, gen in zip(out, self.generators):
+            torch.randn(size[1:], generator=gen, out=row)
+        return out
 
     def randn_like(self, input):
         return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
