@@ -73,7 +73,7 @@ def call_in_chunks(fn, size, batch, **args):
     for start in range(0, batch, size):
         chunk = {k: _chunk_rows(v, batch, start, size) for k, v in args.items()}
         outputs.append(fn(**chunk)[:min(size, batch - start)])
-    return torch.cat(outputs)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def _chunk_rows(value, batch, start, size):

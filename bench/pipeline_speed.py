@@ -8,12 +8,19 @@ For each size (32x32x3 and 256x256x3 by default) and process count (1 and 2), th
    so that what is timed is everything sample.py does besides the network: seeds, per-seed noise, the solver's
    arithmetic, pixel conversion, PNG encoding and the atomic writes;
 2. reads the PNGs it wrote (untimed) and writes the same images again with nothing but PIL's `save` into files of
-   the same layout, split over the same number of processes: the raw PNG rate;
+   the same layout, each process the files of one of sample.py's ranks: the raw PNG rate;
 
 and prints both rates and their ratio (1.0: sample.py is as fast as writing the PNGs alone). Times are wall times
 of the whole call (process start and imports excluded, torchrun's rendezvous included). It also prints the CPU time
 (user + system, all threads, summed over the processes) per image of both, and their ratio: on a machine shared
 with other jobs, where the wall times carry the others' load, that is the figure to read.
+
+The cost of making a file can drift by several times within minutes (on the development machine's virtual disk,
+most after many files were deleted), so the two sides are measured in pairs close in time, in alternating order
+(sample.py then raw, raw then sample.py, ...; the raw side of an odd round writes the previous round's images),
+nothing is deleted until the end, and the medians over `--repeat` rounds are printed: of each rate and CPU time,
+and of the ratios of the pairs. `--dir /dev/shm` (a RAM file system, where making a file costs almost nothing)
+shows sample.py's own costs without the disk's.
 
     python bench/pipeline_speed.py [--sizes 32,256] [--procs 1,2] [--num 32:8000,256:400] [--repeat 3] [--dir D]
                                    [-- sample.py options]
@@ -132,8 +139,8 @@ def sample_rate(resolution, procs, num, extra, workdir):
 @click.option('--sizes', help='Image sides (3 channels)', default='32,256', show_default=True)
 @click.option('--procs', help='Process counts', default='1,2', show_default=True)
 @click.option('--num', help='Images per size', default='32:8000,256:400', show_default=True)
-@click.option('--repeat', help='Runs of each, in turn (best taken)', type=click.IntRange(min=1), default=3,
-              show_default=True)
+@click.option('--repeat', help='Rounds of a pair (sample.py, raw) in alternating order; medians printed',
+              type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--dir', 'parent', help='Where to write (a temporary folder in it, removed at the end)  [default: the '
               "system's temporary folder]", type=click.Path(file_okay=False))
 @click.option('--worker', help='(internal) run sample.py in this process: JSON [channels, resolution, args]')
@@ -156,17 +163,20 @@ def main(sizes, procs, num, repeat, parent, worker, extra):
         for resolution in [int(s) for s in sizes.split(',')]:
             for p in [int(s) for s in procs.split(',')]:
                 count = int(counts[str(resolution)])
-                rate = raw = 0
-                cpu = raw_cpu = float('inf')
-                for i in range(repeat):  # in turn, so that both see the same machine; the best of each
+                rows, outdir = [], None
+                for i in range(repeat):
                     workdir = os.path.join(top, f'{resolution}-{p}-{i}')
                     os.makedirs(workdir)
-                    outdir, rate_i, cpu_i = sample_rate(resolution, p, count, list(extra), workdir)
-                    raw_i, raw_cpu_i = raw_rate(outdir, p, batch)
-                    rate, cpu = max(rate, rate_i), min(cpu, cpu_i)
-                    raw, raw_cpu = max(raw, raw_i), min(raw_cpu, raw_cpu_i)
-                print(f'{resolution:4d}x{resolution:<4d} {p:5d} {count:6d} {rate:15.0f} {raw:13.0f} {rate / raw:6.3f} '
-                      f'{cpu * 1e6:20.0f} {raw_cpu * 1e6:14.0f} {raw_cpu / cpu:9.3f}', flush=True)
+                    if i % 2 and outdir is not None:  # raw first, on the previous round's images
+                        raw_i, raw_cpu_i = raw_rate(outdir, p, batch)
+                        outdir, rate_i, cpu_i = sample_rate(resolution, p, count, list(extra), workdir)
+                    else:
+                        outdir, rate_i, cpu_i = sample_rate(resolution, p, count, list(extra), workdir)
+                        raw_i, raw_cpu_i = raw_rate(outdir, p, batch)
+                    rows.append([rate_i, raw_i, rate_i / raw_i, cpu_i, raw_cpu_i, raw_cpu_i / cpu_i])
+                rate, raw, ratio, cpu, raw_cpu, cpu_ratio = np.median(np.array(rows), axis=0)
+                print(f'{resolution:4d}x{resolution:<4d} {p:5d} {count:6d} {rate:15.0f} {raw:13.0f} {ratio:6.3f} '
+                      f'{cpu * 1e6:20.0f} {raw_cpu * 1e6:14.0f} {cpu_ratio:9.3f}', flush=True)
     finally:
         shutil.rmtree(top)
 

@@ -47,14 +47,17 @@ def apply_thread_policy(environ=None):
 # Memory policy. glibc's malloc returns a freed block of more than 128 KiB to the kernel (it serves such blocks with
 # mmap, and trims the heap above 128 KiB free; its dynamic threshold still maps a block of the size it has just
 # freed), so every temporary tensor of a solver step (1.5 MiB for a batch of 64 float64 images of 3x32x32) comes
-# back from the kernel as fresh pages, each a page fault. On the 2-core development machine that was 5,700 faults
-# per batch and 72% of the solver's CPU time (dpmpp, 5 NFE: 218 us per image, 62 of them user time; 52 us with the
-# policy below, which changes no result). So blocks up to 32 MiB (glibc's largest threshold) come from the heap, and
-# up to 64 MiB of free memory at its top stay in the process. Blocks above 32 MiB are still mapped fresh each time.
-# MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set in the environment win; other C libraries are left alone.
+# back from the kernel as fresh pages, each a page fault. On the 2-core development machine that was 5,000-6,000
+# faults per batch and about three quarters of dpmpp's CPU time (`python bench/solver_memory.py`: 231-306 us per
+# image, 60-63 us with the policy below, which changes no result). So blocks up to 32 MiB (glibc's largest
+# threshold) come from the heap, and up to 1 GiB of free memory at its top stays in the process (with 64 MiB, a
+# batch of 16 float64 images of 3x256x256, 25 MiB per temporary, still faulted 80,000 pages per batch): the
+# process keeps the memory of its peak, which a sampler or a training run reaches in its first batch anyway.
+# Blocks above 32 MiB are still mapped fresh each time. MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set in the
+# environment win; other C libraries are left alone.
 
 MMAP_THRESHOLD = 32 << 20
-TRIM_THRESHOLD = 64 << 20
+TRIM_THRESHOLD = 1 << 30
 
 
 def apply_memory_policy(environ=None):
