@@ -1,4 +1,5 @@
-"""bench/pipeline_speed.py and bench/file_writes.py run end to end on small counts and print what they say."""
+"""bench/pipeline_speed.py, file_writes.py and solver_memory.py run end to end on small counts and print what they
+say."""
 
 import os
 import sys
@@ -11,6 +12,7 @@ import sample
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
 import file_writes  # noqa: E402
 import pipeline_speed  # noqa: E402
+import solver_memory  # noqa: E402
 
 
 def test_pipeline_speed_small(tmp_path):
@@ -47,3 +49,12 @@ def test_file_writes_small(tmp_path):
     lines = result.output.splitlines()
     assert [line[:32].strip() for line in lines] == list(file_writes.CASES)
     assert all(float(line.split()[-5]) > 0 for line in lines) and os.listdir(tmp_path) == []
+
+
+def test_solver_memory_small():
+    result = CliRunner().invoke(solver_memory.main, ['--batch=2', '--resolution=4', '--rounds=1'])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rows = [line.split() for line in result.output.splitlines()[2:]]
+    on = 'on' if sys.platform.startswith('linux') else 'off'  # glibc's mallopt
+    assert [row[:2] for row in rows] == [['float64', 'off'], ['float64', on], ['float32', 'off'], ['float32', on]]
+    assert all(float(row[2]) > 0 for row in rows)
