@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Named presets: distill an AdaSDE predictor, sample, score. Edit freely.
 #
-#   bash launch.sh                 # the demo: digits model, 5 NFE, AdaSDE vs its best learned peer and 7 baselines, ~7 min on 2 CPU cores
+#   bash launch.sh                 # the demo: digits model, 5 NFE, AdaSDE vs its best learned peer and 7 baselines, ~10 min on 2 CPU cores
 #   bash launch.sh digits-nfe5     # retrain one shipped digits predictor in its exp/ folder (also digits-nfe3/7/9,
 #                                  #   and the paper's form: digits-paper-nfe3/5)
 #   bash launch.sh digits-flow     # the digits rectified-flow model: distill AdaSDE, sample, FID vs flow baselines

@@ -20,7 +20,8 @@ most after many files were deleted), so the two sides are measured in pairs clos
 (sample.py then raw, raw then sample.py, ...; the raw side of an odd round writes the previous round's images),
 nothing is deleted until the end, and the medians over `--repeat` rounds are printed: of each rate and CPU time,
 and of the ratios of the pairs. `--dir /dev/shm` (a RAM file system, where making a file costs almost nothing)
-shows sample.py's own costs without the disk's.
+shows sample.py's own costs without the disk's. `--parts` also prints where sample.py's CPU time per image goes:
+PNG encoding, making the file, the solver (with the network), the per-seed draws, the pixel conversion, the rest.
 
     python bench/pipeline_speed.py [--sizes 32,256] [--procs 1,2] [--num 32:8000,256:400] [--repeat 3] [--dir D]
                                    [-- sample.py options]
@@ -34,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import click
@@ -71,13 +73,32 @@ def cpu_seconds(who=resource.RUSAGE_SELF):
     return usage.ru_utime + usage.ru_stime
 
 
-def run_sample(channels, resolution, args):
-    """sample.py's command with the free denoiser in place of the model; returns its wall and CPU time (seconds)."""
+PARTS = dict(encode='encode_png', file='atomic_write_bytes', solver='sample_batch', draws='draw_inputs',
+             pixels='to_uint8')
+
+
+def run_sample(channels, resolution, args, parts=False):
+    """sample.py's command with the free denoiser in place of the model; returns its wall and CPU time (seconds)
+    and, with `parts`, the CPU seconds of each part (thread CPU clocks around sample.py's own functions)."""
     import sample
     sample.load_net = lambda c, device: FreeDenoiser(channels, resolution).to(device)
+    spent, lock = dict.fromkeys(PARTS, 0.0), threading.Lock()
+
+    def timed(name, fn):
+        def call(*a, **kw):
+            start = time.thread_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                with lock:
+                    spent[name] += time.thread_time() - start
+        return call
+    if parts:
+        for name, attr in PARTS.items():
+            setattr(sample, attr, timed(name, getattr(sample, attr)))
     start, cpu = time.perf_counter(), cpu_seconds()
     sample.main.main(args, standalone_mode=False)
-    return time.perf_counter() - start, cpu_seconds() - cpu
+    return time.perf_counter() - start, cpu_seconds() - cpu, spent
 
 #----------------------------------------------------------------------------
 # The raw rate: the same images, written with PIL alone.
@@ -115,10 +136,11 @@ def raw_rate(outdir, procs, batch):
 #----------------------------------------------------------------------------
 
 
-def sample_rate(resolution, procs, num, extra, workdir):
+def sample_rate(resolution, procs, num, extra, workdir, parts=False):
+    """sample.py's rate: (outdir, images per second, CPU seconds per image, {part: CPU seconds per image})."""
     outdir = os.path.join(workdir, f'{resolution}-{procs}')
     args = ['--dataset_name=digits', f'--seeds=0-{num - 1}', f'--outdir={outdir}', *extra]
-    worker = [os.path.abspath(__file__), '--worker', json.dumps([3, resolution, args])]
+    worker = [os.path.abspath(__file__), '--worker', json.dumps([3, resolution, args, parts])]
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO, BENCH_TIMES=os.path.join(workdir, 'times'))
     if procs == 1:
         cmd = [sys.executable, *worker]
@@ -130,9 +152,10 @@ def sample_rate(resolution, procs, num, extra, workdir):
     times = []
     for r in range(procs):
         with open(os.path.join(workdir, f'times.{r}')) as f:
-            times.append([float(v) for v in f.read().split()])
-    wall, cpu = max(t[0] for t in times), sum(t[1] for t in times)
-    return outdir, num / wall, cpu / num
+            times.append(json.load(f))
+    wall, cpu = max(t['wall'] for t in times), sum(t['cpu'] for t in times)
+    spent = {name: sum(t['parts'][name] for t in times) / num for name in PARTS}
+    return outdir, num / wall, cpu / num, spent
 
 
 @click.command(context_settings=dict(ignore_unknown_options=True))
@@ -143,14 +166,15 @@ def sample_rate(resolution, procs, num, extra, workdir):
               type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--dir', 'parent', help='Where to write (a temporary folder in it, removed at the end)  [default: the '
               "system's temporary folder]", type=click.Path(file_okay=False))
-@click.option('--worker', help='(internal) run sample.py in this process: JSON [channels, resolution, args]')
+@click.option('--parts', help="Also print where sample.py's CPU time per image goes", is_flag=True)
+@click.option('--worker', help='(internal) run sample.py in this process: JSON [channels, resolution, args, parts]')
 @click.argument('extra', nargs=-1, type=click.UNPROCESSED)
-def main(sizes, procs, num, repeat, parent, worker, extra):
+def main(sizes, procs, num, repeat, parent, parts, worker, extra):
     if worker is not None:
-        channels, resolution, args = json.loads(worker)
-        wall, cpu = run_sample(channels, resolution, args)
+        channels, resolution, args, with_parts = json.loads(worker)
+        wall, cpu, spent = run_sample(channels, resolution, args, with_parts)
         with open(f'{os.environ["BENCH_TIMES"]}.{os.environ.get("RANK", "0")}', 'w') as f:
-            f.write(f'{wall:.6f} {cpu:.6f}\n')
+            json.dump(dict(wall=wall, cpu=cpu, parts=spent), f)
         return
     counts = dict(item.split(':') for item in num.split(','))
     batch = next((int(a.split('=', 1)[1]) for a in extra if a.startswith('--batch=')), 64)
@@ -163,20 +187,25 @@ def main(sizes, procs, num, repeat, parent, worker, extra):
         for resolution in [int(s) for s in sizes.split(',')]:
             for p in [int(s) for s in procs.split(',')]:
                 count = int(counts[str(resolution)])
-                rows, outdir = [], None
+                rows, outdir, split = [], None, []
                 for i in range(repeat):
                     workdir = os.path.join(top, f'{resolution}-{p}-{i}')
                     os.makedirs(workdir)
                     if i % 2 and outdir is not None:  # raw first, on the previous round's images
                         raw_i, raw_cpu_i = raw_rate(outdir, p, batch)
-                        outdir, rate_i, cpu_i = sample_rate(resolution, p, count, list(extra), workdir)
+                        outdir, rate_i, cpu_i, spent = sample_rate(resolution, p, count, list(extra), workdir, parts)
                     else:
-                        outdir, rate_i, cpu_i = sample_rate(resolution, p, count, list(extra), workdir)
+                        outdir, rate_i, cpu_i, spent = sample_rate(resolution, p, count, list(extra), workdir, parts)
                         raw_i, raw_cpu_i = raw_rate(outdir, p, batch)
+                    split.append([*spent.values(), cpu_i - sum(spent.values())])
                     rows.append([rate_i, raw_i, rate_i / raw_i, cpu_i, raw_cpu_i, raw_cpu_i / cpu_i])
                 rate, raw, ratio, cpu, raw_cpu, cpu_ratio = np.median(np.array(rows), axis=0)
                 print(f'{resolution:4d}x{resolution:<4d} {p:5d} {count:6d} {rate:15.0f} {raw:13.0f} {ratio:6.3f} '
                       f'{cpu * 1e6:20.0f} {raw_cpu * 1e6:14.0f} {cpu_ratio:9.3f}', flush=True)
+                if parts:
+                    shown = ', '.join(f'{name} {us:.0f}' for name, us in
+                                      zip([*PARTS, 'rest'], np.median(np.array(split), axis=0) * 1e6))
+                    print(f'{"":>9s} sample.py CPU us/img: {shown}', flush=True)
     finally:
         shutil.rmtree(top)
 

@@ -16,10 +16,13 @@ import solver_memory  # noqa: E402
 
 
 def test_pipeline_speed_small(tmp_path):
-    result = CliRunner().invoke(pipeline_speed.main, ['--sizes=8', '--procs=1', '--num=8:70', '--repeat=1',
+    result = CliRunner().invoke(pipeline_speed.main, ['--sizes=8', '--procs=1', '--num=8:70', '--repeat=1', '--parts',
                                                       '--dir', str(tmp_path), '--', '--batch=32'])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    row = result.output.splitlines()[-1].split()
+    row, parts = result.output.splitlines()[-2].split(), result.output.splitlines()[-1]
+    names, values = zip(*(item.rsplit(' ', 1) for item in parts.split(': ', 1)[1].split(', ')))
+    assert names == ('encode', 'file', 'solver', 'draws', 'pixels', 'rest')
+    assert all(float(v) > 0 for v in values[:5])
     assert row[:3] == ['8x8', '1', '70']
     rate, raw, ratio, cpu, raw_cpu, cpu_ratio = map(float, row[3:])
     assert rate > 0 and raw > 0 and abs(ratio - rate / raw) < 0.002 + 0.01 * ratio
