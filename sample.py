@@ -38,7 +38,14 @@ import models
 import models.sd
 import solvers
 from torch_utils import distributed as dist
-from torch_utils.misc import IntRanges, StackedRandomGenerator, atomic_write_bytes, parse_int_list, to_pixels
+from torch_utils.misc import (
+    IntRanges,
+    NoiseAhead,
+    StackedRandomGenerator,
+    atomic_write_bytes,
+    parse_int_list,
+    to_pixels,
+)
 
 # Seeds are taken modulo 2^32 by the generators: a larger one would repeat a smaller one's image.
 MAX_SEED = 2**32 - 1
@@ -281,9 +288,10 @@ def split_seeds(seeds, max_batch_size, world_size=1):
 # generator, so a sample depends on its seed only.
 
 
-def draw_inputs(net, seeds, class_idx=None, device=None):
-    """The draws that start a batch, from each seed's own generator: (rnd, latents, class labels or None). `rnd`
-    then draws the solver's noise, so a sample depends on its seed only."""
+def draw_inputs(net, seeds, class_idx=None, device=None, plan=()):
+    """The draws that start a batch, from each seed's own generator: (noise, latents, class labels or None).
+    `noise.randn_like` then draws the solver's noise (NoiseAhead: drawn here already where `plan` foresees it), so a
+    sample depends on its seed only."""
     device = torch.device('cpu') if device is None else torch.device(device)
     rnd = StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
@@ -293,19 +301,28 @@ def draw_inputs(net, seeds, class_idx=None, device=None):
         if class_idx is not None:
             labels = torch.zeros_like(labels)
             labels[:, class_idx] = 1
-    return rnd, latents, labels
+    return NoiseAhead(rnd, plan), latents, labels
+
+
+# The noise of a batch is drawn ahead only up to this size (an SDE solver asks for one state-sized tensor per step).
+NOISE_AHEAD_BYTES = 256 << 20
+
+
+def _affordable(plan, batch):
+    size = sum(math.prod(shape) * dtype.itemsize for shape, dtype, _ in plan) * batch
+    return plan if size <= NOISE_AHEAD_BYTES else ()
 
 
 def sample_batch(net, seeds, solver, sigmas, options=None, *, afs=False, class_idx=None, extra_args=None,
                  dtype=torch.float32, device=None, inputs=None):
     """Run `solver` from the latents of `seeds` down the schedule `sigmas`; returns the final state [B, C, R, R].
     `inputs`: draw_inputs(net, seeds, class_idx, device), when drawn ahead."""
-    rnd, latents, labels = inputs or draw_inputs(net, seeds, class_idx, device)
+    noise, latents, labels = inputs or draw_inputs(net, seeds, class_idx, device)
     extra_args = dict(extra_args or {})
     if labels is not None:
         extra_args['class_labels'] = labels
     x = latents.to(dtype) * float(sigmas[0])
-    return solvers.get_solver(solver)(net, x, sigmas, extra_args=extra_args, randn_like=rnd.randn_like, afs=afs,
+    return solvers.get_solver(solver)(net, x, sigmas, extra_args=extra_args, randn_like=noise.randn_like, afs=afs,
                                       **(options or {}))
 
 
@@ -327,19 +344,23 @@ def generate_batches(net, batches, solver, options, sigmas, *, afs=False, net_ba
                      condition_fn=None, dtype=torch.float32, device=None, **speed):
     """Yield (batch_seeds, images) for each non-empty batch of seeds in `batches`, down the schedule `sigmas`.
     `speed`: net_dtype, channels_last, compile (NetCall). The per-seed draws of the next batch (a generator per seed,
-    the latents, the labels) are made in a helper thread while the current batch is solved."""
+    the latents, the labels, and the noise the solver asked for in the batch before) are made in a helper thread
+    while the current batch is solved."""
     evaluator = FixedBatchDenoiser(NetCall(net, **speed) if speed_settings(**speed) else net, net_batch)
     batches = (list(b) for b in batches if b)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='seed-draws') as ahead:
         draw = functools.partial(draw_inputs, net, class_idx=class_idx, device=device)
-        batch_seeds = next(batches, None)
+        batch_seeds, plan = next(batches, None), ()
         inputs = ahead.submit(draw, batch_seeds) if batch_seeds is not None else None
         while batch_seeds is not None:
-            next_seeds = next(batches, None)
-            next_inputs = ahead.submit(draw, next_seeds) if next_seeds is not None else None
+            next_seeds, next_inputs = next(batches, None), None
+            if next_seeds is not None:
+                next_inputs = ahead.submit(draw, next_seeds, plan=_affordable(plan, len(next_seeds)))
             extra_args = condition_fn(batch_seeds) if condition_fn is not None else None
+            drawn = inputs.result()
             x = sample_batch(evaluator, batch_seeds, solver, sigmas, options, afs=afs, extra_args=extra_args,
-                             dtype=dtype, device=device, inputs=inputs.result())
+                             dtype=dtype, device=device, inputs=drawn)
+            plan = drawn[0].calls
             yield batch_seeds, (call_in_chunks(net.decode, DECODER_CHUNK, x.shape[0], latents=x)
                                 if hasattr(net, 'decode') else x)
             batch_seeds, inputs = next_seeds, next_inputs

@@ -241,6 +241,42 @@ def test_stacked_random_generator_draws_rows_in_place_as_fresh_generators_do():
                 assert row.dtype == dtype and torch.equal(row, ref)
     assert misc.StackedRandomGenerator('cpu', []).randn([0, 3]).shape == (0, 3)
 
+def test_noise_ahead_gives_the_numbers_of_drawing_on_demand():
+    seeds = [4, 8, 15]
+
+    def on_demand(shapes):
+        rnd = misc.StackedRandomGenerator('cpu', seeds)
+        rnd.randn([3, 2])  # the latents come first
+        return [rnd.randn_like(torch.zeros([3, *shape], dtype=dtype)) for shape, dtype in shapes]
+
+    def ahead(plan, shapes):
+        rnd = misc.StackedRandomGenerator('cpu', seeds)
+        rnd.randn([3, 2])
+        noise = misc.NoiseAhead(rnd, [(shape, dtype, torch.device('cpu')) for shape, dtype in plan])
+        out = [noise.randn_like(torch.zeros([3, *shape], dtype=dtype)) for shape, dtype in shapes]
+        return out, noise
+
+    f32, f64 = torch.float32, torch.float64
+    asked = [((5,), f64), ((5,), f64), ((2, 3), f32), ((5,), f64)]
+    expected = on_demand(asked)
+    for plan, given in [(asked, 4),                        # foreseen: all four drawn ahead
+                        (asked + [((7,), f64)], 4),        # a call more in the plan: never drawn for the solver
+                        (asked[:2], 2),                    # fewer: the rest on demand
+                        (asked[:1] + asked[2:], 1),        # the second call differs: rewind after one
+                        ([((5,), f32)] * 4, 0),            # the dtype differs at once
+                        ([], 0)]:
+        out, noise = ahead(plan, asked)
+        assert all(torch.equal(a, b) for a, b in zip(out, expected)), plan
+        assert noise.given == given and noise.calls == [(s, d, torch.device('cpu')) for s, d in asked]
+    # After a rewind the stream goes on as on demand, also for draws after the batch's noise.
+    out, noise = ahead(asked[1:], asked)
+    rnd = misc.StackedRandomGenerator('cpu', seeds)
+    rnd.randn([3, 2])
+    for shape, dtype in asked:
+        rnd.randn([3, *shape], dtype=dtype)
+    assert torch.equal(noise.rnd.randn([3, 4]), rnd.randn([3, 4]))
+
+
 #----------------------------------------------------------------------------
 # Atomic writes
 

@@ -486,20 +486,25 @@ def test_writer_encodes_together_and_makes_files_one_at_a_time(tmp_path, monkeyp
 
 def test_next_batch_is_drawn_ahead_in_a_helper_thread(monkeypatch):
     net = models.load_model('digits')
-    seeds = list(range(7))
+    seeds = list(range(10))
     sigmas = solvers.get_schedule(4, net.sigma_min, net.sigma_max, 'polynomial', 7)
-    threads, draw = [], sample.draw_inputs
+    threads, drawn, draw = [], [], sample.draw_inputs
 
     def recorded(*args, **kwargs):
         threads.append(threading.current_thread().name)
-        return draw(*args, **kwargs)
+        drawn.append(draw(*args, **kwargs))
+        return drawn[-1]
     monkeypatch.setattr(sample, 'draw_inputs', recorded)
-    batches = [[0, 1, 2], [], [3, 4, 5], [6]]
+    batches = [[0, 1, 2], [], [3, 4, 5], [6, 7, 8], [9]]
     got = list(sample.generate_batches(net, batches, 'er_sde', None, sigmas, dtype=torch.float64))
-    assert [b for b, _ in got] == [[0, 1, 2], [3, 4, 5], [6]] and len(threads) == 3
+    assert [b for b, _ in got] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]] and len(threads) == 4
     assert all(name.startswith('seed-draws') for name in threads)
-    # The same numbers as drawing in the caller's thread: the latents, then every step's noise, per seed (the network
-    # in chunks of 64 rows, as generate_batches calls it).
+    # The step noise too, from the third batch on (the plan is what the solver asked of the batch before last,
+    # known when the next batch's draws start): er_sde draws once in each of its 3 steps.
+    noises = [inputs[0] for inputs in drawn]
+    assert [len(n.calls) for n in noises] == [3, 3, 3, 3] and [n.given for n in noises] == [0, 0, 3, 3]
+    # The same numbers as drawing in the caller's thread on demand: the latents, then every step's noise, per seed
+    # (the network in chunks of 64 rows, as generate_batches calls it).
     monkeypatch.setattr(sample, 'draw_inputs', draw)
     alone = sample.sample_batch(sample.FixedBatchDenoiser(net, 64), seeds, 'er_sde', sigmas, dtype=torch.float64)
     assert torch.equal(torch.cat([x for _, x in got]), alone)

@@ -210,6 +210,37 @@ class StackedRandomGenerator:
         assert size[0] == len(self.generators)
         return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
 
+
+class NoiseAhead:
+    """randn_like of a StackedRandomGenerator, with the noise a solver will ask for drawn beforehand (in a helper
+    thread, while another batch is solved). `plan` lists (shape without the batch, dtype, device) of the calls to
+    expect, in order: what the solver asked of the previous batch (`calls`). A call the plan did not foresee sends
+    every generator back to where it stood before the draws ahead, draws again what was handed out, and goes on on
+    demand; so the numbers are always those of drawing on demand."""
+
+    def __init__(self, rnd, plan=()):
+        self.rnd, self.calls, self.given = rnd, [], 0
+        self.mark = [gen.get_state() for gen in rnd.generators] if plan else None
+        self.ahead = [rnd.randn([len(rnd.generators), *shape], dtype=dtype, device=device)
+                      for shape, dtype, device in plan]
+
+    def randn_like(self, input):
+        self.calls.append((tuple(input.shape[1:]), input.dtype, input.device))
+        if self.given < len(self.ahead):
+            noise = self.ahead[self.given]
+            if (noise.shape, noise.dtype, noise.device) == (input.shape, input.dtype, input.device):
+                self.given += 1
+                return noise
+            self._rewind()
+        return self.rnd.randn_like(input)
+
+    def _rewind(self):
+        for gen, state in zip(self.rnd.generators, self.mark):
+            gen.set_state(state)
+        for noise in self.ahead[:self.given]:
+            self.rnd.randn(noise.shape, dtype=noise.dtype, device=noise.device)
+        del self.ahead[self.given:]
+
 #----------------------------------------------------------------------------
 
 
