@@ -16,6 +16,7 @@ files were deleted, so nothing is deleted until the end.
     python bench/file_writes.py [--files 2000] [--size 2500] [--repeat 3] [--dir D]
 """
 
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -34,12 +35,8 @@ from torch_utils.misc import atomic_write_bytes
 
 def _write_files(folder, prefix, count, data, lock=None):
     for i in range(count):
-        path = os.path.join(folder, f'{prefix}{i:06d}.png')
-        if lock is None:
-            atomic_write_bytes(path, data)
-        else:
-            with lock:
-                atomic_write_bytes(path, data)
+        with lock or contextlib.nullcontext():
+            atomic_write_bytes(os.path.join(folder, f'{prefix}{i:06d}.png'), data)
 
 
 def _folder(parent, tag):

@@ -25,12 +25,13 @@ def _temporary_name(path):
 
 
 @contextlib.contextmanager
-def _temporary_beside(path):
-    """A temporary path in the folder of `path` (made if missing), moved onto `path` when the body ends without an
-    error, removed when it fails. The file keeps the mode it was made with (0666 less the umask for a plain open),
-    as a plain write of `path` would give it."""
+def _temporary_beside(path, make_folder=True):
+    """A temporary path in the folder of `path` (made first if missing, with `make_folder`), moved onto `path` when
+    the body ends without an error, removed when it fails. The file keeps the mode it was made with (0666 less the
+    umask for a plain open), as a plain write of `path` would give it."""
     tmp = _temporary_name(path)
-    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    if make_folder:
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -53,24 +54,18 @@ def atomic_write_bytes(path, data):
     """Write `data` to `path` as atomic_write does, in as few system calls as a plain write plus the rename (the
     folder is made only when the first open finds it missing): sample.py writes one small PNG per seed this way,
     where every call on the file system counts."""
-    tmp = _temporary_name(path)
-    try:
-        fd = os.open(tmp, _WRITE_FLAGS, 0o666)
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(tmp), exist_ok=True)
-        fd = os.open(tmp, _WRITE_FLAGS, 0o666)
-    try:
+    with _temporary_beside(path, make_folder=False) as tmp:
+        try:
+            fd = os.open(tmp, _WRITE_FLAGS, 0o666)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)
+            fd = os.open(tmp, _WRITE_FLAGS, 0o666)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 #----------------------------------------------------------------------------
 # Pickles (official snapshots, EDM networks) and safetensors files are told apart by their first bytes.
