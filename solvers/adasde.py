@@ -7,14 +7,12 @@ coefficients live in AdaSDEPredictor: free tables with one row per step, distill
 """
 
 import math
-import pickle
 
 import torch
 
 from .common import denoise
 from .learned import LearnedPredictor, learned_sampler, register_predictor
 from .registry import register
-from .snapshot import SnapshotUnpickler
 
 TABLES = ('r_params', 'scale_dir_params', 'scale_time_params', 'weight_params', 'gamma_params')
 BASES = ('dpm', 'ipndm', 'deis')
@@ -111,25 +109,17 @@ class AdaSDEPredictor(LearnedPredictor):
         return x, dict(state, history=history)
 
     @classmethod
-    def load_official(cls, path):
-        return load_official(path)
+    def from_official(cls, state, path):
+        return from_official(state)
 
 #----------------------------------------------------------------------------
-# Import of the official snapshots (a pickle of persistence-decorated classes,
-# EDM persistence format, docs/references.md). The embedded source is never executed: solvers.snapshot
-# captures each persistent object's class name and state as plain data, and
-# resolves only torch's own tensor-rebuilding functions.
+# Import of the official snapshots (`network-snapshot-*.pkl`, read as data by
+# LearnedPredictor.load_official): the captured adasde_predictor's attributes and tables.
 
 
-def load_official(path):
-    """Read the tables and settings of an official AdaSDE `network-snapshot-*.pkl` into an AdaSDEPredictor."""
-    try:
-        with open(path, 'rb') as f:
-            snapshot = SnapshotUnpickler(f).load()
-        state = snapshot['model'].state
-        params = state['_parameters']
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError, TypeError) as e:
-        raise ValueError(f'cannot read an official AdaSDE snapshot from {path}: {e!r}') from None
+def from_official(state):
+    """An AdaSDEPredictor with the tables and settings of an official snapshot's captured `adasde_predictor`."""
+    params = state['_parameters']
     settings = {key: state.get(key) for key in ('dataset_name', 'schedule_type', 'schedule_rho', 'afs',
                                                 'guidance_type', 'guidance_rate', 'M', 'sampler_tea')}
     settings['schedule_rho'] = None if settings['schedule_rho'] is None else float(settings['schedule_rho'])

@@ -148,8 +148,8 @@ class AMEDPredictor(LearnedPredictor):
         return predictor_step(net, self, i, x, sigmas, state, extra_args, afs=afs)
 
     @classmethod
-    def load_official(cls, path):
-        return load_official(path)
+    def from_official(cls, state, path):
+        return from_official(state, path)
 
     #------------------------------------------------------------------------
     # Forward pass, in float64 whatever the parameters' dtype (a few thousand
@@ -195,20 +195,13 @@ OFFICIAL_SETTINGS = ('dataset_name', 'schedule_type', 'schedule_rho', 'afs', 'gu
                      'sampler_tea')
 
 
-def load_official(path):
-    """Read the network and settings of an official AMED `network-snapshot-*.pkl` into an AMEDPredictor."""
-    try:
-        model = snapshot.load_snapshot(path)['model']
-        state = snapshot.module_state(model)
-        if state is None or getattr(model, 'class_name', None) != 'AMED_predictor':
-            raise ValueError(f'{path}: not an AMED snapshot (its model is {getattr(model, "class_name", model)!r})')
-        modules = state['_modules']
-        weights = {name: (snapshot.parameter(modules[name], 'weight'), snapshot.parameter(modules[name], 'bias'))
-                   for name in LAYERS if name in modules}
-        embedding = snapshot.module_state(modules['map_noise'])
-        base, predict_x0 = state['sampler_stu'], bool(state.get('predict_x0', True))
-    except snapshot.SNAPSHOT_ERRORS as e:
-        raise ValueError(f'cannot read an official AMED snapshot from {path}: {e!r}') from None
+def from_official(state, path):
+    """An AMEDPredictor with the network and settings of an official snapshot's captured `AMED_predictor`."""
+    modules = state['_modules']
+    weights = {name: (snapshot.parameter(modules[name], 'weight'), snapshot.parameter(modules[name], 'bias'))
+               for name in LAYERS if name in modules}
+    embedding = snapshot.module_state(modules['map_noise'])
+    base, predict_x0 = state['sampler_stu'], bool(state.get('predict_x0', True))
     if (embedding or {}).get('num_channels') != NOISE_CHANNELS or embedding.get('endpoint') is not True \
             or embedding.get('max_positions') != MAX_POSITIONS:
         raise ValueError(f'{path}: unexpected noise embedding {embedding!r}')

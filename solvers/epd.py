@@ -8,15 +8,12 @@ docs/epd.md describes the maps, the steps, the three NFE counts and what differs
 (BeierZhu/EPD, docs/references.md).
 """
 
-import pickle
-
 import torch
 
 from .common import denoise, repeat_rows, to_d
 from .ipndm import AB_WEIGHTS
 from .learned import LearnedPredictor, learned_sampler, register_predictor
 from .registry import register
-from .snapshot import SnapshotUnpickler
 
 TABLES = ('r_params', 'scale_dir_params', 'scale_time_params', 'weight_params')
 OFFICIAL_TABLES = dict(r_params='r_params', scale_dir_params='scale_dir_params',
@@ -116,29 +113,19 @@ class EPDPredictor(LearnedPredictor):
         return predictor_step(net, self, i, x, sigmas, state, extra_args, afs=afs)
 
     @classmethod
-    def load_official(cls, path):
-        return load_official(path)
+    def from_official(cls, state, path):
+        return from_official(state, path)
 
 #----------------------------------------------------------------------------
 # Import of the official snapshots: a pickle of {'model': EPD_predictor, 'loss_fn':
-# EPD_loss}, both persistence-decorated classes with their source embedded. The
-# source is never executed: solvers.adasde's unpickler captures each persistent
-# object's class name and state as data and maps every tensor storage to the CPU
-# (the loss object holds its schedule as a cuda:0 tensor).
+# EPD_loss}, both persistence-decorated classes with their source embedded, read as
+# data by LearnedPredictor.load_official (solvers/snapshot.py maps every tensor
+# storage to the CPU: the loss object holds its schedule as a cuda:0 tensor).
 
 
-def load_official(path):
-    """Read the tables and settings of an official EPD `network-snapshot-*.pkl` into an EPDPredictor."""
-    try:
-        with open(path, 'rb') as f:
-            snapshot = SnapshotUnpickler(f).load()
-        model = snapshot['model']
-        class_name, state = model.class_name, model.state
-        params = state['_parameters']
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError, TypeError, ValueError) as e:
-        raise ValueError(f'cannot read an official EPD snapshot from {path}: {e!r}') from None
-    if class_name != 'EPD_predictor':
-        raise ValueError(f'{path} holds a {class_name!r} predictor, not an EPD_predictor')
+def from_official(state, path):
+    """An EPDPredictor with the tables and settings of an official snapshot's captured `EPD_predictor`."""
+    params = state['_parameters']
     settings = {key: state.get(key) for key in OFFICIAL_SETTINGS}
     if settings['schedule_rho'] is not None:
         settings['schedule_rho'] = float(settings['schedule_rho'])
@@ -146,14 +133,10 @@ def load_official(path):
     max_order = state.get('max_order')
     if max_order is None and base == 'epd':
         max_order = 3  # unused by the 'epd' base
-    try:
-        predictor = EPDPredictor(num_steps=state['num_steps'], num_points=state['num_points'], base=base,
-                                 scale_dir=state['scale_dir'], scale_time=state['scale_time'], max_order=max_order,
-                                 fcn=state.get('fcn', False), settings=settings)
-        tensors = {ours: params[theirs] for ours, theirs in OFFICIAL_TABLES.items()}
-    except (KeyError, TypeError) as e:
-        raise ValueError(f'{path}: incomplete EPD snapshot: {e!r}') from None
-    return predictor.load_tensors(tensors, path)
+    predictor = EPDPredictor(num_steps=state['num_steps'], num_points=state['num_points'], base=base,
+                             scale_dir=state['scale_dir'], scale_time=state['scale_time'], max_order=max_order,
+                             fcn=state.get('fcn', False), settings=settings)
+    return predictor.load_tensors({ours: params[theirs] for ours, theirs in OFFICIAL_TABLES.items()}, path)
 
 #----------------------------------------------------------------------------
 # One step i, from sigma_i to sigma_{i+1}, differentiable with respect to the predictor:

@@ -55,7 +55,16 @@ class LearnedPredictor(torch.nn.Module):
 
     @classmethod
     def load_official(cls, path):
-        raise ValueError(f'no official snapshot format is known for {cls.title} predictors')
+        """The predictor in an official snapshot of this kind, read as data (its code never runs)."""
+        if cls.official_class is None:
+            raise ValueError(f'no official snapshot format is known for {cls.title} predictors')
+        return _load_official(path, cls.kind)
+
+    @classmethod
+    def from_official(cls, state, path):
+        """A predictor from the captured state (attributes, `_parameters`, `_modules`) of the official snapshot's
+        model; each kind with an `official_class` maps its own. Missing keys are turned into one line by the caller."""
+        raise NotImplementedError
 
     def check_compatible(self, **settings):
         """Refuse sampling settings that differ from those the predictor was trained for (None matches all)."""
@@ -150,6 +159,7 @@ def load_predictor(path, kind=None):
 
 
 def _load_official(path, kind):
+    """Read an official snapshot once, find the predictor class of its model and let that class map the state."""
     what = predictor_class(kind).title if kind else 'learned-solver'
     article = 'an' if what[0] in 'AEIO' else 'a'
     try:
@@ -157,12 +167,16 @@ def _load_official(path, kind):
     except snapshot.SNAPSHOT_ERRORS as e:
         raise ValueError(f'cannot read an official {what} snapshot from {path}: {one_line(e) or repr(e)}') from None
     class_name = getattr(model, 'class_name', None)
-    found = {cls.official_class: cls for cls in PREDICTORS.values()}.get(class_name)
-    if found is None:
+    found = {cls.official_class: cls for cls in PREDICTORS.values() if cls.official_class}.get(class_name)
+    state = snapshot.module_state(model)
+    if found is None or state is None:
         raise ValueError(f'{path}: not {article} {what} snapshot (its model is '
                          f'{class_name or type(model).__name__!r})')
     if kind is not None and found.kind != kind:
         raise ValueError(f'{path} holds a {class_name!r} predictor, not an {predictor_class(kind).official_class}')
-    return found.load_official(path)
+    try:
+        return found.from_official(state, path)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f'{path}: incomplete {found.title} snapshot (missing or malformed: {one_line(e)})') from None
 
 #----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 
 import solvers
 from models.analytic import GaussianMixture
-from solvers.adasde import AdaSDEPredictor, adasde_step, load_official
+from solvers.adasde import AdaSDEPredictor, adasde_step
 
 #----------------------------------------------------------------------------
 
@@ -129,14 +129,23 @@ def test_official_snapshot_import_runs_no_code(tmp_path, monkeypatch, reference_
     official = adasde_predictor(num_steps=4)
     with open(tmp_path / 'network-snapshot-000010.pkl', 'wb') as f:
         pickle.dump(dict(model=official, loss_fn=None), f)
+    incomplete = adasde_predictor(num_steps=4)
+    del incomplete.gamma  # e.g. a snapshot of a version without the churn
+    with open(tmp_path / 'incomplete.pkl', 'wb') as f:
+        pickle.dump(dict(model=incomplete, loss_fn=None), f)
     del sys.modules['training.networks'], sys.modules['training']  # the import must not need (or run) them
-    p = load_official(tmp_path / 'network-snapshot-000010.pkl')
+    p = AdaSDEPredictor.load_official(tmp_path / 'network-snapshot-000010.pkl')
     assert p.num_steps == 4 and p.gamma_min == 1e-4 and p.settings['dataset_name'] == 'digits'
     assert p.settings['schedule_rho'] == 1.0 and p.settings['afs'] is True
     assert torch.equal(p.weight_params, official.weight_s.detach())
     assert torch.equal(p.r_params, official.r_params.detach())
     assert not any(name.startswith('_imported_module_') and hasattr(m, 'raise_on_exec')
                    for name, m in sys.modules.items())
+    # A missing attribute is one line, from the class and from the loader that tells the kind by content.
+    for load in (AdaSDEPredictor.load_official, AdaSDEPredictor.load, solvers.learned.load_predictor):
+        with pytest.raises(ValueError, match=r"incomplete\.pkl: incomplete AdaSDE snapshot \(missing or malformed: "
+                                             r"'gamma'\)$"):
+            load(tmp_path / 'incomplete.pkl')
 
     # sample.py takes the .pkl directly and samples exactly as with the same tables in our format.
     from click.testing import CliRunner

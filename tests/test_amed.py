@@ -782,7 +782,7 @@ def test_official_snapshot_of_the_first_release(tmp_path, reference_modules):
     official = networks.AMED_predictor(3, 'dpmpp', 0.05, 0.2, first_release=True, **SETTINGS)
     official.predict_x0, official.max_order = True, 3
     write_snapshot(tmp_path / 'old.pkl', official, None)
-    p = amed.load_official(tmp_path / 'old.pkl')
+    p = AMEDPredictor.load_official(tmp_path / 'old.pkl')
     assert (p.base, p.scale_dir, p.scale_time, p.thresholding) == ('dpmpp', 0.05, 0.2, True)
     features = torch.randn(2, 8, 8, dtype=torch.float64)
     theirs = official.double()(features, torch.tensor(80.0, dtype=torch.float64), torch.tensor(2.0).double())
@@ -790,7 +790,7 @@ def test_official_snapshot_of_the_first_release(tmp_path, reference_modules):
         assert torch.allclose(ours, ref.detach().reshape(-1), rtol=1e-12, atol=1e-12)
     official = networks.AMED_predictor(3, 'amed', 0.01, 0, **SETTINGS)  # no fc_scale_time: a = 1
     write_snapshot(tmp_path / 'amed.pkl', official, None)
-    p = amed.load_official(tmp_path / 'amed.pkl')
+    p = AMEDPredictor.load_official(tmp_path / 'amed.pkl')
     assert p.layer_names() == ['map_layer0', 'enc_layer0', 'enc_layer1', 'fc_r', 'fc_scale_dir']
 
 #----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import solvers
 from models.analytic import GaussianMixture
 from models.edm import EDMPrecond
 from solvers.common import denoise, repeat_rows
-from solvers.epd import EPDPredictor, load_official, predictor_step
+from solvers.epd import EPDPredictor, predictor_step
 
 #----------------------------------------------------------------------------
 # The exact denoiser of N(0.3, 0.5^2) per coordinate, as a model and by hand.
@@ -545,7 +545,7 @@ def test_official_snapshot_import(tmp_path, snapshot_modules, monkeypatch):
         sys.modules.pop(name)                                           # could define the classes
     monkeypatch.setattr(sys, 'path', [p for p in sys.path if not p.startswith(str(tmp_path))])
 
-    p = load_official(path)
+    p = EPDPredictor.load_official(path)
     assert p.hyperparams() == dict(num_steps=4, num_points=2, base='epd', scale_dir=0.05, scale_time=0.05,
                                    max_order=3, fcn=False)
     assert p.settings == dict(dataset_name='cifar10', schedule_type='time_uniform', schedule_rho=1.0, afs=True,
