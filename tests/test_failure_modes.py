@@ -14,6 +14,7 @@ import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
+from test_rerun import files_under
 
 import fid
 import sample
@@ -66,17 +67,6 @@ def _assert_one_line(command, expected, *args, exit_code=2, exact=True):
     return output
 
 
-def _files(folder):
-    """{relative path: bytes} of every file under folder."""
-    out = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, 'rb') as f:
-                out[os.path.relpath(path, folder)] = f.read()
-    return out
-
-
 def _script(*args, timeout=300, env=None):
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env or ENV, capture_output=True,
                           text=True, timeout=timeout)
@@ -103,7 +93,7 @@ def test_sample_resume_with_other_settings_is_refused(model_dir, tmp_path):
     assert code == 0, output
     settings = json.loads((outdir / sample.SETTINGS_FILE).read_text())
     assert settings['solver'] == 'dpmpp' and settings['num_steps'] == 5
-    before = _files(outdir)
+    before = files_under(outdir)
 
     # The issue's case: another solver into the same folder. Nothing is written, nothing is skipped as "done".
     _assert_one_line(sample.main, f'{outdir} was made with solver=\'dpmpp\', not \'euler\' (and 4 more setting(s): '
@@ -112,7 +102,7 @@ def test_sample_resume_with_other_settings_is_refused(model_dir, tmp_path):
     # One differing setting is named alone.
     _assert_one_line(sample.main, f'{outdir} was made with num_steps=5, not 4; give --overwrite to replace its '
                      'images, or another --outdir', *m, '--solver=dpmpp', '--num_steps=4', '--seeds=0-3')
-    assert _files(outdir) == before
+    assert files_under(outdir) == before
 
     # Same settings: more seeds are added, the old ones skipped.
     code, output, _ = _invoke(sample.main, *m, '--solver=dpmpp', '--num_steps=5', '--seeds=0-5')
@@ -122,14 +112,14 @@ def test_sample_resume_with_other_settings_is_refused(model_dir, tmp_path):
     code, output, _ = _invoke(sample.main, *m, '--solver=euler', '--num_steps=3', '--seeds=0-1', '--overwrite')
     assert code == 0, output
     assert f'--overwrite: removed the 6 images of the earlier run in {outdir}' in output
-    assert sorted(p for p in _files(outdir) if p.endswith('.png')) == [os.path.join('000000', '000000.png'),
+    assert sorted(p for p in files_under(outdir) if p.endswith('.png')) == [os.path.join('000000', '000000.png'),
                                                                        os.path.join('000000', '000001.png')]
     assert json.loads((outdir / sample.SETTINGS_FILE).read_text())['solver'] == 'euler'
     fresh = tmp_path / 'fresh'
     assert _invoke(sample.main, '--model_path', model_dir, '--outdir', fresh, '--solver=euler', '--num_steps=3',
                    '--seeds=0-1')[0] == 0
-    assert {p: b for p, b in _files(outdir).items() if p.endswith('.png')} == \
-        {p: b for p, b in _files(fresh).items() if p.endswith('.png')}
+    assert {p: b for p, b in files_under(outdir).items() if p.endswith('.png')} == \
+        {p: b for p, b in files_under(fresh).items() if p.endswith('.png')}
 
 
 def test_sample_folder_without_settings_is_refused(model_dir, tmp_path):
@@ -140,7 +130,7 @@ def test_sample_folder_without_settings_is_refused(model_dir, tmp_path):
     _assert_one_line(sample.main, f'{outdir} holds images but no {sample.SETTINGS_FILE} saying how they were made; '
                      'give --overwrite to replace them, or another --outdir',
                      '--model_path', model_dir, '--outdir', outdir, '--seeds=0-1', '--num_steps=3')
-    assert sorted(_files(outdir)) == [os.path.join('000000', '000000.png')]
+    assert sorted(files_under(outdir)) == [os.path.join('000000', '000000.png')]
 
 
 def test_sample_help_lists_the_solvers():
@@ -326,11 +316,11 @@ def test_train_resume_with_other_options_is_refused(tmp_path):
     outdir = tmp_path / 'exps'
     assert _invoke(train.main, '--outdir', outdir, *TRAIN)[0] == 0
     run_dir, = outdir.iterdir()
-    before = _files(run_dir)
+    before = files_under(run_dir)
     _assert_one_line(train.main, f'--resume: {run_dir} was made with lr=0.2, not 0.1; give the same options to '
                      'continue it, or leave out --resume to start a new run', '--outdir', outdir, *TRAIN,
                      '--lr=0.1', '--resume')
-    assert list(outdir.iterdir()) == [run_dir] and _files(run_dir) == before
+    assert list(outdir.iterdir()) == [run_dir] and files_under(run_dir) == before
     # The same options resume it; another run name (other num_steps) is another experiment: a new run.
     code, output, _ = _invoke(train.main, '--outdir', outdir, *TRAIN, '--resume')
     assert code == 0 and f'--resume: {run_dir} is finished' in output, output

@@ -21,14 +21,15 @@ ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
 TINY = ['--num_steps=3', '--M=1', '--batch=4', '--total_kimg=0.008', '--alpha=0']
 
 
-def _files(folder):
-    """{relative path: (bytes, mtime_ns)} of every file under folder."""
+def files_under(folder, mtimes=False):
+    """{relative path: bytes} of every file under folder; with `mtimes`, {relative path: (bytes, mtime_ns)}."""
     out = {}
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
             with open(path, 'rb') as f:
-                out[os.path.relpath(path, folder)] = (f.read(), os.stat(path).st_mtime_ns)
+                data = f.read()
+            out[os.path.relpath(path, folder)] = (data, os.stat(path).st_mtime_ns) if mtimes else data
     return out
 
 
@@ -63,14 +64,15 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path):
     result = CliRunner().invoke(train.main, [f'--outdir={outdir}', *TINY])
     assert result.exit_code == 0, result.output
     run_dir, = outdir.iterdir()
-    before = _files(outdir)
+    before = files_under(outdir, mtimes=True)
     result = CliRunner().invoke(train.main, [f'--outdir={outdir}', *TINY, '--resume'])
     assert result.exit_code == 0, result.output
     snapshot = run_dir / 'network-snapshot-000000.safetensors'
     assert result.output.splitlines()[-1] == (f'--resume: {run_dir} is finished (2/2 iterations); its predictor: '
                                               f'{snapshot}. Nothing to do (delete that run to train it again).')
     assert 'iter ' not in result.output  # no training
-    assert _files(outdir) == before  # not a byte, not a timestamp: no log line, no options file, no snapshot
+    # not a byte, not a timestamp: no log line, no options file, no snapshot
+    assert files_under(outdir, mtimes=True) == before
 
 
 def test_sample_compares_the_predictor_content(tmp_path):
@@ -114,13 +116,13 @@ def test_resume_retrains_a_run_without_state_in_place(tmp_path):
     assert CliRunner().invoke(train.main, [f'--outdir={outdir}', *TINY]).exit_code == 0
     run_dir, = outdir.iterdir()
     (run_dir / 'training-state.pt').unlink()
-    shipped = {name: data for name, (data, _) in _files(run_dir).items()}
+    shipped = files_under(run_dir)
     result = CliRunner().invoke(train.main, [f'--outdir={outdir}', *TINY, '--resume'])
     assert result.exit_code == 0, result.output
     assert f'--resume: {run_dir} has these options but no training state (a shipped run keeps only its predictor): ' \
         'training it again in place, from the start; its log and predictor are replaced.' in result.output
     assert list(outdir.iterdir()) == [run_dir]
-    again = {name: data for name, (data, _) in _files(run_dir).items()}
+    again = files_under(run_dir)
     assert set(again) == set(shipped) | {'training-state.pt'}
     for name in ('network-snapshot-000000.safetensors', 'training_options.json'):
         assert again[name] == shipped[name], name
