@@ -188,6 +188,7 @@ def main(source, dest, max_images):
         cli.check_output_file(dest)
     else:
         cli.check_output_dir(dest, option='--dest')
+    dest = os.path.normpath(dest)  # as the checks read it ('a/missing/../b.zip' is b.zip beside a)
     images, labels = load_digits_source()
     if max_images is not None:
         images, labels = images[:max_images], labels[:max_images]

@@ -42,6 +42,9 @@ def frechet_distance(mu, sigma, mu_ref, sigma_ref):
     if mu.shape != mu_ref.shape or sigma.shape != sigma_ref.shape or sigma.shape != mu.shape * 2:
         raise FIDInputError(f'Statistics of different shapes: mu {mu.shape}, sigma {sigma.shape} '
             f'vs. mu {mu_ref.shape}, sigma {sigma_ref.shape}')
+    for name, value in (('mu', mu), ('sigma', sigma), ('reference mu', mu_ref), ('reference sigma', sigma_ref)):
+        if not np.isfinite(value).all():
+            raise FIDInputError(f'Statistics with non-finite values: {name} holds nan or inf')
     m = np.square(mu - mu_ref).sum()
     s = scipy.linalg.sqrtm(np.dot(sigma, sigma_ref))
     if isinstance(s, tuple): # SciPy < 1.16 with disp=False returned (sqrtm, errest).
@@ -440,6 +443,7 @@ def ref(dataset_path, dest_path, batch, detector):
     """Calculate dataset reference statistics needed by 'calc'."""
     dist.init()
     cli.check_output_file(dest_path, option='--dest', need_bytes=2**20)
+    dest_path = os.path.normpath(dest_path)  # as the check reads it ('a/missing/../b.npz' is b.npz beside a)
 
     dist.print0(f'Loading images from "{dataset_path}"...')
     dataset = ImageFolder(dataset_path)

@@ -657,7 +657,7 @@ def build_config(kwargs):
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint='--schedule_rho') from None
     c.nfe = solvers.nfe(c.solver, c.num_steps, afs=c.afs, **c.options)
-    c.outdir = c.outdir or os.path.join('samples', _dataset_label(c), f'{c.solver}_nfe{c.nfe}')
+    c.outdir = os.path.normpath(c.outdir or os.path.join('samples', _dataset_label(c), f'{c.solver}_nfe{c.nfe}'))
     cli.check_output_dir(c.outdir)
     return c
 
@@ -737,7 +737,8 @@ def solver_option_flags(fn):
         decls = [f'--{name}', name]
         if name == 'r':  # torchrun takes --r for its own options
             decls, doc = ['--r', '--dpm_r', 'r'], f'{doc}; under torchrun write --dpm_r'
-        fn = click.option(*decls, help=f'{doc} ({", ".join(owners)})', metavar=metavars[kind], type=kind)(fn)
+        fn = click.option(*decls, help=f'{doc} ({", ".join(owners)})', metavar=metavars[kind],
+                         type=cli.Finite() if kind is float else kind)(fn)
     return fn
 
 
@@ -757,7 +758,7 @@ def _dataset_label(c):
 @click.option('--num_steps', help='Time points  [default: 6]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--afs', help='Analytical first step  [default: False]', metavar='BOOL', type=bool)
 @click.option('--schedule_type', help="Time schedule  [default: the solver's]", type=click.Choice(solvers.SCHEDULES))
-@click.option('--schedule_rho', help="Schedule exponent  [default: the solver's]", metavar='FLOAT', type=float)
+@click.option('--schedule_rho', help="Schedule exponent  [default: the solver's]", metavar='FLOAT', type=cli.Finite())
 @solver_option_flags  # each only for the solvers that have it
 # Conditioning.
 @click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0))

@@ -190,17 +190,17 @@ def resolve_student(opts, given):
 @click.option('--afs', help='Analytical first step (saves one NFE)', type=bool, default=True)
 @click.option('--schedule_type', help='Time discretization  [default: adasde time_uniform, amed and epd polynomial]',
               type=click.Choice(list(solvers.SCHEDULES)), default=None, show_default=False)
-@click.option('--schedule_rho', help='Exponent of the schedule  [default: adasde 1, amed and epd 7]', type=float,
+@click.option('--schedule_rho', help='Exponent of the schedule  [default: adasde 1, amed and epd 7]', type=cli.Finite(),
               default=None, show_default=False)
 # Hyperparameters of the learned solvers.
 @click.option('--num_points', help='Parallel intermediate points per step, K (adasde, epd)  [default: adasde 1, '
               'epd 2]', type=click.IntRange(min=1), default=None, show_default=False)
 @click.option('--scale_dir', help='Half-width of the c range [1-s, 1+s] (0: off)  [default: adasde 0.05, amed and '
-              'epd 0.01]', type=click.FloatRange(min=0), default=None, show_default=False)
+              'epd 0.01]', type=cli.Finite(min=0), default=None, show_default=False)
 @click.option('--scale_time', help='Half-width of the a range [1-s, 1+s] (0: off)  [default: adasde 0.2, amed and '
-              'epd 0]', type=click.FloatRange(min=0), default=None, show_default=False)
+              'epd 0]', type=cli.Finite(min=0), default=None, show_default=False)
 @click.option('--gamma', help='Upper end of the learned churn range, adasde (0: an ODE solver)',
-              type=click.FloatRange(min=0), default=0.02)
+              type=cli.Finite(min=0), default=0.02)
 @click.option('--fcn', help='Fix c = 1 on the last step (adasde, epd)', is_flag=True)
 @click.option('--base', help='Step structure of adasde: dpm (the paper: 1 + K calls per step), or the plug-in form on '
               'a multistep base, ipndm or deis (1 call per step, past derivatives reused)',
@@ -213,7 +213,7 @@ def resolve_student(opts, given):
 @click.option('--loss_steps', help='all: a loss and an Adam step per student step (the official code); last: only '
               'the final state is fitted', type=click.Choice(['all', 'last']), default='all')
 @click.option('--alpha', help='Weight of the feature loss on the last step (0: L2 there too)  [default: adasde 20, '
-              'amed 0, epd 10]', type=click.FloatRange(min=0), default=None, show_default=False)
+              'amed 0, epd 10]', type=cli.Finite(min=0), default=None, show_default=False)
 @click.option('--feature_net', help='Loss network of that loss: inception (official code), lpips (the paper), '
               'digits_loss, digits (the digits FID detector: ablations only), none  [default: the zoo entry\'s, '
               'digits_loss for digits, else inception]', type=click.Choice(['inception', 'lpips', 'digits_loss',
@@ -223,12 +223,12 @@ def resolve_student(opts, given):
               'captions of the zoo entry "prompts"]', type=str, default=None)
 # Optimisation.
 @click.option('--lr', help='Adam learning rate  [default: adasde 0.2, amed and epd 5e-3]',
-              type=click.FloatRange(min=0, min_open=True), default=None, show_default=False)
+              type=cli.Finite(min=0, min_open=True), default=None, show_default=False)
 @click.option('--coslr', help='Cosine learning-rate decay (to the official code\'s absolute floor 0.01)', is_flag=True)
 @click.option('--batch', help='Total batch size', type=click.IntRange(min=1), default=32)
 @click.option('--batch-gpu', 'batch_gpu', help='Per-process batch per round (gradient accumulation)',
               type=click.IntRange(min=1), default=None)
-@click.option('--total_kimg', help='Training length in thousands of trajectories', type=click.FloatRange(min=0,
+@click.option('--total_kimg', help='Training length in thousands of trajectories', type=cli.Finite(min=0,
               min_open=True), default=10)
 @click.option('--seed', help='Random seed', type=click.IntRange(min=0, max=2**32 - 1), default=0)
 @click.option('--device', help='torch device [default: cuda if available, else cpu]', type=str, default=None)

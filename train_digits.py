@@ -24,6 +24,7 @@ import dataset_tool
 from models import detectors
 from models.edm import MODEL_NAME, EDMPrecond, count_params, save_model
 from models.flow import FLOW_NAME, DigitsFlow
+from torch_utils import cli
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'src', 'digits', 'digits-8x8.zip')
 
@@ -69,15 +70,15 @@ def network_options(fn):
         click.option('--outdir', help='Where to write the model (.safetensors + .json)', metavar='DIR', required=True),
         click.option('--seed', help='Random seed', type=int, default=0, show_default=True),
         click.option('--batch', help='Batch size', type=click.IntRange(min=1), default=128, show_default=True),
-        click.option('--lr', help='Adam learning rate', type=click.FloatRange(min=0, min_open=True), default=2e-3,
+        click.option('--lr', help='Adam learning rate', type=cli.Finite(min=0, min_open=True), default=2e-3,
                      show_default=True),
-        click.option('--lr_rampup_kimg', help='Linear learning-rate warm-up', type=click.FloatRange(min=0),
+        click.option('--lr_rampup_kimg', help='Linear learning-rate warm-up', type=cli.Finite(min=0),
                      default=20, show_default=True),
         click.option('--lr_decay_frac', help='Final fraction of training with linear decay to 0',
-                     type=click.FloatRange(min=0, max=1), default=0.3, show_default=True),
-        click.option('--ema_halflife_kimg', help='EMA half-life', type=click.FloatRange(min=0), default=20,
+                     type=cli.Finite(min=0, max=1), default=0.3, show_default=True),
+        click.option('--ema_halflife_kimg', help='EMA half-life', type=cli.Finite(min=0), default=20,
                      show_default=True),
-        click.option('--ema_rampup', help='EMA ramp-up ratio', type=click.FloatRange(min=0), default=0.1,
+        click.option('--ema_rampup', help='EMA ramp-up ratio', type=cli.Finite(min=0), default=0.1,
                      show_default=True),
         click.option('--channels', help='U-Net base channels', type=click.IntRange(min=8), default=32,
                      show_default=True),
@@ -85,12 +86,12 @@ def network_options(fn):
         click.option('--num_blocks', help='Residual blocks per resolution', type=click.IntRange(min=1), default=1,
                      show_default=True),
         click.option('--attn', help='Resolutions with self-attention', default='4', show_default=True),
-        click.option('--dropout', help='Dropout probability', type=click.FloatRange(min=0, max=1), default=0.0,
+        click.option('--dropout', help='Dropout probability', type=cli.Finite(min=0, max=1), default=0.0,
                      show_default=True),
         click.option('--cond', help='Train class-conditional', is_flag=True),
         click.option('--threads', help='torch CPU threads (1 is fastest on a shared machine)',
                      type=click.IntRange(min=1), default=1, show_default=True),
-        click.option('--snap_kimg', help='Save the EMA network every this many kimg', type=click.FloatRange(min=0),
+        click.option('--snap_kimg', help='Save the EMA network every this many kimg', type=cli.Finite(min=0),
                      default=50, show_default=True),
     ]
     for option in reversed(options):
@@ -181,7 +182,7 @@ def unet_kwargs(opts):
 
 @main.command()
 @network_options
-@click.option('--kimg', help='Training duration in thousands of images', type=click.FloatRange(min=0, min_open=True),
+@click.option('--kimg', help='Training duration in thousands of images', type=cli.Finite(min=0, min_open=True),
               default=400, show_default=True)
 def denoiser(**opts):
     """Train the EDM-preconditioned digits denoiser (model.safetensors + model.json)."""
@@ -206,10 +207,10 @@ def flow_loss(net, images, labels, generator, logit_mean=0.0, logit_std=1.0):
 
 @main.command()
 @network_options
-@click.option('--kimg', help='Training duration in thousands of images', type=click.FloatRange(min=0, min_open=True),
+@click.option('--kimg', help='Training duration in thousands of images', type=cli.Finite(min=0, min_open=True),
               default=200, show_default=True)
-@click.option('--logit_mean', help='Mean of logit(t) (SD3: 0)', type=float, default=0.0, show_default=True)
-@click.option('--logit_std', help='Std of logit(t) (SD3: 1)', type=click.FloatRange(min=0), default=1.0,
+@click.option('--logit_mean', help='Mean of logit(t) (SD3: 0)', type=cli.Finite(), default=0.0, show_default=True)
+@click.option('--logit_std', help='Std of logit(t) (SD3: 1)', type=cli.Finite(min=0), default=1.0,
               show_default=True)
 def flow(**opts):
     """Train the digits rectified-flow model (velocity prediction; flow.safetensors + flow.json)."""
@@ -262,7 +263,7 @@ def classifier_options(files, seed, seed_help):
                          default=297, show_default=True),
             click.option('--steps', help='Adam steps', type=click.IntRange(min=1), default=3000, show_default=True),
             click.option('--batch', help='Batch size', type=click.IntRange(min=1), default=128, show_default=True),
-            click.option('--lr', help='Adam learning rate (linear decay to 0)', type=float, default=2e-3,
+            click.option('--lr', help='Adam learning rate (linear decay to 0)', type=cli.Finite(), default=2e-3,
                          show_default=True),
             click.option('--threads', help='torch CPU threads (1 is fastest on a shared machine)',
                          type=click.IntRange(min=1), default=1, show_default=True),

@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 from test_rerun import files_under
 
+import dataset_tool
 import fid
 import sample
 import solvers
@@ -193,6 +194,36 @@ def test_outdir_problems_are_found_before_the_work(model_dir, tmp_path, monkeypa
         _assert_one_line(train.main, f'--outdir={full}: 0 MiB free on that disk, this run needs about 1 MiB',
                          '--outdir', full, '--total_kimg=0.032')
     assert not (tmp_path / 'ro').exists() and not (tmp_path / 'full').exists()
+
+    # An empty path is one line, not the current folder (dataset_tool wrote there) or a failed rename (fid.py).
+    _assert_one_line(train.main, '--outdir is empty: give a folder', '--outdir=', '--total_kimg=0.032')
+    _assert_one_line(fid.main, '--dest is empty: give a file name', 'ref', f'--data={tmp_path}', '--dest=')
+    _assert_one_line(dataset_tool.main, '--dest is empty: give a folder', '--source=digits', '--dest=')
+    # A path through a missing folder: the checks read it normalised, and so must the writers (sample.py made
+    # 'out' beside 'missing', then failed to rename its options file into 'missing/../out').
+    code, output, exc = _invoke(sample.main, *m, '--outdir', tmp_path / 'missing' / '..' / 'out')
+    assert code == 0, output
+    assert sorted(files_under(tmp_path / 'out')) == [os.path.join('000000', '000000.png'),
+                                                   os.path.join('000000', '000001.png'), 'sample_options.json']
+    code, output, exc = _invoke(dataset_tool.main, '--source=digits', '--max-images=3',
+                                f'--dest={tmp_path / "missing" / ".." / "d.zip"}')
+    assert code == 0 and (tmp_path / 'd.zip').is_file() and not (tmp_path / 'missing').exists(), output
+
+
+@pytest.mark.parametrize('command,args,option,value', [
+    (train.main, ['--total_kimg=0.032'], '--lr', 'inf'),
+    (train.main, ['--total_kimg=0.032'], '--total_kimg', 'nan'),
+    (train.main, ['--total_kimg=0.032'], '--gamma', 'nan'),
+    (train.main, ['--total_kimg=0.032'], '--schedule_rho', '-inf'),
+    (sample.main, ['--dataset_name=digits', '--solver=edm'], '--S_noise', 'inf'),
+    (sample.main, ['--dataset_name=digits'], '--schedule_rho', 'nan'),
+    (sample.main, ['--dataset_name=digits'], '--guidance_rate', 'nan'),
+])
+def test_non_finite_numbers_are_refused(command, args, option, value, tmp_path):
+    """click's FLOAT takes nan and inf, and a range check lets nan through: NaN tables and black images followed."""
+    _assert_one_line(command, f"Invalid value for '{option}': '{value}' is not a finite number.", *args,
+                     f'--outdir={tmp_path / "out"}', f'{option}={value}')
+    assert not (tmp_path / 'out').exists()
 
 
 def test_fid_ref_checks_dest_before_the_work(tmp_path, monkeypatch):

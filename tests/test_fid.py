@@ -118,6 +118,8 @@ def test_frechet_distance_accepts_old_scipy_tuple(monkeypatch):
 def test_frechet_distance_shape_mismatch():
     with pytest.raises(ValueError, match='different shapes'):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match='non-finite values: reference mu holds nan or inf'):  # printed 'nan'
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.full(3, np.nan), np.eye(3))
 
 #----------------------------------------------------------------------------
 # Feature statistics.

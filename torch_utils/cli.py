@@ -8,6 +8,7 @@ Nothing here imports torch at module level.
 
 import errno
 import json
+import math
 import os
 import shutil
 import sys
@@ -76,6 +77,21 @@ def apply_memory_policy(environ=None):
 #----------------------------------------------------------------------------
 # One line per error. The scripts raise click exceptions; run() shows them on rank 0 only (under torchrun every
 # rank meets the same bad input), and turns Ctrl-C into one line and exit code 130.
+
+
+class Finite(click.FloatRange):
+    """A float option that must be a finite number (click's FLOAT takes nan and inf, and a range check lets nan
+    through), with optional bounds as click.FloatRange's."""
+    name = 'float'
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f'{value!r} is not a finite number.', param, ctx)
+        return rv
+
+    def __repr__(self):
+        return f'Finite({super().__repr__()})'
 
 
 def is_rank0():
@@ -177,6 +193,8 @@ def check_output_dir(path, option='--outdir', need_bytes=0, shown=None, need_fil
     """Raise click.UsageError (one line) unless files can be written under the folder `path` (made if missing):
     `need_bytes` free on its disk and, where the file system counts them, `need_files` free file entries (inodes).
     `shown`: the path the user gave, for the message (default: the folder)."""
+    if not path:
+        raise click.UsageError(f'{option} is empty: give a folder')
     path = os.path.abspath(path)
     shown = path if shown is None else shown
     if os.path.exists(path) and not os.path.isdir(path) and shown == path:
@@ -224,6 +242,8 @@ def available_memory(device):
 
 def check_output_file(path, option='--dest', need_bytes=0):
     """As check_output_dir, for a file to be written: its folder must be writable, and it must not be a folder."""
+    if not path:
+        raise click.UsageError(f'{option} is empty: give a file name')
     if os.path.isdir(path):
         raise click.UsageError(f'{option}={path}: this is a folder, not a file')
     check_output_dir(os.path.dirname(os.path.abspath(path)), option=option, need_bytes=need_bytes, shown=path)
@@ -305,7 +325,8 @@ def model_options(dataset_default=None):
                      type=str),
         click.option('--guidance_type', help='Guidance: cg (classifier), cfg (classifier-free), uncond, distilled '
                      '(FLUX\'s embedded scale)  [default: the model\'s]', type=click.Choice(GUIDANCE_TYPES)),
-        click.option('--guidance_rate', help='Guidance strength  [default: the model\'s]', metavar='FLOAT', type=float),
+        click.option('--guidance_rate', help='Guidance strength  [default: the model\'s]', metavar='FLOAT',
+                     type=Finite()),
         click.option('--resolution', help='Image side in pixels of SD3 and FLUX (FLUX\'s time shift follows it)  '
                      '[default: the model\'s, 1024]', metavar='INT', type=click.IntRange(min=1)),
     ]
