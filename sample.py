@@ -716,8 +716,10 @@ def print_summary(c, net, run):
     form = f' ({predictor.base} base)' if predictor is not None else ''
     dist.print0(f'Solver:   {c.solver}{form} {run.shown}' + (f' predictor={c.predictor_file}' if c.predictor_path
                                                              else '') + f' afs={c.afs}')
-    dist.print0(f'Schedule: {c.schedule_type} rho={c.schedule_rho:g}, {c.num_steps} points: '
-                + ' '.join(f'{float(s):.4g}' for s in run.sigmas))
+    levels = [f'{float(s):.4g}' for s in run.sigmas]
+    levels = levels if len(levels) <= SHOWN_LEVELS else [*levels[:SHOWN_LEVELS // 2], '...',
+                                                         *levels[-SHOWN_LEVELS // 2:]]
+    dist.print0(f'Schedule: {c.schedule_type} rho={c.schedule_rho:g}, {c.num_steps} points: ' + ' '.join(levels))
     parallel = predictor.parallel_nfe(c.num_steps) - int(c.afs) if predictor is not None else c.nfe
     dist.print0(f'NFE:      {c.nfe} real network calls per image'
                 + (f' ({parallel} "parallel NFE" as the EPD code counts them)' if parallel != c.nfe else '')
@@ -726,6 +728,9 @@ def print_summary(c, net, run):
     dist.print0(f'Seeds:    {len(c.seed_list)} ({len(c.seed_list) - len(run.todo)} already done) -> {c.outdir}, '
                 f'{dist.get_world_size()} process(es), {c.device}, {str(c.dtype).removeprefix("torch.")}, '
                 f'{c.writers} writer thread(s)' + ''.join(f', {k}={v}' for k, v in speed.items()))
+
+
+SHOWN_LEVELS = 20  # noise levels printed in full; a longer schedule shows its first and last ten
 
 
 def solver_option_flags(fn):

@@ -115,10 +115,14 @@ def _flow_family(path):
     return pipeline_family(path)
 
 
+GUIDANCE_KWARGS = {'guidance_type', 'guidance_rate', 'classifier_path', 'classifier_arch'}
+
+
 def _no_kwargs(what, kwargs):
     given = {k: v for k, v in kwargs.items() if v is not None}
     if given:
-        raise ModelError(f'{what} takes no option {", ".join(sorted(given))} (it has no guidance)')
+        why = ' (it has no guidance)' if set(given) <= GUIDANCE_KWARGS else ''
+        raise ModelError(f'{what} takes no option {", ".join(sorted(given))}{why}')
 
 
 def _load_openai(kind, path, entry=None, arch=None, classifier_path=None, classifier_arch=None, guidance_type=None,

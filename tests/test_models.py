@@ -281,8 +281,10 @@ def test_zoo_prompts_and_unknown(offline):
         zoo.fetch('prompts')
     with pytest.raises(ModelError, match='unknown model .cifar100.'):
         load_model('cifar100')
-    with pytest.raises(ModelError, match='takes no option guidance_rate'):
+    with pytest.raises(ModelError, match=r"^model 'digits' takes no option guidance_rate \(it has no guidance\)$"):
         load_model('digits', guidance_rate=2.0)
+    with pytest.raises(ModelError, match=r"^model 'digits' takes no option arch$"):  # not "(it has no guidance)"
+        load_model('digits', arch='{}')
 
 
 def test_zoo_stored_file_and_cache(offline, edm_pickle):

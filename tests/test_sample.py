@@ -224,6 +224,11 @@ def test_layout_printout_and_grid(model_dir, tmp_path, monkeypatch):
     assert lines[1].startswith('Solver:   euler')
     assert lines[2].startswith('Schedule: polynomial rho=7, 4 points: 80 ') and lines[2].endswith(' 0.002')
     assert lines[3] == 'NFE:      3 real network calls per image'
+    # A long schedule prints its first and last ten levels (100,000 points printed 700 kB on one line).
+    result = _ok('--model_path', model_dir, '--seeds=0', '--solver=euler', '--num_steps=31', '--outdir=long')
+    schedule = next(line for line in result.output.splitlines() if line.startswith('Schedule:'))
+    levels = schedule.split('points: ')[1].split()
+    assert len(levels) == 21 and levels[:2] == ['80', '66.53'] and levels[10] == '...' and levels[-1] == '0.002'
     # Grid of 5 images: 2 per row, 3 rows, in seed order, each upscaled 8x to 64x64, 4-pixel gray gaps.
     grid = np.asarray(PIL.Image.open(outdir + '-grid.png'))
     assert grid.shape == (3 * 68 + 4, 2 * 68 + 4)
