@@ -318,6 +318,13 @@ def main(**kwargs):
     desc = (f'{opts.dataset_name}-{opts.num_steps}-{nfe}-{student}-{opts.sampler_tea}-{opts.M}-'
             f'{schedule_tag(opts.schedule_type, opts.schedule_rho)}{"-afs" if opts.afs else ""}{opts.desc}')
 
+    from training.training_loop import rounds_batch
+    try:  # before the run folder is made (training_loop checks again)
+        rounds_batch(opts.batch, opts.batch_gpu, dist.get_world_size())
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if opts.prompts is not None and not os.path.isfile(opts.prompts):
+        raise click.BadParameter(f'{opts.prompts}: no such file', param_hint='--prompts')
     device = cli.resolve_device(opts.device) if opts.device is not None else dist.device()
     entry = ZOO.get(model)
     if entry is not None and entry.resolution and entry.channels:  # a --model_path model: in training_loop, loaded

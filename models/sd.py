@@ -403,13 +403,18 @@ def is_sd_path(path):
 
 def load_prompts(path):
     """The captions of a CSV file with a `text` column, in file order."""
+    if os.path.isdir(path):
+        raise ValueError(f'prompt file {path} is a folder')
     if not os.path.isfile(path):
         raise ValueError(f'prompt file not found: {path}')
-    with open(path, newline='', encoding='utf-8') as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or 'text' not in reader.fieldnames:
-            raise ValueError(f'{path}: expected a CSV with a "text" column, got columns {reader.fieldnames}')
-        prompts = [row['text'] for row in reader]
+    try:
+        with open(path, newline='', encoding='utf-8') as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or 'text' not in reader.fieldnames:
+                raise ValueError(f'{path}: expected a CSV with a "text" column, got columns {reader.fieldnames}')
+            prompts = [row['text'] for row in reader]
+    except UnicodeDecodeError as e:
+        raise ValueError(f'{path}: not a UTF-8 text file ({e.reason} at byte {e.start})') from None
     if not prompts:
         raise ValueError(f'{path}: no prompts')
     return prompts

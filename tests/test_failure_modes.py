@@ -210,6 +210,16 @@ def test_outdir_problems_are_found_before_the_work(model_dir, tmp_path, monkeypa
     assert code == 0 and (tmp_path / 'd.zip').is_file() and not (tmp_path / 'missing').exists(), output
 
 
+def test_train_refuses_before_making_its_run_folder(tmp_path):
+    """These were found only by training_loop, after the run folder, its log and its options file were written."""
+    out = tmp_path / 'exps'
+    _assert_one_line(train.main, '--batch-gpu=2 does not divide the per-process batch 3', '--batch=3', '--batch-gpu=2',
+                     f'--outdir={out}')
+    _assert_one_line(train.main, f"Invalid value for --prompts: {tmp_path / 'none.csv'}: no such file",
+                     f'--prompts={tmp_path / "none.csv"}', f'--outdir={out}')
+    assert not out.exists()
+
+
 @pytest.mark.parametrize('command,args,option,value', [
     (train.main, ['--total_kimg=0.032'], '--lr', 'inf'),
     (train.main, ['--total_kimg=0.032'], '--total_kimg', 'nan'),

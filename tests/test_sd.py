@@ -350,6 +350,11 @@ def test_prompts(tmp_path):
         load_prompts(str(tmp_path / 'bad.csv'))
     with pytest.raises(ValueError, match='prompt file not found'):
         load_prompts(str(tmp_path / 'none.csv'))
+    with pytest.raises(ValueError, match=f'prompt file {tmp_path} is a folder'):
+        load_prompts(str(tmp_path))
+    (tmp_path / 'binary.csv').write_bytes(b'\xff\xfetext\n')
+    with pytest.raises(ValueError, match=r'binary\.csv: not a UTF-8 text file \(invalid start byte at byte 0\)'):
+        load_prompts(str(tmp_path / 'binary.csv'))
 
 #----------------------------------------------------------------------------
 # (e) CLIP score on a tiny random CLIPModel: the formula, determinism, the CLI.

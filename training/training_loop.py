@@ -170,6 +170,17 @@ def model_dtype(net):
 # what the uninterrupted run would have done.
 
 
+def rounds_batch(batch, batch_gpu, world):
+    """The per-process batch of one round (batch_gpu, default: the whole per-process batch); ValueError unless the
+    processes split `batch` evenly and the rounds split each process's share."""
+    if batch % world:
+        raise ValueError(f'--batch={batch} is not divisible by the {world} processes')
+    batch_gpu = batch_gpu or batch // world
+    if (batch // world) % batch_gpu:
+        raise ValueError(f'--batch-gpu={batch_gpu} does not divide the per-process batch {batch // world}')
+    return batch_gpu
+
+
 def training_loop(
     run_dir             = '.',          # Output directory.
     dataset_name        = None,         # Name of the model recorded in the predictor (default: `model` if a name).
@@ -206,11 +217,7 @@ def training_loop(
         raise ValueError(f'unknown teacher {sampler_tea!r}; choose from {", ".join(TEACHERS)}')
     device = torch.device(device) if device is not None else dist.device()
     rank, world = dist.get_rank(), dist.get_world_size()
-    if batch % world:
-        raise ValueError(f'--batch={batch} is not divisible by the {world} processes')
-    batch_gpu = batch_gpu or batch // world
-    if (batch // world) % batch_gpu:
-        raise ValueError(f'--batch-gpu={batch_gpu} does not divide the per-process batch {batch // world}')
+    batch_gpu = rounds_batch(batch, batch_gpu, world)
 
     # Model, grids, teacher and loss.
     if isinstance(model, torch.nn.Module):
