@@ -633,7 +633,7 @@ def build_config(kwargs):
     if c.dataset_name is not None and c.model_path is not None and c.predictor_path is None:
         raise click.UsageError('give --dataset_name or --model_path, not both')
     cli.check_model_kind(c.model_kind, c.model_path)
-    c.solver = c.solver or 'dpmpp'
+    c.solver = 'dpmpp' if c.solver is None else c.solver
     c.num_steps = c.num_steps or 6
     c.afs = bool(c.afs)
     solver_config(c, given)

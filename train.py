@@ -318,6 +318,9 @@ def main(**kwargs):
     desc = (f'{opts.dataset_name}-{opts.num_steps}-{nfe}-{student}-{opts.sampler_tea}-{opts.M}-'
             f'{schedule_tag(opts.schedule_type, opts.schedule_rho)}{"-afs" if opts.afs else ""}{opts.desc}')
 
+    if os.sep in opts.desc or (os.altsep and os.altsep in opts.desc):
+        raise click.BadParameter(f'{opts.desc!r}: part of the run folder\'s name, it cannot hold a path separator',
+                                 param_hint='--desc')
     from training.training_loop import rounds_batch
     try:  # before the run folder is made (training_loop checks again)
         rounds_batch(opts.batch, opts.batch_gpu, dist.get_world_size())

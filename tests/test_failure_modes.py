@@ -217,7 +217,11 @@ def test_train_refuses_before_making_its_run_folder(tmp_path):
                      f'--outdir={out}')
     _assert_one_line(train.main, f"Invalid value for --prompts: {tmp_path / 'none.csv'}: no such file",
                      f'--prompts={tmp_path / "none.csv"}', f'--outdir={out}')
+    _assert_one_line(train.main, "Invalid value for --desc: '-a/b': part of the run folder's name, it cannot hold a "
+                     'path separator', '--desc=-a/b', f'--outdir={out}')  # made a nested run folder
     assert not out.exists()
+    _assert_one_line(sample.main, "unknown solver ''; choose from", '--dataset_name=digits', '--solver=',
+                     f'--outdir={out}', exact=False)  # an empty name ran dpmpp
 
 
 @pytest.mark.parametrize('command,args,option,value', [
