@@ -326,8 +326,12 @@ def main(**kwargs):
         rounds_batch(opts.batch, opts.batch_gpu, dist.get_world_size())
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    if opts.prompts is not None and not os.path.isfile(opts.prompts):
-        raise click.BadParameter(f'{opts.prompts}: no such file', param_hint='--prompts')
+    if opts.prompts is not None:
+        from models.sd import check_prompt_file
+        try:
+            check_prompt_file(opts.prompts)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint='--prompts') from None
     device = cli.resolve_device(opts.device) if opts.device is not None else dist.device()
     entry = ZOO.get(model)
     if entry is not None and entry.resolution and entry.channels:  # a --model_path model: in training_loop, loaded

@@ -401,12 +401,18 @@ def is_sd_path(path):
 # column `text`; the caption of seed s is prompts[s].
 
 
-def load_prompts(path):
-    """The captions of a CSV file with a `text` column, in file order."""
+def check_prompt_file(path):
+    """ValueError unless `path` names a file (what load_prompts checks before it reads; train.py checks it before
+    making its run folder)."""
     if os.path.isdir(path):
         raise ValueError(f'prompt file {path} is a folder')
     if not os.path.isfile(path):
         raise ValueError(f'prompt file not found: {path}')
+
+
+def load_prompts(path):
+    """The captions of a CSV file with a `text` column, in file order."""
+    check_prompt_file(path)
     try:
         with open(path, newline='', encoding='utf-8') as f:
             reader = csv.DictReader(f)

@@ -215,7 +215,7 @@ def test_train_refuses_before_making_its_run_folder(tmp_path):
     out = tmp_path / 'exps'
     _assert_one_line(train.main, '--batch-gpu=2 does not divide the per-process batch 3', '--batch=3', '--batch-gpu=2',
                      f'--outdir={out}')
-    _assert_one_line(train.main, f"Invalid value for --prompts: {tmp_path / 'none.csv'}: no such file",
+    _assert_one_line(train.main, f"Invalid value for --prompts: prompt file not found: {tmp_path / 'none.csv'}",
                      f'--prompts={tmp_path / "none.csv"}', f'--outdir={out}')
     _assert_one_line(train.main, "Invalid value for --desc: '-a/b': part of the run folder's name, it cannot hold a "
                      'path separator', '--desc=-a/b', f'--outdir={out}')  # made a nested run folder
