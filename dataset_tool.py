@@ -184,11 +184,7 @@ def read_dataset(path, max_size=None, random_seed=0):
 @click.option('--max-images', help='Write at most this many images', metavar='INT', type=click.IntRange(min=1))
 def main(source, dest, max_images):
     """Write a dataset in the EDM format (an uncompressed zip of PNGs with dataset.json labels)."""
-    if dest.lower().endswith('.zip'):
-        cli.check_output_file(dest)
-    else:
-        cli.check_output_dir(dest, option='--dest')
-    dest = os.path.normpath(dest)  # as the checks read it ('a/missing/../b.zip' is b.zip beside a)
+    dest = cli.check_output_file(dest) if dest.lower().endswith('.zip') else cli.check_output_dir(dest, option='--dest')
     images, labels = load_digits_source()
     if max_images is not None:
         images, labels = images[:max_images], labels[:max_images]

@@ -442,8 +442,7 @@ def rmse(image_path, ref_path):
 def ref(dataset_path, dest_path, batch, detector):
     """Calculate dataset reference statistics needed by 'calc'."""
     dist.init()
-    cli.check_output_file(dest_path, option='--dest', need_bytes=2**20)
-    dest_path = os.path.normpath(dest_path)  # as the check reads it ('a/missing/../b.npz' is b.npz beside a)
+    dest_path = cli.check_output_file(dest_path, option='--dest', need_bytes=2**20)
 
     dist.print0(f'Loading images from "{dataset_path}"...')
     dataset = ImageFolder(dataset_path)

@@ -657,8 +657,7 @@ def build_config(kwargs):
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint='--schedule_rho') from None
     c.nfe = solvers.nfe(c.solver, c.num_steps, afs=c.afs, **c.options)
-    c.outdir = os.path.normpath(c.outdir or os.path.join('samples', _dataset_label(c), f'{c.solver}_nfe{c.nfe}'))
-    cli.check_output_dir(c.outdir)
+    c.outdir = cli.check_output_dir(c.outdir or os.path.join('samples', _dataset_label(c), f'{c.solver}_nfe{c.nfe}'))
     return c
 
 

@@ -192,10 +192,11 @@ def bytes_on_disk(size, path):
 def check_output_dir(path, option='--outdir', need_bytes=0, shown=None, need_files=0):
     """Raise click.UsageError (one line) unless files can be written under the folder `path` (made if missing):
     `need_bytes` free on its disk and, where the file system counts them, `need_files` free file entries (inodes).
-    `shown`: the path the user gave, for the message (default: the folder)."""
+    `shown`: the path the user gave, for the message (default: the folder). Returns `path` normalised, as it was
+    checked: write there ('a/missing/../b' is b beside a, but writing through 'a/missing' fails)."""
     if not path:
         raise click.UsageError(f'{option} is empty: give a folder')
-    path = os.path.abspath(path)
+    given, path = path, os.path.abspath(path)
     shown = path if shown is None else shown
     if os.path.exists(path) and not os.path.isdir(path) and shown == path:
         raise click.UsageError(f'{option}={shown}: this is a file, not a folder')
@@ -217,6 +218,7 @@ def check_output_dir(path, option='--outdir', need_bytes=0, shown=None, need_fil
     if 0 < inodes < need_files:  # 0: a file system without a fixed number of files
         raise click.UsageError(f'{option}={shown}: that disk has room for {inodes} more files, this run writes '
                                f'{need_files}')
+    return os.path.normpath(given)
 
 
 def available_memory(device):
@@ -241,12 +243,14 @@ def available_memory(device):
 
 
 def check_output_file(path, option='--dest', need_bytes=0):
-    """As check_output_dir, for a file to be written: its folder must be writable, and it must not be a folder."""
+    """As check_output_dir, for a file to be written: its folder must be writable, and it must not be a folder.
+    Returns `path` normalised, as check_output_dir does."""
     if not path:
         raise click.UsageError(f'{option} is empty: give a file name')
     if os.path.isdir(path):
         raise click.UsageError(f'{option}={path}: this is a folder, not a file')
     check_output_dir(os.path.dirname(os.path.abspath(path)), option=option, need_bytes=need_bytes, shown=path)
+    return os.path.normpath(path)
 
 #----------------------------------------------------------------------------
 # The settings a run folder records (written atomically). Adding to a folder made with other settings is an
